@@ -1,0 +1,899 @@
+"""g2l.py: distil a frozen giga-scale pathology ViT (teacher) into a smaller student, in one file.
+
+Recipe: G2L (Cho et al., arXiv 2510.11176): teacher and student see the same augmented tile, a
+projection head maps the student's global feature into the teacher's space, and the loss is the
+log-sum of |BN(student) - BN(teacher)|^4 (Miles & Mikolajczyk, AAAI 2024). g2l adds an optional
+local loss on patch tokens (RADIO / GPFM style: 0.9 cosine + 0.1 smooth-L1).
+
+    python g2l.py                                    # demo: bundled CC0 tiles, small ViTs, < 5 min on CPU
+    python g2l.py --teacher h-optimus-0 --student uni --data tiles/ --out runs/luad
+    torchrun --standalone --nproc_per_node=8 g2l.py --teacher h-optimus-0 --student uni --data tiles/
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        g2l.py --teacher h-optimus-0 --student uni --data tiles/       # run the same line on both nodes
+    python g2l.py --teacher h-optimus-0 --teacher-weights h0.safetensors \\
+        --student vit_large_patch16_224 --data tiles/                  # offline weights
+    python g2l.py --synthetic --steps 20 ...         # step speed without I/O;  --bench-data: loader speed
+
+The student lands in OUT/student/ as a timm local-dir:
+    timm.create_model("local-dir:runs/NAME/student", pretrained=True)
+"""
+import argparse, contextlib, dataclasses, glob, json, math, os, random, signal, socket, sys, time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import timm
+
+# ----------------------------------------------------------------------------- config
+@dataclasses.dataclass
+class Config:
+    teacher: str = "h-optimus-0"        # preset, timm name, hf-hub:ORG/NAME, local-dir:PATH or a g2l run folder
+    student: str = "uni"
+    teacher_weights: str = ""           # local .safetensors/.pth/.bin for the teacher's architecture
+    student_weights: str = ""
+    teacher_kwargs: str = ""            # JSON architecture kwargs, e.g. '{"depth": 2}'
+    student_kwargs: str = ""
+    data: list = dataclasses.field(default_factory=lambda: ["tiles"])
+    val_data: list = dataclasses.field(default_factory=list)
+    val_frac: float = 0.05              # held-out fraction of slides when --val-data is not given
+    max_val: int = 512                  # validation tiles used at each evaluation
+    balance: bool = False               # sample slides equally often, whatever their tile counts
+    out: str = "runs/g2l"
+    img_size: int = 0                   # teacher input px; 0 = the teacher's native size
+    student_img_size: int = 0           # 0 = the size whose patch grid equals the teacher's
+    load_size: int = 0                  # tiles are resized to this, then randomly cropped to img_size (0 = img_size)
+    batch_size: int = 32                # per process, per micro-step
+    grad_accum: int = 1
+    steps: int = 0                      # optimizer steps; 0 = derive from --epochs
+    epochs: float = 5.0
+    lr: float = 1e-4
+    min_lr_frac: float = 0.01           # lr and weight decay both decay (cosine) to this fraction
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    clip_grad: float = 1.0
+    global_loss: str = "logsum"         # logsum | cosine | smoothl1 | mse
+    local_loss: str = "cosine-smoothl1" # cosine-smoothl1 | logsum | mse | none
+    w_global: float = 1.0
+    w_local: float = 1.0
+    alpha: float = 4.0                  # exponent of the logsum loss
+    augment: bool = True                # the paper's flips, colour jitter and blur
+    views: str = "same"                 # same | independent (independent colour/blur per model; same crop and flips)
+    precision: str = "auto"             # auto | bf16 | fp16 | fp32
+    compile: str = "auto"               # auto (on for CUDA) | on | off
+    grad_checkpointing: bool = False
+    teacher_chunk: int = 0              # teacher forward in micro-batches of this size (memory)
+    workers: int = 4
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    ckpt_every: int = 500
+    resume: str = ""                    # "" | auto | path to ckpt.pt
+    early_stop: bool = False            # G2L: stop when loss > mean of last 100 steps more than 10 times in a row
+    max_bad_frac: float = 0.01          # stop when more than this fraction of tiles cannot be read
+    synthetic: bool = False             # random tensors instead of tiles: measures the step alone
+    bench_data: bool = False            # measure the loader (tiles/s) and exit
+
+# the no-argument demo: real CC0 tiles shipped in examples/, a small real teacher when the hub is reachable
+DEMO = dict(teacher="vit_small_patch14_dinov2.lvd142m", student="vit_tiny_patch16_224",
+            data=[str(Path(__file__).resolve().parent / "examples" / "tiles")], out="runs/demo",
+            img_size=112, batch_size=16, steps=120, warmup_steps=10, lr=5e-4, eval_every=40, log_every=10,
+            ckpt_every=60, workers=2, val_frac=0.15, max_val=64)
+
+def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        name, d = "--" + f.name.replace("_", "-"), f.default
+        if f.type is bool:
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=d)
+        elif f.type is list:
+            p.add_argument(name, nargs="+", default=f.default_factory())
+        else:
+            p.add_argument(name, type=f.type, default=d)
+    args = p.parse_args(argv)
+    cfg = Config(**vars(args))
+    if not argv:  # no arguments at all: the demo
+        cfg = dataclasses.replace(cfg, **DEMO)
+    return cfg
+
+# ----------------------------------------------------------------------------- compute init
+def init_distributed():
+    """One process, or one per GPU under torchrun (NCCL on GPU, gloo on CPU)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+RANK, WORLD = 0, 1
+def print0(*a, **k):
+    if RANK == 0:
+        print(*a, **k, flush=True)
+
+class AllSum(torch.autograd.Function):
+    """Sum over ranks, differentiable: the backward sums the gradients too (as SyncBatchNorm does). Every
+    loss ends in a global sum, so with DDP's gradient averaging each step gets exactly the gradient of the
+    global-batch loss, the same as one process with the same global batch."""
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+def all_sum(x):
+    return AllSum.apply(x) if WORLD > 1 else x
+
+# ----------------------------------------------------------------------------- data
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
+
+def find_images(folders):
+    """All images under the folders (recursive), sorted; the parent folder is the slide id."""
+    paths = []
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise SystemExit(f"error: data folder {folder} does not exist; pass --data with folders of tiles "
+                             "(e.g. the --out of prep_tiles.py)")
+        found = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
+                       if p.lower().endswith(IMG_EXTS) and os.sep + "masks" + os.sep not in p)
+        if not found:
+            raise SystemExit(f"error: no images ({', '.join(IMG_EXTS)}) under {folder}; "
+                             "make tiles with: python prep_tiles.py SLIDES --out " + folder)
+        paths += found
+    return paths
+
+def slide_of(path):
+    return os.path.dirname(os.path.abspath(path))
+
+def load_tile(path, size):
+    """Decode one tile to a uint8 [3, size, size] tensor. JPEG draft mode decodes at 1/2, 1/4 or 1/8
+    scale when the stored tile is much larger than needed, which is most of the decode cost."""
+    with Image.open(path) as im:
+        im.draft("RGB", (size, size))
+        im = im.convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR, reducing_gap=2.0)
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+
+class TileDataset(torch.utils.data.Dataset):
+    """Tiles as uint8 tensors. Augmentation and normalisation run batched on the training device.
+    A tile that cannot be read is replaced by the next readable one and counted (never a crash)."""
+    def __init__(self, paths, size, transform=None):
+        self.paths, self.size, self.transform = list(paths), size, transform
+    def __len__(self):
+        return len(self.paths)
+    def __getitem__(self, i):
+        for k in range(len(self.paths)):
+            j = (i + k) % len(self.paths)
+            try:
+                x = load_tile(self.paths[j], self.size)
+                return (self.transform(x) if self.transform else x), k
+            except Exception as e:  # corrupt / truncated / not an image
+                print(f"warning: skipping unreadable tile {self.paths[j]}: {type(e).__name__}: {e}", flush=True)
+        raise RuntimeError("no readable tile in the dataset")
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    """Seeded epoch permutations (or slide-balanced draws), sliced per rank, starting at any position:
+    resuming at sample k continues exactly where an uninterrupted run would be."""
+    def __init__(self, n, weights, global_batch, seed, start=0):
+        self.n, self.weights, self.gb, self.seed, self.start = n, weights, global_batch, seed, start
+    def order(self, epoch):
+        g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        return torch.randperm(self.n, generator=g)
+    def __iter__(self):
+        per_epoch = self.n // self.gb * self.gb  # whole global batches per epoch
+        pos, b = self.start, self.gb // WORLD
+        while True:
+            epoch, off = divmod(pos, per_epoch)
+            order = self.order(epoch)
+            for s in range(off, per_epoch, self.gb):
+                yield from order[s + RANK * b: s + (RANK + 1) * b].tolist()
+            pos = (epoch + 1) * per_epoch
+
+def aug_params(n, seed, step, micro, device):
+    """Random parameters for one global batch, drawn from (seed, step, micro-step) alone: independent of
+    the number of ranks and of resumption, so 1 x B and 2 x B/2 processes see identical views."""
+    g = torch.Generator().manual_seed(hash((seed, step, micro)) % 2**62)
+    u = lambda *s: torch.rand(*s, generator=g)
+    return {k: v.to(device) for k, v in dict(
+        crop=u(n, 2), hflip=u(n) < 0.5, vflip=u(n) < 0.5,
+        jitter=u(n) < 0.5, bcsh=u(n, 4) * 2 - 1,   # brightness, contrast, saturation, hue in [-1, 1]
+        blur=u(n) < 0.1, sigma=0.1 + 1.9 * u(n)).items()}
+
+def crop_flip(x, p, size):
+    """Per-sample random crop to size and h/v flips of a uint8/float batch [B,3,H,W]."""
+    B, _, H, W = x.shape
+    if H > size or W > size:
+        oy = (p["crop"][:, 0] * (H - size + 1)).long().clamp(max=H - size)
+        ox = (p["crop"][:, 1] * (W - size + 1)).long().clamp(max=W - size)
+        ar = torch.arange(size, device=x.device)
+        rows, cols = (oy[:, None] + ar)[:, None, :, None], (ox[:, None] + ar)[:, None, None, :]
+        x = x[torch.arange(B, device=x.device)[:, None, None, None], torch.arange(3, device=x.device)[None, :, None, None], rows, cols]
+    x = torch.where(p["hflip"][:, None, None, None], x.flip(-1), x)
+    return torch.where(p["vflip"][:, None, None, None], x.flip(-2), x)
+
+GRAY = torch.tensor([0.299, 0.587, 0.114])
+def colour_blur(x, p):
+    """The paper's photometric augmentations on a float [0,1] batch, per sample:
+    colour jitter (brightness .15, contrast .15, saturation .1, hue .05) with p=.5, 9x9 Gaussian blur p=.1."""
+    B = x.shape[0]
+    on = p["jitter"].view(B, 1, 1, 1)
+    b, c, s, h = (p["bcsh"] * torch.tensor([0.15, 0.15, 0.1, 0.05], device=x.device)).unbind(1)
+    gray = lambda t: (t * GRAY.to(t.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    y = (x * (1 + b).view(B, 1, 1, 1)).clamp(0, 1)
+    m = gray(y).mean((2, 3), keepdim=True)
+    y = ((y - m) * (1 + c).view(B, 1, 1, 1) + m).clamp(0, 1)
+    g = gray(y)
+    y = ((y - g) * (1 + s).view(B, 1, 1, 1) + g).clamp(0, 1)
+    # hue: rotate chroma in YIQ space by 2*pi*h (a linear, batched stand-in for an HSV hue shift)
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=x.device)
+    cos, sin = torch.cos(2 * math.pi * h), torch.sin(2 * math.pi * h)
+    rot = torch.zeros(B, 3, 3, device=x.device)
+    rot[:, 0, 0], rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = 1, cos, -sin, sin, cos
+    M = torch.linalg.inv(yiq) @ rot @ yiq
+    y = torch.einsum("bij,bjhw->bihw", M, y).clamp(0, 1)
+    x = torch.where(on, y, x)
+    idx = p["blur"].nonzero().flatten()
+    if len(idx):  # separable 9x9 Gaussian, one sigma per image, as a grouped convolution
+        t = torch.arange(9, device=x.device) - 4.0
+        k = torch.exp(-t[None] ** 2 / (2 * p["sigma"][idx, None] ** 2))
+        k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0)
+        z = x[idx].reshape(1, -1, *x.shape[2:])
+        z = F.conv2d(F.pad(z, (4, 4, 0, 0), mode="reflect"), k[:, None, None, :], groups=z.shape[1])
+        z = F.conv2d(F.pad(z, (0, 0, 4, 4), mode="reflect"), k[:, None, :, None], groups=z.shape[1])
+        x = x.index_copy(0, idx, z.view(len(idx), 3, *x.shape[2:]))
+    return x
+
+def make_views(x, cfg, step, micro, device):
+    """uint8 tiles -> (teacher view, student view) as float [0,1] on the device.
+    G2L: both models see the same augmented view (cfg.views='same')."""
+    n = x.shape[0]
+    p = aug_params(n * WORLD, cfg.seed, step, micro, "cpu")
+    p = {k: v[RANK * n:(RANK + 1) * n].to(device) for k, v in p.items()}  # this rank's slice of the global batch
+    x = crop_flip(x.to(device, non_blocking=True), p if cfg.augment else {**p, "hflip": p["hflip"] & False,
+                  "vflip": p["vflip"] & False}, cfg.img_size).float() / 255
+    if not cfg.augment:
+        return x, x
+    xt = colour_blur(x, p)
+    if cfg.views == "independent":
+        q = aug_params(n * WORLD, cfg.seed + 7919, step, micro, "cpu")
+        xs = colour_blur(x, {k: v[RANK * n:(RANK + 1) * n].to(device) for k, v in q.items()})
+    else:
+        xs = xt
+    return xt, xs
+
+# ----------------------------------------------------------------------------- models
+HO = dict(mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517))  # Bioptimus' stats
+IN = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))                     # ImageNet
+SWIGLU = dict(mlp_layer="swiglu_packed", act_layer="silu")
+PRESETS = {  # hub name, bare timm architecture + kwargs (builds offline), normalisation, native px, embedding
+    "h-optimus-0": dict(hub="hf-hub:bioptimus/H-optimus-0", arch="vit_giant_patch14_reg4_dinov2",
+                        kwargs=dict(init_values=1e-5, dynamic_img_size=False), size=224, embed="pool", **HO),
+    "h-optimus-1": dict(hub="hf-hub:bioptimus/H-optimus-1", arch="vit_giant_patch14_reg4_dinov2",
+                        kwargs=dict(init_values=1e-5, dynamic_img_size=False), size=224, embed="pool", **HO),
+    "h0-mini": dict(hub="hf-hub:bioptimus/H0-mini", arch="vit_base_patch14_reg4_dinov2",
+                    kwargs=dict(init_values=1e-5, mlp_ratio=5.33334, **SWIGLU), size=224, embed="pool", **HO),
+    "uni": dict(hub="hf-hub:MahmoodLab/UNI", arch="vit_large_patch16_224",
+                kwargs=dict(init_values=1e-5, dynamic_img_size=True), size=224, embed="pool", **IN),
+    "uni2-h": dict(hub="hf-hub:MahmoodLab/UNI2-h", arch="vit_giant_patch14_224",
+                   kwargs=dict(depth=24, num_heads=24, embed_dim=1536, init_values=1e-5, mlp_ratio=5.33334,
+                               no_embed_class=True, reg_tokens=8, dynamic_img_size=True, **SWIGLU),
+                   size=224, embed="pool", **IN),
+    "virchow2": dict(hub="hf-hub:paige-ai/Virchow2", arch="vit_huge_patch14_224",
+                     kwargs=dict(init_values=1e-5, mlp_ratio=5.3375, reg_tokens=4, global_pool="",
+                                 dynamic_img_size=True, **SWIGLU), size=224, embed="cls+mean", **IN),
+    "prov-gigapath": dict(hub="hf-hub:prov-gigapath/prov-gigapath", arch="vit_giant_patch14_dinov2",
+                          kwargs=dict(patch_size=16, embed_dim=1536, depth=40, num_heads=24, init_values=1e-5,
+                                      mlp_ratio=5.33334), size=224, embed="pool", **IN),
+}
+LAYERS = {"swiglu_packed": timm.layers.SwiGLUPacked, "silu": nn.SiLU}  # JSON-able names for layer kwargs
+
+def hub_reachable(timeout=3.0):
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+def read_state_dict(path):
+    """Weights from .safetensors / .pth / .bin, without DDP/compile prefixes."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: weights file {path} does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read weights file {path} ({type(e).__name__}: {e}); "
+                         "expected .safetensors, .pth or .bin with a state dict")
+    for key in ("state_dict", "model", "student"):  # common wrappers
+        if isinstance(sd.get(key), dict):
+            sd = sd[key]
+    return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in sd.items()}
+
+def load_weights(model, path, name):
+    sd = read_state_dict(path)
+    filt = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filt is not None:  # timm's own converter: resamples position embeddings, renames legacy keys
+        try:
+            sd = filt(sd, model)
+        except Exception:
+            pass
+    sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # classifier heads are not used
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise SystemExit(f"error: weights file {path} does not fit {name}: {len(missing)} missing (e.g. {missing[:3]}), "
+                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} wrong shapes (e.g. {wrong[:2]}); "
+                         "pass the matching architecture/preset or fix --*-kwargs")
+    model.load_state_dict(sd)
+
+def resolve(name):
+    """Model name -> (timm name, kwargs, pretrained, spec). See DESIGN.md 'Model names'."""
+    p = Path(name)
+    if (p / "student" / "config.json").is_file():  # a g2l run folder
+        p = p / "student"
+    if (p / "config.json").is_file() and not name.startswith(("hf-hub:", "local-dir:")):
+        name = f"local-dir:{p}"
+    if name.startswith("local-dir:"):
+        path = Path(name[len("local-dir:"):])
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"error: {path} has no config.json; a local-dir model needs config.json + model.safetensors")
+        cfg = json.loads((path / "config.json").read_text())
+        pc = cfg.get("pretrained_cfg", cfg)
+        kw = {k: v for k, v in cfg.get("model_args", {}).items()}
+        return name, kw, True, dict(embed=cfg.get("g2l", {}).get("embed", "pool"), mean=pc.get("mean"), std=pc.get("std"),
+                                    size=pc.get("input_size", [3, 0, 0])[-1], arch=cfg["architecture"], kwargs=kw)
+    if name in PRESETS:
+        pr = PRESETS[name]
+        return pr["hub"], dict(pr["kwargs"]), True, dict(pr, kwargs=dict(pr["kwargs"]))
+    arch = name.split("hf-hub:")[-1]
+    if not name.startswith("hf-hub:") and not timm.is_model(name.split(".")[0]):
+        raise SystemExit(f"error: unknown model {name!r}: use a preset ({', '.join(PRESETS)}), a timm name "
+                         "(timm.list_models()), hf-hub:ORG/NAME, local-dir:PATH or a g2l run folder")
+    return name, {}, "." in name or name.startswith("hf-hub:"), dict(embed="pool", arch=arch, kwargs={})
+
+def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False):
+    """Build a model by the naming rules and return (model, spec). spec: arch, kwargs, mean, std, size,
+    embed, patch, dim (global feature dim), tdim (token dim), source."""
+    hub, kw, pretrained, spec = resolve(name)
+    extra = json.loads(kwargs) if kwargs else {}
+    if extra and not isinstance(extra, dict):
+        raise SystemExit(f"error: --*-kwargs must be a JSON object, got {kwargs!r}")
+    kw.update(extra)
+    if img_size:
+        kw["img_size"] = img_size
+    build = {k: LAYERS.get(v, v) if k in ("mlp_layer", "act_layer") else v for k, v in kw.items()}
+    if weights or extra or meta:  # local weights / changed architecture: the bare architecture
+        target, pretrained = spec["arch"].split("hf-hub:")[-1], False
+        if name in PRESETS:
+            target = PRESETS[name]["arch"]
+    else:
+        target = hub
+    source = f"weights file {weights}" if weights else ("pretrained " + target if pretrained else "random init")
+    try:
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = timm.create_model(target, pretrained=pretrained, num_classes=0, **build)
+    except (OSError, RuntimeError, ValueError, TypeError, AssertionError) as e:
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if target.startswith("hf-hub:") or "huggingface" in msg.lower() or "hub" in msg.lower() or isinstance(e, OSError):
+            raise SystemExit(f"error: could not load {name} from the Hugging Face hub ({type(e).__name__}: {msg}). "
+                             f"Offline: pass --teacher-weights/--student-weights FILE (architecture {spec['arch']}) or "
+                             f"local-dir:PATH. Gated model: accept its terms on huggingface.co and run `hf auth login`.")
+        raise SystemExit(f"error: cannot build {name} with kwargs {kw}: {msg}")
+    if weights:
+        load_weights(model, weights, name)
+    pc = model.pretrained_cfg
+    spec = dict(spec, kwargs=kw, source=source, name=name,
+                mean=tuple(spec.get("mean") or pc.get("mean", IN["mean"])),
+                std=tuple(spec.get("std") or pc.get("std", IN["std"])),
+                size=img_size or spec.get("size") or pc.get("input_size", (3, 224, 224))[-1])
+    pe = getattr(model, "patch_embed", None)
+    spec["patch"] = int(pe.patch_size[0]) if pe is not None else 0
+    spec["tdim"] = model.num_features
+    spec["dim"] = model.num_features * (2 if spec["embed"] == "cls+mean" else 1)
+    return model.to(device) if not meta else model, spec
+
+def encode(model, spec, x):
+    """Normalise a float [0,1] batch with the model's own mean/std, run it, and split the tokens:
+    returns (global feature [B, dim], patch-token map [B, tdim, h, w])."""
+    mean = torch.tensor(spec["mean"], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec["std"], device=x.device).view(1, 3, 1, 1)
+    feats = model.forward_features((x - mean) / std)
+    if feats.ndim == 4:  # convolutional: [B, C, h, w]
+        return model.forward_head(feats, pre_logits=True), feats
+    npt = model.num_prefix_tokens  # CLS + registers, never a hard-coded [:, 1:]
+    patches = feats[:, npt:]
+    h, w = x.shape[-2] // spec["patch"], x.shape[-1] // spec["patch"]
+    pmap = patches.transpose(1, 2).reshape(feats.shape[0], -1, h, w)
+    if spec["embed"] == "cls+mean":  # Virchow2: CLS concatenated with the mean patch token
+        g = torch.cat([feats[:, 0], patches.mean(1)], 1)
+    else:  # the model's pooled pre-logits output (CLS for DINOv2-style models)
+        g = model.forward_head(feats, pre_logits=True)
+    return g, pmap
+
+class Student(nn.Module):
+    """The trainable part: student + projection heads (the only module given to the optimizer and DDP)."""
+    def __init__(self, student, spec, tdim_global, tdim_local, local):
+        super().__init__()
+        self.student, self.spec = student, spec
+        self.global_head = nn.Linear(spec["dim"], tdim_global)
+        self.local_head = nn.Linear(spec["tdim"], tdim_local) if local else None
+    def forward(self, x, grid):
+        g, pmap = encode(self.student, self.spec, x)
+        zl = None
+        if self.local_head is not None:
+            zl = self.local_head(pmap.flatten(2).transpose(1, 2))
+            if tuple(pmap.shape[-2:]) != tuple(grid):  # grids differ: resize the student token map
+                B, _, h, w = pmap.shape
+                zl = F.interpolate(zl.transpose(1, 2).reshape(B, -1, h, w), size=grid, mode="bilinear",
+                                   align_corners=False).flatten(2).transpose(1, 2)
+        return self.global_head(g), zl
+
+# ----------------------------------------------------------------------------- losses
+def batchnorm(z, eps=1e-5):
+    """BatchNorm1d(affine=False) in training mode over the global batch (synchronised across ranks)."""
+    n = all_sum(torch.tensor(float(z.shape[0]), device=z.device))
+    mean = all_sum(z.sum(0)) / n
+    var = all_sum(((z - mean) ** 2).sum(0)) / n
+    return (z - mean) / torch.sqrt(var + eps)
+
+def global_mean(x):
+    """Mean over the global batch (all ranks) of a per-sample loss."""
+    return all_sum(x.sum()) / all_sum(torch.tensor(float(x.numel()), device=x.device))
+
+def logsum_loss(zs, zt, alpha=4.0):
+    """G2L / Miles & Mikolajczyk: log( sum_{b,j} |BN(W z_s) - BN(z_t)|^alpha ), one log over all dims."""
+    return torch.log(all_sum((batchnorm(zs) - batchnorm(zt)).abs().pow(alpha).sum()))
+
+def pair_loss(kind, zs, zt, alpha=4.0):
+    """Loss between [N, D] student and teacher features (fp32)."""
+    zs, zt = zs.float(), zt.float()
+    if kind == "logsum":
+        return logsum_loss(zs, zt, alpha)
+    cos = 1 - F.cosine_similarity(zs, zt, dim=-1)
+    if kind == "cosine":
+        return global_mean(cos)
+    if kind == "smoothl1":
+        return global_mean(F.smooth_l1_loss(zs, zt, reduction="none").mean(-1))
+    if kind == "mse":
+        return global_mean(F.mse_loss(zs, zt, reduction="none").mean(-1))
+    if kind == "cosine-smoothl1":  # RADIO / GPFM weighting
+        return global_mean(0.9 * cos + 0.1 * F.smooth_l1_loss(zs, zt, reduction="none").mean(-1))
+    raise ValueError(f"unknown loss {kind!r}")
+
+def linear_cka(a, b):
+    """Linear CKA between feature matrices [N, D1], [N, D2] (Kornblith et al. 2019)."""
+    a, b = a.double() - a.double().mean(0), b.double() - b.double().mean(0)
+    return float((a.T @ b).norm() ** 2 / ((a.T @ a).norm() * (b.T @ b).norm()))
+
+def centred_cosine(a, b):
+    """Mean cosine after centring each side: raw cosine rewards predicting the teacher's mean vector."""
+    return float(F.cosine_similarity(a - a.mean(0), b - b.mean(0), dim=1).mean())
+
+# ----------------------------------------------------------------------------- speed accounting
+PEAK_TFLOPS = {"H200": (989, 494), "H100": (989, 494), "A100": (312, 156), "L40S": (362, 183), "L4": (121, 60),
+               "A10": (125, 62), "4090": (165, 82), "3090": (71, 35), "A6000": (155, 77), "V100": (125, 15)}
+
+def peak_flops(device, precision):
+    """Dense peak of the device (bf16/fp16 tensor cores, else TF32/fp32); on CPU a measured matmul."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for k, (half, single) in PEAK_TFLOPS.items():
+            if k in name:
+                return (half if precision in ("bf16", "fp16") else single) * 1e12
+        return float("nan")
+    a, b, best = torch.randn(2048, 2048), torch.randn(2048, 2048), float("inf")
+    for _ in range(4):  # best of a few 2048^3 fp32 matmuls
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * 2048 ** 3 / best
+
+def forward_flops(model, img):
+    """Forward FLOPs per image at img px: 2 x tokens x (linear weights) + attention (QK^T and AV)."""
+    tokens = (img // model.patch_embed.patch_size[0]) ** 2 + getattr(model, "num_prefix_tokens", 0) \
+        if hasattr(model, "patch_embed") else 0
+    if not tokens:
+        return float("nan")
+    lin = sum(m.weight.numel() for m in model.blocks.modules() if isinstance(m, nn.Linear))
+    embed = model.patch_embed.proj.weight.numel() * (tokens - model.num_prefix_tokens)
+    return 2 * tokens * lin + 4 * len(model.blocks) * tokens ** 2 * model.embed_dim + 2 * embed
+
+# ----------------------------------------------------------------------------- checkpoints and export
+def atomic_save(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+def export(raw, spec, cfg, out):
+    """student/ as a timm local-dir (config.json + model.safetensors) and heads.safetensors, atomically."""
+    from safetensors.torch import save_file
+    out, tmp = Path(out), Path(out) / "student.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in raw.student.state_dict().items()}
+    save_file(sd, str(tmp / "model.safetensors"))
+    conf = dict(architecture=spec["arch"].split("hf-hub:")[-1], num_classes=0, num_features=spec["tdim"],
+                model_args={**spec["kwargs"], "img_size": cfg.student_img_size},
+                pretrained_cfg=dict(mean=list(spec["mean"]), std=list(spec["std"]), num_classes=0,
+                                    input_size=[3, cfg.student_img_size, cfg.student_img_size], crop_pct=1.0,
+                                    interpolation="bilinear"),
+                g2l=dict(embed=spec["embed"], teacher=cfg.teacher, student=cfg.student,
+                         licence="a distilled student inherits its teacher's licence terms"))
+    (tmp / "config.json").write_text(json.dumps(conf, indent=2))
+    final = out / "student"
+    if final.exists():
+        os.replace(final, out / "student.old")
+    os.replace(tmp, final)
+    if (out / "student.old").exists():
+        import shutil
+        shutil.rmtree(out / "student.old")
+    heads = {f"{k}": v.detach().float().cpu().contiguous() for k, v in raw.state_dict().items() if not k.startswith("student.")}
+    save_file(heads, str(out / "heads.safetensors.tmp"))
+    os.replace(out / "heads.safetensors.tmp", out / "heads.safetensors")
+
+def load_heads(run):
+    """The projection heads of a g2l run (for eval: student features in the teacher's space)."""
+    from safetensors.torch import load_file
+    sd = load_file(str(Path(run) / "heads.safetensors"))
+    head = nn.Linear(sd["global_head.weight"].shape[1], sd["global_head.weight"].shape[0])
+    head.load_state_dict({"weight": sd["global_head.weight"], "bias": sd["global_head.bias"]})
+    return head
+
+# ----------------------------------------------------------------------------- training
+def setup_sizes(cfg, spec_t, spec_s):
+    """Teacher input size, then the student size whose patch grid equals the teacher's
+    (a /14 teacher at 224 px -> 16x16 -> a /16 student at 256 px). Returns the teacher grid."""
+    cfg.img_size = cfg.img_size or spec_t["size"]
+    if cfg.img_size % spec_t["patch"]:
+        raise SystemExit(f"error: --img-size {cfg.img_size} is not a multiple of the teacher's patch size {spec_t['patch']}")
+    grid = cfg.img_size // spec_t["patch"]
+    if not cfg.student_img_size:
+        cfg.student_img_size = grid * spec_s["patch"] if spec_s["patch"] else cfg.img_size
+    cfg.load_size = cfg.load_size or cfg.img_size
+    if cfg.load_size < cfg.img_size:
+        raise SystemExit(f"error: --load-size {cfg.load_size} is smaller than --img-size {cfg.img_size}")
+    return (grid, grid)
+
+def lr_factor(step, cfg):
+    """Linear warm-up, then cosine decay to min_lr_frac (used for both lr and weight decay)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+@torch.no_grad()
+def evaluate(raw, teacher, spec_t, val, cfg, device, amp):
+    """Agreement on validation tiles: centred cosine and linear CKA of projected student vs teacher globals."""
+    raw.eval()
+    zs, zt = [], []
+    for x, _ in val:
+        x = x.to(device).float() / 255
+        xs = F.interpolate(x, size=cfg.student_img_size, mode="bilinear", antialias=True) \
+            if cfg.student_img_size != cfg.img_size else x
+        with amp():
+            zs.append(raw(xs, (1, 1))[0].float())
+            zt.append(encode(teacher, spec_t, x)[0].float())
+    raw.train()
+    zs, zt = torch.cat(zs), torch.cat(zt)
+    return dict(val_cos=round(centred_cosine(zs, zt), 4), val_cka=round(linear_cka(zs, zt), 4),
+                val_cos_raw=round(float(F.cosine_similarity(zs, zt).mean()), 4))
+
+def main(argv=None):
+    global RANK, WORLD
+    cfg = parse_args(argv)
+    RANK, WORLD, device = init_distributed()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.precision == "auto":
+        cfg.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
+    amp = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    if cfg.global_loss not in ("logsum", "cosine", "smoothl1", "mse") or \
+            cfg.local_loss not in ("cosine-smoothl1", "logsum", "mse", "none") or cfg.views not in ("same", "independent"):
+        raise SystemExit(f"error: unknown --global-loss {cfg.global_loss} / --local-loss {cfg.local_loss} / --views {cfg.views}")
+
+    # data: file list first, so a bad --data fails before any model is built
+    paths = val_paths = []
+    if not cfg.synthetic:
+        paths = find_images(cfg.data)
+        if cfg.val_data:
+            val_paths = find_images(cfg.val_data)
+        else:
+            slides = sorted(set(map(slide_of, paths)))
+            rng = random.Random(cfg.seed)
+            if len(slides) >= 2:
+                held = set(rng.sample(slides, max(1, round(cfg.val_frac * len(slides)))))
+                val_paths = [p for p in paths if slide_of(p) in held]
+            else:  # one slide: hold out tiles instead (said, since it leaks the slide)
+                print0(f"note: only one slide in --data; holding out {cfg.val_frac:.0%} of its tiles for validation")
+                val_paths = rng.sample(paths, max(1, round(cfg.val_frac * len(paths))))
+            paths = [p for p in paths if p not in set(val_paths)]
+        val_paths = random.Random(cfg.seed).sample(val_paths, min(cfg.max_val, len(val_paths)))
+
+    # models
+    if RANK == 0 and any(not (n in PRESETS and w) and not Path(n).exists() and not n.startswith("local-dir:")
+                         for n, w in ((cfg.teacher, cfg.teacher_weights), (cfg.student, cfg.student_weights))) \
+            and not hub_reachable():
+        import huggingface_hub.constants
+        huggingface_hub.constants.HF_HUB_OFFLINE = True  # fail in a second, not after minutes of retries
+        print0("note: the Hugging Face hub is not reachable; only cached or local weights can be used")
+    demo = cfg.teacher == DEMO["teacher"] and cfg.data == DEMO["data"]
+    try:
+        teacher, spec_t = load_model(cfg.teacher, cfg.teacher_weights, cfg.teacher_kwargs, cfg.img_size, device)
+    except SystemExit as e:
+        if not demo:
+            raise
+        print0(f"note: demo teacher weights unavailable ({str(e)[7:90]}...); continuing with a random-init teacher")
+        teacher, spec_t = load_model(cfg.teacher.split(".")[0], "", cfg.teacher_kwargs, cfg.img_size, device)
+    student, spec_s = load_model(cfg.student, cfg.student_weights, cfg.student_kwargs, 0, device)
+    grid = setup_sizes(cfg, spec_t, spec_s)
+    if spec_s["patch"] and hasattr(student, "set_input_size"):
+        student.set_input_size(img_size=cfg.student_img_size)
+    teacher.eval().requires_grad_(False)  # frozen: never trained, never in the optimizer or a checkpoint
+    if device.type == "cuda" and dtype != torch.float32:
+        teacher.to(dtype)  # no optimizer state, so the weights can live in bf16/fp16 outright
+    local = cfg.local_loss != "none" and cfg.w_local > 0
+    raw = Student(student, spec_s, spec_t["dim"], spec_t["tdim"], local).to(device)
+    if cfg.grad_checkpointing:
+        student.set_grad_checkpointing(True)
+    # check shapes once, loudly
+    with torch.no_grad(), amp():
+        gt, pt = encode(teacher, spec_t, torch.rand(2, 3, cfg.img_size, cfg.img_size, device=device))
+        gs, ls = raw(torch.rand(2, 3, cfg.student_img_size, cfg.student_img_size, device=device), grid)
+    assert gs.shape == gt.shape, f"global shapes differ: student {tuple(gs.shape)} vs teacher {tuple(gt.shape)}"
+    assert tuple(pt.shape[-2:]) == grid and (ls is None or ls.shape[1] == grid[0] * grid[1])
+    n_params = sum(p.numel() for p in student.parameters())
+    print0(f"teacher {cfg.teacher} ({spec_t['source']}): {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params, "
+           f"{cfg.img_size}px, grid {grid[0]}x{grid[1]}, dim {spec_t['dim']}")
+    print0(f"student {cfg.student} ({spec_s['source']}): {n_params / 1e6:.1f}M params, {cfg.student_img_size}px, "
+           f"patch {spec_s['patch'] or '-'}, dim {spec_s['dim']}")
+
+    gb = cfg.batch_size * WORLD
+    if not cfg.synthetic and len(paths) < gb:
+        raise SystemExit(f"error: {len(paths)} training tiles is fewer than one global batch ({gb}); lower --batch-size")
+    cfg.steps = cfg.steps or max(1, int(cfg.epochs * len(paths) / (gb * cfg.grad_accum)))
+    if cfg.bench_data:
+        return bench_data(cfg, paths)
+
+    # optimizer and schedule: AdamW, lr and weight decay cosine-decayed together; no decay on biases/norms
+    decay = [p for n, p in raw.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "token" not in n]
+    other = [p for n, p in raw.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "token" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # bf16 needs no scaler
+
+    # resume
+    out = Path(cfg.out)
+    step, first, best = 0, None, None
+    ckpt_path = out / "ckpt.pt" if cfg.resume in ("auto", "") else Path(cfg.resume)
+    if cfg.resume and ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        raw.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        step, first = ck["step"], ck.get("first")
+        torch.set_rng_state(ck["rng"]["torch"])
+        np.random.set_state(ck["rng"]["numpy"])
+        random.setstate(ck["rng"]["python"])
+        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ck["rng"]["cuda"])
+        print0(f"resumed from {ckpt_path} at step {step}")
+    elif cfg.resume and cfg.resume != "auto":
+        raise SystemExit(f"error: --resume {cfg.resume}: no such checkpoint")
+    if RANK == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        conf = dict(dataclasses.asdict(cfg), world_size=WORLD, torch=torch.__version__, timm=timm.__version__,
+                    teacher_source=spec_t["source"], student_source=spec_s["source"], n_train=len(paths), n_val=len(val_paths))
+        (out / "config.tmp").write_text(json.dumps(conf, indent=2))
+        os.replace(out / "config.tmp", out / "config.json")
+        print0(json.dumps(conf))
+
+    # compile / wrap: only student + heads go into DDP; keep raw for saving and evaluation
+    model = raw
+    if WORLD > 1:
+        model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+    if use_compile:
+        model, teacher_fwd = torch.compile(model), torch.compile(teacher)
+    else:
+        teacher_fwd = teacher
+
+    # loaders
+    if cfg.synthetic:
+        batches = iter(lambda: (torch.randint(0, 256, (cfg.batch_size, 3, cfg.load_size, cfg.load_size),
+                                              dtype=torch.uint8), torch.zeros(cfg.batch_size, dtype=torch.long)), None)
+        val = []
+    else:
+        weights = None
+        if cfg.balance:  # each slide equally likely
+            ids = [slide_of(p) for p in paths]
+            counts = {s: ids.count(s) for s in set(ids)}
+            weights = torch.tensor([1.0 / counts[s] for s in ids], dtype=torch.double)
+        sampler = InfiniteSampler(len(paths), weights, gb, cfg.seed, start=step * gb * cfg.grad_accum)
+        kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+                  prefetch_factor=4 if cfg.workers else None)
+        batches = iter(torch.utils.data.DataLoader(TileDataset(paths, cfg.load_size), batch_size=cfg.batch_size,
+                       sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(cfg.seed), **kw))
+        val = torch.utils.data.DataLoader(TileDataset(val_paths, cfg.img_size), batch_size=cfg.batch_size,
+                                          num_workers=min(cfg.workers, 2))
+
+    # the loop
+    stop = {"signal": None}
+    def on_signal(sig, frame):
+        stop["signal"] = signal.Signals(sig).name
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    flops = (forward_flops(teacher, cfg.img_size) + 3 * forward_flops(student, cfg.student_img_size)) * gb * cfg.grad_accum
+    peak = peak_flops(device, cfg.precision) * WORLD
+    seen_bad, seen, bad_losses, recent, above = 0, 0, 0, deque(maxlen=100), 0
+    metrics = open(out / "metrics.jsonl", "a") if RANK == 0 else None
+    last = {}
+
+    def save():
+        if RANK == 0:
+            atomic_save(dict(model=raw.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step,
+                             first=first, config=dataclasses.asdict(cfg), samples=step * gb * cfg.grad_accum,
+                             rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                                      cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)), out / "ckpt.pt")
+
+    if RANK == 0 and val and step == 0:
+        last = evaluate(raw, teacher, spec_t, val, cfg, device, amp)
+        first = dict(last)
+        print0(f"step {step:06d} | val cos {last['val_cos']:.4f} (raw {last['val_cos_raw']:.4f}) | cka {last['val_cka']:.4f}")
+    bar = tqdm(total=cfg.steps, initial=step, disable=RANK != 0, desc="distil", dynamic_ncols=True)
+    t0, n_timed, reason = time.perf_counter(), 0, "done"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    while step < cfg.steps:
+        f = lr_factor(step, cfg)
+        for gi, g in enumerate(opt.param_groups):
+            g["lr"] = cfg.lr * f
+            g["weight_decay"] = cfg.weight_decay * f if gi == 0 else 0.0
+        parts = torch.zeros(3, device=device)
+        for micro in range(cfg.grad_accum):
+            x, nbad = next(batches)
+            seen_bad, seen = seen_bad + int((nbad > 0).sum()), seen + gb  # this rank's bad tiles, all ranks' tiles
+            xt, xs = make_views(x, cfg, step, micro, device)
+            if cfg.student_img_size != cfg.img_size:
+                xs = F.interpolate(xs, size=cfg.student_img_size, mode="bilinear", antialias=True, align_corners=False)
+            with amp():
+                with torch.no_grad():  # not inference_mode: these tensors enter the loss
+                    chunks = [encode(teacher_fwd, spec_t, c) for c in xt.split(cfg.teacher_chunk or len(xt))]
+                    gt, pt = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+                sync = contextlib.nullcontext() if WORLD == 1 or micro == cfg.grad_accum - 1 else model.no_sync()
+                with sync:
+                    gs, ls = model(xs, grid)
+            l_g = pair_loss(cfg.global_loss, gs, gt, cfg.alpha)
+            l_l = pair_loss(cfg.local_loss, ls.flatten(0, 1), pt.flatten(2).transpose(1, 2).flatten(0, 1), cfg.alpha) \
+                if local else torch.zeros((), device=device)
+            loss = cfg.w_global * l_g + cfg.w_local * l_l
+            with sync:
+                scaler.scale(loss / cfg.grad_accum).backward()
+            parts += torch.stack([loss.detach(), l_g.detach(), l_l.detach()]) / cfg.grad_accum
+        scaler.unscale_(opt)
+        gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+        loss_v, lg_v, ll_v = parts.tolist()
+        if not math.isfinite(loss_v):  # skip the update; a few in a row means the run has diverged
+            opt.zero_grad(set_to_none=True)
+            bad_losses += 1
+            print0(f"warning: non-finite loss at step {step} ({bad_losses} in a row); update skipped")
+            if bad_losses >= 3:
+                reason = "stopped: 3 non-finite losses in a row; the last good checkpoint is kept (lower --lr?)"
+                break
+            continue
+        bad_losses = 0
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        n_timed += 1
+        bar.update(1)
+        if cfg.early_stop:  # G2L's rule, read as: more than 10 consecutive steps above the last-100 mean
+            above = above + 1 if len(recent) == 100 and loss_v > sum(recent) / 100 else 0
+            recent.append(loss_v)
+            if above > 10:
+                reason = f"early stop at step {step}: loss above its last-100 running mean {above} steps in a row"
+                break
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            n_bad = int(all_sum(torch.tensor(float(seen_bad))))
+            if n_bad > cfg.max_bad_frac * seen and n_bad > 10:
+                reason = f"stopped: {n_bad} of {seen} tiles were unreadable (over --max-bad-frac); see the warnings"
+                break
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            ips = n_timed * gb * cfg.grad_accum / dt
+            mem = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else \
+                __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 1e6
+            last = dict(step=step, loss=round(loss_v, 5), l_global=round(lg_v, 5), l_local=round(ll_v, 5),
+                        lr=cfg.lr * f, grad_norm=round(float(gnorm), 4), img_per_s=round(ips, 2),
+                        mfu=round(100 * flops * n_timed / dt / peak, 2), mem_gb=round(mem, 2), bad_tiles=n_bad)
+            if RANK == 0 and val and (step % cfg.eval_every == 0 or step == cfg.steps):
+                last.update(evaluate(raw, teacher, spec_t, val, cfg, device, amp))
+            first = first or dict(last)
+            first.setdefault("loss", last["loss"])
+            if RANK == 0:
+                metrics.write(json.dumps(last) + "\n")
+                metrics.flush()
+                tqdm.write(f"step {step:06d} | loss {loss_v:.4f} (g {lg_v:.4f} l {ll_v:.4f}) | lr {cfg.lr * f:.2e} | "
+                           f"gnorm {float(gnorm):.2f} | {ips:.1f} img/s | mfu {last['mfu']:.1f}% | {mem:.2f} GB"
+                           + (f" | val cos {last['val_cos']:.4f} cka {last['val_cka']:.4f}" if "val_cos" in last else ""))
+            t0, n_timed = time.perf_counter(), 0
+        if step % cfg.ckpt_every == 0 and step < cfg.steps:
+            save()
+        if stop["signal"]:
+            reason = f"stopped by {stop['signal']} at step {step}; continue with --resume auto"
+            break
+    bar.close()
+    for s, h in old.items():
+        signal.signal(s, h)
+    if not reason.startswith("stopped: 3 non-finite"):
+        save()
+    if RANK == 0 and not cfg.synthetic:
+        export(raw, spec_s, cfg, out)
+    if metrics:
+        metrics.close()
+    if WORLD > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    summary(cfg, reason, first or {}, last, out)
+    return last
+
+def summary(cfg, reason, first, last, out):
+    arrow = lambda k: f"{first.get(k, float('nan')):.4f} -> {last.get(k, float('nan')):.4f}"
+    print0(f"{reason} | loss {arrow('loss')} | val cos {arrow('val_cos')} | val cka {arrow('val_cka')} | "
+           f"{last.get('img_per_s', 0):.1f} img/s")
+    if not cfg.synthetic:
+        print0(f"student: {out / 'student'}  ->  timm.create_model('local-dir:{out / 'student'}', pretrained=True)\n"
+               f"evaluate: python eval.py probe --model {cfg.teacher} --model {out} --data labels.csv\n"
+               f"a real run: python g2l.py --teacher h-optimus-0 --student uni --data tiles/ --out runs/NAME")
+
+def bench_data(cfg, paths, batches=20):
+    """Loader throughput on real tiles: decode only (augmentation on the device) vs decode + the same
+    augmentations in PIL/torchvision inside the workers (the usual CPU pipeline)."""
+    import torchvision.transforms.v2 as T
+    cpu_aug = T.Compose([T.RandomCrop(cfg.img_size), T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
+                         T.RandomApply([T.ColorJitter(0.15, 0.15, 0.1, 0.05)], p=0.5),
+                         T.RandomApply([T.GaussianBlur(9, (0.1, 2.0))], p=0.1)])
+    for name, tf in (("workers decode + CPU augment", cpu_aug), ("workers decode only (g2l)", None)):
+        ds = TileDataset(paths, cfg.load_size, tf)
+        dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
+                                         drop_last=True, persistent_workers=False)
+        it, n = iter(dl), 0
+        next(it)  # worker start-up is not throughput
+        t = time.perf_counter()
+        for _ in range(batches):
+            try:
+                n += len(next(it)[0])
+            except StopIteration:
+                it = iter(dl)
+        dt = time.perf_counter() - t
+        print0(f"bench-data | {name:30s} | {cfg.workers} workers | {n / dt:8.1f} tiles/s | "
+               f"{n / dt / max(1, cfg.workers):7.1f} tiles/s/worker | {cfg.load_size}px")
+    return {}
+
+if __name__ == "__main__":
+    main()
