@@ -148,7 +148,7 @@ def find_images(folders):
         if not os.path.isdir(folder):
             raise SystemExit(f"error: data folder {folder} does not exist; pass --data with folders of tiles "
                              "(e.g. the --out of prep_tiles.py)")
-        found = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
+        found = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)  # skips .hidden too
                        if p.lower().endswith(IMG_EXTS) and os.sep + "masks" + os.sep not in p)
         if not found:
             raise SystemExit(f"error: no images ({', '.join(IMG_EXTS)}) under {folder}; "
@@ -648,7 +648,9 @@ def main(argv=None):
     except SystemExit as e:
         if not demo:
             raise
-        print0(f"note: demo teacher weights unavailable ({str(e)[7:90]}...); continuing with a random-init teacher")
+        print0("note: the demo teacher's pretrained weights are not reachable; continuing with a random-init "
+               "teacher that pools its patch tokens (a random ViT's CLS token barely depends on the image)")
+        cfg.teacher_kwargs = json.dumps({**json.loads(cfg.teacher_kwargs or "{}"), "global_pool": "avg"})
         teacher, spec_t = load_model(cfg.teacher.split(".")[0], "", cfg.teacher_kwargs, cfg.img_size, device)
     student, spec_s = load_model(cfg.student, cfg.student_weights, cfg.student_kwargs, 0, device)
     grid = setup_sizes(cfg, spec_t, spec_s)

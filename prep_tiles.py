@@ -1,0 +1,331 @@
+"""
+prep_tiles.py: whole-slide images -> tile folders for g2l.py, at a physical resolution, with QC pictures.
+
+    python prep_tiles.py examples/CMU-1-Small-Region.svs --out examples/tiles --mpp 0.5 --format jpg --quality 90
+    python prep_tiles.py /data/slides/ --out tiles/ --mpp 0.5 --tile-size 224 --workers 8   # folders: recursive
+    python prep_tiles.py crop.svs --out tiles/ --mpp-override 0.25   # the header has no mpp: you say what it is
+    python prep_tiles.py slide.svs --out /tmp/t --overwrite --block 1 # naive baseline: one read_region per tile
+
+Writes (DESIGN.md "Data contract"): tiles/slides.csv, tiles/<slide_id>/<slide_id>_x<X>_y<Y>.jpg (X, Y = level-0
+top-left pixel), tiles/masks/<slide_id>.png (thumbnail, tissue tinted green, kept tiles in blue). A slide folder
+appears only when complete (temp folder + rename), so a killed run resumes: finished slides are skipped unless
+--overwrite. Exit status: 0 ok, 1 if any slide failed, 2 on argument errors (found before any work).
+"""
+import argparse, csv, math, os, random, shutil, sys, time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+import openslide
+from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# constants: the mask works in physical units so it behaves the same on every scanner
+SLIDE_EXTS = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
+COLUMNS = "slide_id path status error n_tiles mpp_level0 mpp_source read_level read_mpp seconds".split()
+MPP_RANGE = (0.05, 20.0)     # µm/px; outside it a header value is a placeholder (a 72-dpi TIFF says 352.8)
+MASK_MPP = 4.0               # µm/px of the tissue-mask thumbnail (a 224-px tile at 0.5 µm/px spans 28 mask px)
+SAT_FLOOR = 15               # Otsu never goes below this saturation (0-255), so a blank slide stays blank
+MEDIAN_PX, CLOSE_PX = 5, 5   # at MASK_MPP: 20 µm median blur (noise), 20 µm close (gaps between cells)
+MIN_COMPONENT_UM2 = 10_000   # drop specks under 0.01 mm² (dust, debris)
+QC_MAX_PX = 2048             # longest side of the saved QC picture
+
+# -----------------------------------------------------------------------------
+# resolution: from the slide's own mpp, never from "level N"
+
+def slide_mpp(slide, override=None):
+    """(level-0 µm/px, source). The header wins; override is used only where the header has no plausible value."""
+    p, seen = slide.properties, []
+    unit = {"centimeter": 1e4, "inch": 25400.0}.get(p.get("tiff.ResolutionUnit"), float("nan"))
+    for source, get in [("openslide.mpp-x", lambda: (float(p["openslide.mpp-x"]), float(p["openslide.mpp-y"]))),
+                        ("aperio.MPP", lambda: (float(p["aperio.MPP"]),) * 2),
+                        ("tiff.XResolution", lambda: (unit / float(p["tiff.XResolution"]),
+                                                      unit / float(p["tiff.YResolution"])))]:
+        try:
+            x, y = get()
+        except (KeyError, ValueError, ZeroDivisionError):
+            continue  # absent or unparsable: try the next place
+        if MPP_RANGE[0] <= x <= MPP_RANGE[1] and abs(x / y - 1) <= 0.02:
+            return (x + y) / 2, source
+        seen.append(f"{source}={x:g}x{y:g}")
+    if override:
+        return override, "override"
+    raise ValueError("no usable mpp in the header (looked for openslide.mpp-x/y, aperio.MPP, tiff.XResolution + "
+                     f"ResolutionUnit{'; implausible: ' + ', '.join(seen) if seen else ''}); pass --mpp-override "
+                     "UM_PER_PX if you know the scan resolution (e.g. 0.25 for 40x, 0.5 for 20x)")
+
+def choose_level(mpp0, downsamples, target, tol):
+    """(level, level_mpp, resize): the coarsest level with mpp <= target (within tol); resize only outside tol.
+    Not get_best_level_for_downsample: at boundaries it picks a finer level than asked."""
+    mpps = [mpp0 * d for d in downsamples]
+    ok = [i for i, m in enumerate(mpps) if m <= target * (1 + tol)]
+    if not ok:
+        raise ValueError(f"finest level is {mpps[0]:.4g} µm/px, coarser than --mpp {target} and this script never "
+                         f"upsamples; use --mpp {mpps[0] / (1 + tol):.3g} or coarser")
+    level = max(ok, key=lambda i: mpps[i])
+    return level, mpps[level], abs(mpps[level] / target - 1) > tol
+
+def tile_grid(w0, h0, footprint0, stride0):
+    """Level-0 top-left (x, y) of every whole tile that fits, row by row; float geometry, rounded corners."""
+    n = lambda size: int(math.floor((size - footprint0) / stride0 + 1e-9)) + 1 if size >= footprint0 else 0
+    return [(round(i * stride0), round(j * stride0)) for j in range(n(h0)) for i in range(n(w0))]
+
+# -----------------------------------------------------------------------------
+# tissue: numpy + Pillow only (no OpenCV, no scipy)
+
+def read_rgb(slide, loc, level, size):
+    """read_region composited onto white: OpenSlide returns outside-the-scan as transparent, i.e. black in RGB."""
+    region, rgb = slide.read_region(loc, level, size), Image.new("RGB", size, "white")
+    rgb.paste(region, mask=region.getchannel("A"))
+    return rgb
+
+def thumbnail(slide, mpp0, mask_mpp):
+    """The whole slide at mask_mpp µm/px, read in strips so single-level giant TIFFs stay in bounded memory."""
+    level = max((i for i, d in enumerate(slide.level_downsamples) if mpp0 * d <= mask_mpp), default=0)
+    ds, (lw, lh) = slide.level_downsamples[level], slide.level_dimensions[level]
+    scale = mpp0 * ds / mask_mpp  # level px -> thumbnail px (<= 1)
+    thumb = Image.new("RGB", (max(1, round(lw * scale)), max(1, round(lh * scale))), "white")
+    step = max(2 ** 24 // lw, math.ceil(4 / scale))  # ~16 Mpx per strip
+    for y in range(0, lh, step):
+        y0, y1 = round(y * scale), round(min(y + step, lh) * scale)  # cumulative rounding: strips tile the rows
+        if y1 > y0:
+            strip = read_rgb(slide, (0, round(y * ds)), level, (lw, min(step, lh - y)))
+            thumb.paste(strip.resize((thumb.width, y1 - y0), Image.Resampling.BOX), (0, y0))
+    return thumb
+
+def drop_small(mask, min_px):
+    """Remove 8-connected components smaller than min_px: union-find over the horizontal runs of each row."""
+    parent, size, runs, prev = [], [], [], (np.empty(0, int), np.empty(0, int), 0)
+    def find(i):
+        while parent[i] != i:
+            parent[i] = i = parent[parent[i]]
+        return i
+    for r, row in enumerate(mask):
+        d = np.diff(row.astype(np.int8), prepend=0, append=0)
+        s, e = np.flatnonzero(d == 1), np.flatnonzero(d == -1)  # runs [s, e)
+        base, (ps, pe, pbase) = len(runs), prev
+        lo, hi = np.searchsorted(pe, s, "left"), np.searchsorted(ps, e, "right")  # runs above touching this one
+        for k in range(len(s)):
+            parent.append(base + k), size.append(int(e[k] - s[k])), runs.append((r, s[k], e[k]))
+            for j in range(pbase + lo[k], pbase + hi[k]):
+                a, b = find(base + k), find(j)
+                if a != b:
+                    parent[a], size[b] = b, size[b] + size[a]
+        prev = (s, e, base)
+    out = np.zeros(mask.shape, bool)
+    for i, (r, a, b) in enumerate(runs):
+        out[r, a:b] = size[find(i)] >= min_px
+    return out
+
+def tissue_mask(thumb, mask_mpp=MASK_MPP):
+    """Tissue = saturated pixels: HSV saturation, median blur, Otsu with a floor, close, drop small components."""
+    sat = thumb.convert("HSV").getchannel("S").filter(ImageFilter.MedianFilter(MEDIAN_PX))
+    p = np.bincount(np.asarray(sat).ravel(), minlength=256) / (sat.width * sat.height)
+    w, mu = np.cumsum(p), np.cumsum(p * np.arange(256))  # Otsu: maximise the between-class variance
+    t = max(int(np.argmax((mu[-1] * w - mu) ** 2 / (w * (1 - w) + 1e-12))), SAT_FLOOR)
+    m = sat.point(lambda v: 255 if v > t else 0)
+    m = m.filter(ImageFilter.MaxFilter(CLOSE_PX)).filter(ImageFilter.MinFilter(CLOSE_PX))  # close = dilate, erode
+    return drop_small(np.asarray(m) > 0, MIN_COMPONENT_UM2 / mask_mpp ** 2)
+
+def tissue_fraction(mask, tiles, footprint0, dims):
+    """Tissue fraction of each tile's level-0 footprint, read off the mask through an integral image."""
+    ii = np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    xy, (h, w) = np.asarray(tiles, float).reshape(-1, 2), mask.shape
+    c0, r0 = [np.clip(np.round(xy[:, k] * n / dims[k]).astype(int), 0, n - 1) for k, n in [(0, w), (1, h)]]
+    c1, r1 = [np.clip(np.round((xy[:, k] + footprint0) * n / dims[k]).astype(int), lo + 1, n)
+              for k, n, lo in [(0, w, c0), (1, h, r0)]]
+    return (ii[r1, c1] - ii[r0, c1] - ii[r1, c0] + ii[r0, c0]) / ((c1 - c0) * (r1 - r0))
+
+def save_qc(thumb, mask, tiles, footprint0, dims, dest):
+    """QC picture: the thumbnail with tissue tinted green and every kept tile outlined in blue."""
+    green = Image.blend(thumb, Image.new("RGB", thumb.size, (0, 160, 0)), 0.35)
+    img = Image.composite(green, thumb, Image.fromarray(mask.astype(np.uint8) * 255))
+    draw, sx, sy = ImageDraw.Draw(img), thumb.width / dims[0], thumb.height / dims[1]
+    for x, y in tiles:
+        draw.rectangle([x * sx, y * sy, (x + footprint0) * sx, (y + footprint0) * sy], outline=(0, 0, 255))
+    img.thumbnail((QC_MAX_PX, QC_MAX_PX))
+    img.save(dest.with_suffix(".tmp.png"))
+    os.replace(dest.with_suffix(".tmp.png"), dest)
+
+# -----------------------------------------------------------------------------
+# one slide -> one folder
+
+def tile_slide(path, out, slide_id=None, mpp=0.5, tile_size=224, overlap=0, mpp_tolerance=0.05, min_tissue=0.5,
+               max_tiles=0, seed=0, fmt="jpg", quality=90, mpp_override=None, block=8, progress=False):
+    """Tile one slide into out/<slide_id>/ (via a temp folder) and return its slides.csv row as a dict.
+    A bad slide never raises: its row says failed and why."""
+    path, out, t_start = Path(path), Path(out), time.time()
+    slide_id = slide_id or path.stem
+    row = dict.fromkeys(COLUMNS, "") | dict(slide_id=slide_id, path=str(path), n_tiles=0)
+    final, tmp = out / slide_id, out / f".tmp_{slide_id}"  # a dot-folder is never mistaken for a finished slide
+    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed run
+    try:
+        try:
+            slide = openslide.OpenSlide(str(path))
+        except Exception as e:
+            raise ValueError(f"cannot open ({type(e).__name__}: {e}); not a format OpenSlide reads, or a corrupt or "
+                             "partial copy: re-copy or convert it") from None
+        with slide:
+            mpp0, source = slide_mpp(slide, mpp_override)
+            level, lmpp, resize = choose_level(mpp0, slide.level_downsamples, mpp, mpp_tolerance)
+            out_mpp, ds, dims = mpp if resize else lmpp, slide.level_downsamples[level], slide.dimensions
+            row.update(mpp_level0=f"{mpp0:.4f}", mpp_source=source, read_level=level, read_mpp=f"{out_mpp:.4f}")
+            read_px = round(tile_size * out_mpp / lmpp)  # tile side at the read level (= tile_size without resize)
+            fp0, st0 = tile_size * out_mpp / mpp0, (tile_size - overlap) * out_mpp / mpp0  # footprint, stride (lvl 0)
+            thumb = thumbnail(slide, mpp0, max(MASK_MPP, mpp0))
+            mask = tissue_mask(thumb, max(MASK_MPP, mpp0))
+            grid = tile_grid(*dims, fp0, st0)
+            tiles = [t for t, f in zip(grid, tissue_fraction(mask, grid, fp0, dims)) if f >= min_tissue]
+            if max_tiles and len(tiles) > max_tiles:  # seeded per slide: the same sample whatever the worker order
+                tiles = sorted(random.Random(f"{seed}:{slide_id}").sample(tiles, max_tiles), key=lambda t: t[::-1])
+            tmp.mkdir(parents=True)
+            (out / "masks").mkdir(exist_ok=True)
+            save_qc(thumb, mask, tiles, fp0, dims, out / "masks" / f"{slide_id}.png")
+            # One read_region per block of up to block x block tiles, cut in memory: far fewer calls, and each JPEG
+            # tile inside the slide file is decoded once instead of once per output tile it touches. block=1: naive.
+            groups = {}
+            for x, y in tiles:
+                groups.setdefault((round(x / st0) // block, round(y / st0) // block), []).append((x, y))
+            bar = tqdm(total=len(tiles), desc=slide_id[:20], unit="tile", leave=False, disable=not progress)
+            for group in groups.values():
+                (gx, gy), (mx, my) = np.min(group, 0).tolist(), np.max(group, 0).tolist()
+                size = (round((mx - gx) / ds) + read_px, round((my - gy) / ds) + read_px)
+                region = read_rgb(slide, (gx, gy), level, size)
+                for x, y in group:
+                    ox, oy = round((x - gx) / ds), round((y - gy) / ds)
+                    tile = region.crop((ox, oy, ox + read_px, oy + read_px))
+                    if resize:
+                        tile = tile.resize((tile_size, tile_size), Image.Resampling.LANCZOS)
+                    tile.save(tmp / f"{slide_id}_x{x}_y{y}.{fmt}", quality=quality)
+                bar.update(len(group))
+            bar.close()
+        shutil.rmtree(final, ignore_errors=True)  # only reached with --overwrite (otherwise finished = skipped)
+        os.replace(tmp, final)
+        row.update(status="ok" if tiles else "no_tissue", n_tiles=len(tiles))
+        if not tiles:
+            row["error"] = (f"no tile has >= {min_tissue:.0%} tissue (see masks/{slide_id}.png); lower --min-tissue "
+                            "if the stain is faint" if grid else f"slide {dims[0]}x{dims[1]} px is smaller than one "
+                            f"{tile_size}-px tile at {out_mpp:.3g} µm/px; use a smaller --tile-size or a coarser --mpp")
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        msg = (str(e) if isinstance(e, ValueError) else f"read failed ({e}); the file is corrupt or truncated: "
+               "re-copy or re-export it" if isinstance(e, openslide.OpenSlideError) else f"{type(e).__name__}: {e}")
+        row.update(status="failed", error=msg.replace("\n", " "), n_tiles=0)
+    row["seconds"] = f"{time.time() - t_start:.2f}"
+    return row
+
+# -----------------------------------------------------------------------------
+# many slides -> tiles/ + slides.csv
+
+def find_slides(inputs):
+    """[(slide_id, path)] from files and folders (recursive). A DICOM slide is a folder of .dcm files: one per
+    folder, named after the folder (OpenSlide opens the whole series from any of its files)."""
+    found, dicom_dirs = [], set()
+    for p in map(Path, inputs):
+        for f in [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.suffix.lower() in SLIDE_EXTS):
+            if f.suffix.lower() == ".dcm" and p.is_dir():
+                if f.parent not in dicom_dirs:
+                    dicom_dirs.add(f.parent), found.append((f.parent.name, f))
+            elif f.is_file():
+                found.append((f.stem, f))
+    return found
+
+def write_csv(path, rows):
+    with open(path.with_suffix(".csv.tmp"), "w", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS)
+        w.writeheader(), w.writerows(rows)
+    os.replace(path.with_suffix(".csv.tmp"), path)  # atomic: a kill never leaves half a table
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("inputs", nargs="+", help="slide files and/or folders (searched recursively)")
+    ap.add_argument("--out", default="tiles", help="output folder")
+    ap.add_argument("--mpp", type=float, default=0.5, help="target µm/px (0.5 = the teachers' native 20x)")
+    ap.add_argument("--tile-size", type=int, default=224, help="tile side, px at the target resolution")
+    ap.add_argument("--overlap", type=int, default=0, help="overlap of neighbouring tiles, px at the target")
+    ap.add_argument("--mpp-tolerance", type=float, default=0.05, help="use a level as is when this close (fraction)")
+    ap.add_argument("--min-tissue", type=float, default=0.5, help="min tissue fraction of a tile's footprint")
+    ap.add_argument("--max-tiles", type=int, default=0, help="max tiles per slide, random seeded sample (0 = all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--format", choices=["jpg", "png"], default="jpg")
+    ap.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    ap.add_argument("--workers", type=int, default=1, help="processes over slides, each with its own OpenSlide")
+    ap.add_argument("--mpp-override", type=float, help="level-0 µm/px for slides whose header has no usable mpp")
+    ap.add_argument("--block", type=int, default=8, help="read block x block tiles per read_region (1 = naive)")
+    ap.add_argument("--overwrite", action="store_true", help="redo finished slides (default: skip them, resume)")
+    ap.add_argument("--fail-fast", action="store_true", help="stop at the first failed slide")
+    a = ap.parse_args(argv)
+    if a.tile_size < 1 or not 0 <= a.overlap < a.tile_size:
+        ap.error(f"--overlap {a.overlap} must be >= 0 and < --tile-size {a.tile_size}, or tiles never advance")
+    for flag, v in [("--mpp", a.mpp), ("--mpp-override", a.mpp_override)]:
+        if v is not None and not MPP_RANGE[0] <= v <= MPP_RANGE[1]:
+            ap.error(f"{flag} {v} µm/px is implausible; give a value in {MPP_RANGE[0]}-{MPP_RANGE[1]} µm/px")
+    if a.block < 1 or a.workers < 1 or not 0 <= a.min_tissue <= 1:
+        ap.error("--block and --workers must be >= 1, and --min-tissue in [0, 1]")
+    if missing := [p for p in a.inputs if not Path(p).exists()]:
+        ap.error(f"input not found: {', '.join(missing)}")
+    if not (slides := find_slides(a.inputs)):
+        ap.error(f"no slides found in {' '.join(a.inputs)} (looked for {' '.join(sorted(SLIDE_EXTS))}); point at the "
+                 "slide files or the folder holding them")
+    by_id = {}
+    for sid, p in slides:
+        by_id.setdefault(sid, []).append(str(p))
+    if dups := [f"{sid}: {', '.join(ps)}" for sid, ps in by_id.items() if len(ps) > 1 or sid == "masks"]:
+        ap.error(f"duplicate or reserved slide ids ({'; '.join(dups)}); rename the files or tile them into separate "
+                 "--out folders")
+
+    out, rows, todo = Path(a.out), {}, []
+    out.mkdir(parents=True, exist_ok=True)
+    old = (out / "slides.csv").read_text().splitlines() if (out / "slides.csv").exists() else []
+    old = {r["slide_id"]: r for r in csv.DictReader(old)}  # resumed rows keep their mpp details
+    for sid, p in slides:
+        if (out / sid).is_dir() and not a.overwrite:  # complete by construction (renamed into place at the end)
+            rows[sid] = {c: old.get(sid, {}).get(c, "") for c in COLUMNS} | dict(slide_id=sid, path=str(p),
+                status="skipped", error="", seconds="0.00", n_tiles=sum(1 for _ in (out / sid).iterdir()))
+        else:
+            todo.append((sid, p))
+    opts = dict(mpp=a.mpp, tile_size=a.tile_size, overlap=a.overlap, mpp_tolerance=a.mpp_tolerance, seed=a.seed,
+                min_tissue=a.min_tissue, max_tiles=a.max_tiles, fmt=a.format, quality=a.quality, block=a.block,
+                mpp_override=a.mpp_override)
+
+    def record(row):  # rewrite slides.csv after every slide, so a killed run keeps what it finished
+        rows[row["slide_id"]] = row
+        if row["status"] in ("failed", "no_tissue"):
+            tqdm.write(f"{row['status']}: {row['path']}: {row['error']}", file=sys.stderr)
+        write_csv(out / "slides.csv", [rows[sid] for sid, _ in slides if sid in rows])
+        return a.fail_fast and row["status"] == "failed"
+
+    write_csv(out / "slides.csv", [rows[sid] for sid, _ in slides if sid in rows])  # even when all are skipped
+    t0 = time.time()
+    with tqdm(total=len(todo), desc="slides", unit="slide") as bar:
+        if a.workers == 1 or len(todo) <= 1:  # in-process: simplest to debug, and a per-tile progress bar
+            for sid, p in todo:
+                stop = record(tile_slide(p, out, sid, progress=True, **opts))
+                bar.update()
+                if stop:
+                    break
+        else:
+            with ProcessPoolExecutor(a.workers) as ex:
+                futs = {ex.submit(tile_slide, p, out, sid, **opts): (sid, p) for sid, p in todo}
+                for fut in as_completed(futs):
+                    if fut.cancelled():
+                        continue
+                    try:
+                        row = fut.result()
+                    except Exception as e:  # the worker process died (e.g. a crash inside the C library)
+                        row = dict.fromkeys(COLUMNS, "") | dict(slide_id=futs[fut][0], path=str(futs[fut][1]),
+                              status="failed", n_tiles=0, error=f"worker crashed ({type(e).__name__}: {e})")
+                    bar.update()
+                    if record(row):
+                        for f in futs:  # fail-fast: running slides finish and are recorded, queued ones never start
+                            f.cancel()
+    dt, n = time.time() - t0, Counter(r["status"] for r in rows.values())
+    made = sum(int(r["n_tiles"]) for r in rows.values() if r["status"] != "skipped")
+    print(f"slides: {n['ok']} ok, {n['no_tissue']} no_tissue, {n['failed']} failed, {n['skipped']} skipped, "
+          f"{len(slides) - len(rows)} not run | {made} tiles in {dt:.1f} s, {made / max(dt, 1e-9):.1f} tiles/s")
+    return 1 if n["failed"] else 0
+
+if __name__ == "__main__":
+    sys.exit(main())
