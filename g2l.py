@@ -229,6 +229,8 @@ def crop_flip(x, p, size):
     return torch.where(p["vflip"][:, None, None, None], x.flip(-2), x)
 
 GRAY = torch.tensor([0.299, 0.587, 0.114])
+YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+YIQ_INV = torch.linalg.inv(YIQ)
 def colour_blur(x, p):
     """The paper's photometric augmentations on a float [0,1] batch, per sample:
     colour jitter (brightness .15, contrast .15, saturation .1, hue .05) with p=.5, 9x9 Gaussian blur p=.1."""
@@ -242,11 +244,10 @@ def colour_blur(x, p):
     g = gray(y)
     y = ((y - g) * (1 + s).view(B, 1, 1, 1) + g).clamp(0, 1)
     # hue: rotate chroma in YIQ space by 2*pi*h (a linear, batched stand-in for an HSV hue shift)
-    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=x.device)
     cos, sin = torch.cos(2 * math.pi * h), torch.sin(2 * math.pi * h)
     rot = torch.zeros(B, 3, 3, device=x.device)
     rot[:, 0, 0], rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = 1, cos, -sin, sin, cos
-    M = torch.linalg.inv(yiq) @ rot @ yiq
+    M = YIQ_INV.to(x.device) @ rot @ YIQ.to(x.device)
     y = torch.einsum("bij,bjhw->bihw", M, y).clamp(0, 1)
     x = torch.where(on, y, x)
     idx = p["blur"].nonzero().flatten()
@@ -384,7 +385,9 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
     if img_size:
         kw["img_size"] = img_size
     build = {k: LAYERS.get(v, v) if k in ("mlp_layer", "act_layer") else v for k, v in kw.items()}
-    if weights or extra or meta:  # local weights / changed architecture: the bare architecture
+    random_init = weights == "random"  # the bare architecture with random weights (benchmarks, tests)
+    weights = "" if random_init else weights
+    if weights or extra or meta or random_init:  # local weights / changed architecture: the bare architecture
         target, pretrained = spec["arch"].split("hf-hub:")[-1], False
         if name in PRESETS:
             target = PRESETS[name]["arch"]
@@ -504,7 +507,7 @@ def peak_flops(device, precision):
                 return (half if precision in ("bf16", "fp16") else single) * 1e12
         return float("nan")
     a, b, best = torch.randn(2048, 2048), torch.randn(2048, 2048), float("inf")
-    for _ in range(4):  # best of a few 2048^3 fp32 matmuls
+    for _ in range(8):  # best of a few 2048^3 fp32 matmuls
         t = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t)
@@ -635,6 +638,11 @@ def main(argv=None):
             paths = [p for p in paths if p not in set(val_paths)]
         val_paths = random.Random(cfg.seed).sample(val_paths, min(cfg.max_val, len(val_paths)))
 
+    if cfg.bench_data:  # the loader alone: no model needed
+        cfg.img_size = cfg.img_size or 224
+        cfg.load_size = cfg.load_size or cfg.img_size
+        return bench_data(cfg, paths)
+
     # models
     if RANK == 0 and any(not (n in PRESETS and w) and not Path(n).exists() and not n.startswith("local-dir:")
                          for n, w in ((cfg.teacher, cfg.teacher_weights), (cfg.student, cfg.student_weights))) \
@@ -679,8 +687,6 @@ def main(argv=None):
     if not cfg.synthetic and len(paths) < gb:
         raise SystemExit(f"error: {len(paths)} training tiles is fewer than one global batch ({gb}); lower --batch-size")
     cfg.steps = cfg.steps or max(1, int(cfg.epochs * len(paths) / (gb * cfg.grad_accum)))
-    if cfg.bench_data:
-        return bench_data(cfg, paths)
 
     # optimizer and schedule: AdamW, lr and weight decay cosine-decayed together; no decay on biases/norms
     decay = [p for n, p in raw.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "token" not in n]
@@ -865,9 +871,9 @@ def main(argv=None):
     return last
 
 def summary(cfg, reason, first, last, out):
-    arrow = lambda k: f"{first.get(k, float('nan')):.4f} -> {last.get(k, float('nan')):.4f}"
-    print0(f"{reason} | loss {arrow('loss')} | val cos {arrow('val_cos')} | val cka {arrow('val_cka')} | "
-           f"{last.get('img_per_s', 0):.1f} img/s")
+    parts = [f"{name} {first[k]:.4f} -> {last[k]:.4f}" for k, name in (("loss", "loss"), ("val_cos", "val cos"),
+             ("val_cka", "val cka")) if k in first and k in last]
+    print0(" | ".join([reason, *parts, f"{last.get('img_per_s', 0):.1f} img/s", f"mfu {last.get('mfu', 0):.1f}%"]))
     if not cfg.synthetic:
         print0(f"student: {out / 'student'}  ->  timm.create_model('local-dir:{out / 'student'}', pretrained=True)\n"
                f"evaluate: python eval.py probe --model {cfg.teacher} --model {out} --data labels.csv\n"
@@ -895,6 +901,16 @@ def bench_data(cfg, paths, batches=20):
         dt = time.perf_counter() - t
         print0(f"bench-data | {name:30s} | {cfg.workers} workers | {n / dt:8.1f} tiles/s | "
                f"{n / dt / max(1, cfg.workers):7.1f} tiles/s/worker | {cfg.load_size}px")
+    device = init_distributed()[2]  # what the augmentation then costs on the training device, batched
+    x = torch.randint(0, 256, (cfg.batch_size, 3, cfg.load_size, cfg.load_size), dtype=torch.uint8)
+    make_views(x, cfg, 0, 0, device)
+    t = time.perf_counter()
+    for step in range(batches):
+        out = make_views(x, cfg, step, 0, device)[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    n = batches * cfg.batch_size / (time.perf_counter() - t)
+    print0(f"bench-data | {'device augment, batched':30s} | on {device.type:4s}  | {n:8.1f} tiles/s")
     return {}
 
 if __name__ == "__main__":
