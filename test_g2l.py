@@ -1,17 +1,22 @@
-"""g2l test suite: CPU only, tiny timm ViTs with random weights, real tiles from ../shared/datasets.
+"""g2l test suite: CPU only, tiny timm ViTs with random weights, real slides and tiles from ../shared/datasets.
+Sections: g2l.py (trainer), prep_tiles.py (slides -> tiles), eval.py (evaluation).
 
     pytest -q
 """
-import json, math, os, shutil, socket
+import csv, json, math, os, shutil, socket, types
 from pathlib import Path
 
 import numpy as np
+import openslide
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+import eval as ev
 import g2l
+import prep_tiles
 
 DATA = Path(__file__).resolve().parent.parent / "shared" / "datasets"
 PCAM = DATA / "pcam-subset"
@@ -325,3 +330,456 @@ def same_weights(a, b):
         with torch.no_grad():
             outs.append(s.eval()(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))))
     assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+
+# =============================================================================== prep_tiles.py
+CMU = DATA / "wsi-real" / "CMU-1-Small-Region.svs"            # 1 level, 2220 x 2967, 0.499 µm/px
+TCGA = DATA / "wsi-real" / "tcga-cr-7395-01a-01-ts1.svs"      # 4443 x 3567 / 2221 x 1783, no mpp in the header
+SYN = DATA / "wsi-synthetic-openslide-python"                   # boxes.tiff: 300x250 / 150x125 / 75x62 / 37x31
+COLUMNS = "slide_id,path,status,error,n_tiles,mpp_level0,mpp_source,read_level,read_mpp,seconds"
+
+
+def rows(out):
+    with open(out / "slides.csv", newline="") as f:
+        assert f.readline().strip() == COLUMNS  # the exact header g2l.py relies on
+        f.seek(0)
+        return {r["slide_id"]: r for r in csv.DictReader(f)}
+
+
+def corners(folder):
+    """{(x, y)} parsed from <slide_id>_x<X>_y<Y>.<ext> names."""
+    out = set()
+    for p in folder.iterdir():
+        x, y = p.stem.rsplit("_x", 1)[1].split("_y")
+        out.add((int(x), int(y)))
+    return out
+
+
+def test_cmu_at_05_reads_level0_without_resize(tmp_path):
+    # 0.499 is within 5% of 0.5: tiles are raw 224-px level-0 crops on a 224-px stride.
+    # 2220 px wide -> floor((2220-224)/224)+1 = 9 columns; 2967 tall -> floor((2967-224)/224)+1 = 13 rows.
+    assert prep_tiles.main([str(CMU), "--out", str(tmp_path), "--min-tissue", "0", "--format", "png"]) == 0
+    r = rows(tmp_path)["CMU-1-Small-Region"]
+    assert (r["status"], r["n_tiles"], r["read_level"], r["read_mpp"]) == ("ok", "117", "0", "0.4990")
+    assert (r["mpp_level0"], r["mpp_source"]) == ("0.4990", "openslide.mpp-x")
+    folder = tmp_path / "CMU-1-Small-Region"
+    assert corners(folder) == {(224 * i, 224 * j) for i in range(9) for j in range(13)}
+    # a tile is exactly the slide's level-0 pixels there (no resize), composited to RGB
+    tile = np.asarray(Image.open(folder / "CMU-1-Small-Region_x448_y672.png"))
+    with openslide.OpenSlide(str(CMU)) as s:
+        ref = np.asarray(s.read_region((448, 672), 0, (224, 224)).convert("RGB"))
+    assert tile.shape == (224, 224, 3) and np.array_equal(tile, ref)
+    assert Image.open(tmp_path / "masks" / "CMU-1-Small-Region.png").size == (277, 370)  # 2220*0.499/4, 2967*0.499/4
+
+
+def test_cmu_at_1_downsamples_level0(tmp_path):
+    # 1.0 µm/px: level 0 is 2x too fine -> read round(224/0.499) = 449 px and resize to 224.
+    # footprint = stride = 448.898 level-0 px -> 4 columns (1771.1/448.9 = 3.9), 6 rows (2518.1/448.9 = 5.6).
+    assert prep_tiles.main([str(CMU), "--out", str(tmp_path), "--mpp", "1.0", "--min-tissue", "0"]) == 0
+    r = rows(tmp_path)["CMU-1-Small-Region"]
+    assert (r["status"], r["n_tiles"], r["read_level"], r["read_mpp"]) == ("ok", "24", "0", "1.0000")
+    xs, ys = [0, 449, 898, 1347], [0, 449, 898, 1347, 1796, 2244]  # round(i * 448.898)
+    assert corners(tmp_path / "CMU-1-Small-Region") == {(x, y) for x in xs for y in ys}
+    for p in (tmp_path / "CMU-1-Small-Region").iterdir():
+        im = Image.open(p)
+        assert (im.mode, im.size) == ("RGB", (224, 224))
+
+
+def test_tissue_filter_tiles_decode_and_have_no_black(tmp_path):
+    assert prep_tiles.main([str(CMU), "--out", str(tmp_path)]) == 0
+    folder = tmp_path / "CMU-1-Small-Region"
+    kept = corners(folder)
+    assert 10 < len(kept) < 117 and kept <= {(224 * i, 224 * j) for i in range(9) for j in range(13)}
+    blank = []
+    for p in folder.iterdir():
+        a = np.asarray(Image.open(p).convert("RGB"))
+        assert Image.open(p).mode == "RGB" and a.shape == (224, 224, 3)
+        assert (a.max(2) < 10).mean() < 0.01, p.name          # no black background
+        blank.append((a.min(2) > 235).mean())                  # bright glass
+    # --min-tissue 0.5 on a 4 µm/px mask: each tile is mostly tissue (the mask's edges are a few µm generous)
+    assert max(blank) < 0.6 and np.mean(blank) < 0.25
+
+
+def test_read_rgb_composites_outside_the_scan_onto_white():
+    with openslide.OpenSlide(str(CMU)) as s:  # a region hanging 228 px off the right edge, 167 px off the bottom
+        a = np.asarray(prep_tiles.read_rgb(s, (2000, 2800), 0, (448, 334)))
+        raw = np.asarray(s.read_region((2000, 2800), 0, (448, 334)))
+    assert raw[:, 300:, :3].max() == 0                      # what OpenSlide returns there: transparent black
+    assert a.shape == (334, 448, 3) and (a[:, 300:] == 255).all() and (a[200:] == 255).all()
+
+
+def test_tcga_without_mpp_fails_clearly_with_override_reads_level1(tmp_path, capsys):
+    assert prep_tiles.main([str(TCGA), "--out", str(tmp_path / "a")]) == 1
+    r = rows(tmp_path / "a")["tcga-cr-7395-01a-01-ts1"]
+    assert r["status"] == "failed" and "--mpp-override" in r["error"] and "aperio.MPP" in r["error"]
+    assert str(TCGA) in capsys.readouterr().err and not (tmp_path / "a" / "tcga-cr-7395-01a-01-ts1").exists()
+    # override 0.25: level 1 is 0.25 * 2.0005 = 0.5001 µm/px, within tolerance of 0.5 -> read as is.
+    # footprint = 224 * 2.0005 = 448.11 level-0 px -> floor((4443-448.1)/448.1)+1 = 9 cols, (3567-448.1)/448.1 -> 7 rows
+    out = tmp_path / "b"
+    assert prep_tiles.main([str(TCGA), "--out", str(out), "--mpp-override", "0.25", "--min-tissue", "0"]) == 0
+    r = rows(out)["tcga-cr-7395-01a-01-ts1"]
+    assert (r["status"], r["n_tiles"], r["read_level"], r["read_mpp"], r["mpp_source"]) == \
+        ("ok", "63", "1", "0.5001", "override")
+    with openslide.OpenSlide(str(TCGA)) as s:
+        ds = s.level_downsamples[1]
+    assert corners(out / "tcga-cr-7395-01a-01-ts1") == {
+        (round(i * 224 * ds), round(j * 224 * ds)) for i in range(9) for j in range(7)}
+    assert corners(out / "tcga-cr-7395-01a-01-ts1") >= {(0, 0), (448, 448), (3585, 2689)}
+
+
+def test_choose_level_on_the_boxes_pyramid():
+    with openslide.OpenSlide(str(SYN / "boxes.tiff")) as s:
+        ds = s.level_downsamples                             # (1, 2, 4.016, 8.086)
+        with pytest.raises(ValueError, match="352.7"):       # 72-dpi placeholder: implausible, named
+            prep_tiles.slide_mpp(s)
+        assert prep_tiles.slide_mpp(s, 0.25) == (0.25, "override")
+    pick = lambda target: prep_tiles.choose_level(0.25, ds, target, 0.05)
+    assert pick(0.25) == (0, 0.25, False)
+    assert pick(0.5) == (1, 0.5, False)
+    assert pick(0.7)[::2] == (1, True)                       # between levels: finer level, then downsample
+    assert pick(1.0)[::2] == (2, False)                      # 1.004 is within 5%
+    assert pick(2.0)[::2] == (3, False)                      # 2.0216 <= 2.0 * 1.05: coarsest that is fine enough
+    assert pick(1.9)[::2] == (2, True)                       # 2.0216 > 1.995: level 3 is too coarse
+    with pytest.raises(ValueError, match="never upsamples"):
+        pick(0.2)
+    # the case get_best_level_for_downsample gets wrong: a level at 0.9975 µm/px for a 1.0 target is usable as is
+    assert prep_tiles.choose_level(0.25, (1, 3.99, 16), 1.0, 0.05) == (1, 0.25 * 3.99, False)
+
+
+def test_boxes_tiff_tiles_from_level2_with_override(tmp_path):
+    # override 0.25, target 1.0 -> level 2 (1.004 µm/px) as is; 16-px tiles = 64.26 level-0 px:
+    # 300 wide -> floor(235.7/64.26)+1 = 4 cols, 250 tall -> floor(185.7/64.26)+1 = 3 rows
+    args = [str(SYN / "boxes.tiff"), "--out", str(tmp_path), "--mpp-override", "0.25", "--mpp", "1.0",
+            "--tile-size", "16", "--min-tissue", "0", "--format", "png"]
+    assert prep_tiles.main(args) == 0
+    r = rows(tmp_path)["boxes"]
+    assert (r["status"], r["n_tiles"], r["read_level"], r["read_mpp"]) == ("ok", "12", "2", "1.0040")
+    assert corners(tmp_path / "boxes") == {(x, y) for x in (0, 64, 129, 193) for y in (0, 64, 129)}
+
+
+def test_broken_slides_fail_alone_and_exit_nonzero(tmp_path, capsys):
+    bad = [SYN / "unopenable.tiff", SYN / "unreadable.svs"]
+    assert prep_tiles.main([*map(str, bad), str(CMU), "--out", str(tmp_path), "--mpp", "1.0"]) == 1
+    r = rows(tmp_path)
+    assert r["unopenable"]["status"] == "failed" and "cannot open" in r["unopenable"]["error"]
+    assert r["unreadable"]["status"] == "failed" and "corrupt" in r["unreadable"]["error"]
+    assert r["CMU-1-Small-Region"]["status"] == "ok" and int(r["CMU-1-Small-Region"]["n_tiles"]) > 0
+    err = capsys.readouterr().err
+    assert all(str(p) in err for p in bad)
+    assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())  # nothing half-written left behind
+    assert not (tmp_path / "unreadable").exists()
+
+
+def test_resume_skips_finished_slides_and_overwrite_redoes_them(tmp_path):
+    args = [str(CMU), "--out", str(tmp_path), "--mpp", "1.0"]
+    (tmp_path / ".tmp_CMU-1-Small-Region").mkdir()       # what a killed run leaves behind: cleaned, never used
+    (tmp_path / ".tmp_CMU-1-Small-Region" / "junk.jpg").write_bytes(b"x")
+    assert prep_tiles.main(args) == 0
+    folder = tmp_path / "CMU-1-Small-Region"
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert "junk.jpg" not in before and not (tmp_path / ".tmp_CMU-1-Small-Region").exists()
+    assert prep_tiles.main(args) == 0
+    r = rows(tmp_path)["CMU-1-Small-Region"]
+    assert (r["status"], int(r["n_tiles"]), r["read_mpp"]) == ("skipped", len(before), "1.0000")
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before  # untouched
+    assert prep_tiles.main(args + ["--overwrite"]) == 0
+    assert rows(tmp_path)["CMU-1-Small-Region"]["status"] == "ok"
+
+
+def test_block_reads_match_naive_reads(tmp_path):
+    # the fast path (one read_region per 8x8 block) must give the same pixels as one read_region per tile
+    for block in ("1", "8"):
+        prep_tiles.main([str(CMU), "--out", str(tmp_path / block), "--block", block, "--mpp", "1.0",
+                         "--min-tissue", "0", "--format", "png"])
+    names = sorted(p.name for p in (tmp_path / "1" / "CMU-1-Small-Region").iterdir())
+    assert len(names) == 24 and names == sorted(p.name for p in (tmp_path / "8" / "CMU-1-Small-Region").iterdir())
+    for n in names:
+        a, b = [np.asarray(Image.open(tmp_path / k / "CMU-1-Small-Region" / n)) for k in ("1", "8")]
+        assert np.array_equal(a, b), n
+
+
+def test_max_tiles_is_a_seeded_sample(tmp_path):
+    run = lambda name, seed: prep_tiles.main([str(CMU), "--out", str(tmp_path / name), "--mpp", "1.0",
+                                              "--min-tissue", "0", "--max-tiles", "5", "--seed", seed]) or \
+        corners(tmp_path / name / "CMU-1-Small-Region")
+    a, b, c = run("a", "0"), run("b", "0"), run("c", "1")
+    assert len(a) == 5 and a == b and a != c
+
+
+def test_argument_errors_stop_before_any_work(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for d in ("x", "y"):
+        (tmp_path / d).mkdir()
+        os.symlink(CMU, tmp_path / d / "same.svs")
+    out = tmp_path / "out"
+    cases = [([str(CMU), "--overlap", "224"], "--overlap"),
+             ([str(tmp_path / "empty")], "no slides found"),
+             ([str(tmp_path / "x"), str(tmp_path / "y")], "duplicate"),
+             ([str(CMU), "--mpp-override", "352.8"], "implausible")]
+    for argv, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            prep_tiles.main(argv + ["--out", str(out)])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_mpp_header_wins_over_override_and_upsampling_is_refused(tmp_path):
+    assert prep_tiles.main([str(CMU), "--out", str(tmp_path), "--mpp-override", "0.25", "--mpp", "1.0"]) == 0
+    assert rows(tmp_path)["CMU-1-Small-Region"]["mpp_source"] == "openslide.mpp-x"
+    assert prep_tiles.main([str(CMU), "--out", str(tmp_path / "b"), "--mpp", "0.25"]) == 1
+    assert "never upsamples" in rows(tmp_path / "b")["CMU-1-Small-Region"]["error"]
+
+
+def test_find_slides_and_dicom(tmp_path):
+    ids = [sid for sid, _ in prep_tiles.find_slides([str(SYN)])]
+    # boxes_0.dcm + boxes_1.dcm are one DICOM slide, named after their folder; boxes.png is not a slide
+    assert sorted(ids) == ["boxes", "small", "unopenable", "unreadable", "wsi-synthetic-openslide-python"]
+    # 16x16 at 0.499 µm/px with 8-px tiles -> 2 x 2 tiles
+    args = [str(SYN / "boxes_0.dcm"), "--out", str(tmp_path), "--tile-size", "8", "--min-tissue", "0"]
+    assert prep_tiles.main(args) == 0 and rows(tmp_path)["boxes_0"]["n_tiles"] == "4"
+    assert corners(tmp_path / "boxes_0") == {(0, 0), (8, 0), (0, 8), (8, 8)}
+    assert prep_tiles.main([str(SYN / "small.svs"), "--out", str(tmp_path)]) == 0  # no_tissue is not a failure
+    assert "smaller than one 224-px tile" in rows(tmp_path)["small"]["error"]
+
+
+def test_tissue_mask_on_a_drawn_slide():
+    # white background, a pink 60x60 "tissue" square, a 10x10 pink speck (100 px < 625 px = 0.01 mm² at
+    # 4 µm/px) and a black (outside-the-scan) band: only the square is tissue
+    a = np.full((200, 200, 3), 255, np.uint8)
+    a[20:80, 20:80] = (200, 100, 160)
+    a[150:160, 150:160] = (200, 100, 160)
+    a[120:, :60] = 0
+    m = prep_tiles.tissue_mask(Image.fromarray(a), 4.0)
+    assert m[24:76, 24:76].all() and m.sum() < 60 * 60 * 1.05
+    assert not m[140:170, 140:170].any() and not m[120:, :60].any()
+    frac = prep_tiles.tissue_fraction(m, [(20, 20), (50, 20), (120, 120)], 60, (200, 200))
+    assert frac[0] > 0.95 and 0.45 < frac[1] < 0.55 and frac[2] == 0
+
+
+def test_drop_small_counts_8_connected_components():
+    m = np.zeros((6, 8), bool)
+    m[0:5, 1] = m[0:5, 4] = m[4, 1:5] = True   # a U: two runs per row that only join at the bottom (12 px)
+    m[0, 6] = m[1, 7] = True                    # two pixels touching diagonally: one 2-px component
+    assert np.array_equal(prep_tiles.drop_small(m, 12), m & (np.arange(8) < 6))
+    assert not prep_tiles.drop_small(m, 13).any()
+    assert np.array_equal(prep_tiles.drop_small(m, 2), m)
+    assert prep_tiles.tile_grid(2220, 2967, 224, 112)[:3] == [(0, 0), (112, 0), (224, 0)]
+    assert len(prep_tiles.tile_grid(2220, 2967, 224, 112)) == 18 * 25  # overlap 112: floor(1996/112)+1, floor(2743/112)+1
+
+
+def test_worker_pool_and_fail_fast(tmp_path):
+    slides = [str(SYN / "unreadable.svs"), str(SYN / "small.svs"), str(CMU)]
+    assert prep_tiles.main(slides + ["--out", str(tmp_path / "pool"), "--workers", "2", "--mpp", "1.0"]) == 1
+    r = rows(tmp_path / "pool")  # every slide recorded, in input order, whatever order the workers finished in
+    assert list(r) == ["unreadable", "small", "CMU-1-Small-Region"]
+    assert [v["status"] for v in r.values()] == ["failed", "no_tissue", "ok"]
+    assert prep_tiles.main(slides + ["--out", str(tmp_path / "ff"), "--fail-fast"]) == 1
+    assert list(rows(tmp_path / "ff")) == ["unreadable"] and not (tmp_path / "ff" / "CMU-1-Small-Region").exists()
+
+# =============================================================================== eval.py
+# random-init ViTs pool their patch tokens (global_pool avg): a random CLS output barely depends on the image
+KW_T = '{"depth": 1, "embed_dim": 64, "num_heads": 2, "global_pool": "avg"}'
+KW_S = '{"depth": 1, "embed_dim": 48, "num_heads": 2, "global_pool": "avg"}'
+TINY = ["--model", "vit_small_patch14_dinov2", "--model-kwargs", KW_T, "--img-size", "42", "--workers", "0"]
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+@pytest.fixture(scope="module")
+def pcam(tmp_path_factory):
+    """300 real PCam tiles (150 per class, seeded pick) listed in a CSV whose paths are relative to the CSV."""
+    root = tmp_path_factory.mktemp("pcam")
+    rows = list(csv.DictReader(open(PCAM / "labels.csv")))
+    np.random.default_rng(0).shuffle(rows)
+    pick = [r for r in rows if r["label"] == "0"][:150] + [r for r in rows if r["label"] == "1"][:150]
+    rel = lambda r: os.path.relpath(PCAM / r["path"], root)
+    return write_csv(root / "labels.csv", [dict(path=rel(r), label=r["label"]) for r in pick]), pick
+
+# ----------------------------------------------------------------------------- metrics
+def test_metrics_match_hand_computation():
+    # binary: preds [0,1,1,1,0]; recalls 1/2, 2/3; F1s 1/2, 2/3; AUROC: positives .7 .9 .4 beat 2, 2, 1 of 2 negatives
+    y, p1 = np.array([0, 0, 1, 1, 1]), np.array([0.3, 0.6, 0.7, 0.9, 0.4])
+    m = ev.metrics(y, np.stack([1 - p1, p1], 1))
+    assert m["bacc"] == pytest.approx(7 / 12) and m["acc"] == pytest.approx(3 / 5)
+    assert m["f1_macro"] == pytest.approx(7 / 12) and m["f1_weighted"] == pytest.approx(3 / 5)
+    assert m["auroc"] == pytest.approx(5 / 6)
+    # three classes: preds [0,1,2,0]; F1s 2/3, 1, 2/3; class-2 AUROC has a tie (.4 vs .4) worth 1/2 -> 3.5/4
+    y = np.array([0, 1, 2, 2])
+    p = np.array([[.6, .3, .1], [.15, .45, .4], [.1, .2, .7], [.5, .1, .4]])
+    m = ev.metrics(y, p)
+    assert m["bacc"] == pytest.approx((1 + 1 + 0.5) / 3) and m["acc"] == pytest.approx(0.75)
+    assert m["f1_macro"] == pytest.approx(7 / 9) and m["f1_weighted"] == pytest.approx(0.75)
+    assert m["auroc"] == pytest.approx((1 + 1 + 0.875) / 3)
+
+def test_knn_and_logreg_on_separable_toy_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(40, 5, generator=g) + 3, torch.randn(40, 5, generator=g) - 3])
+    y = torch.tensor([0] * 40 + [1] * 40)
+    sp = dict(train=list(range(0, 80, 2)), val=list(range(1, 80, 4)), test=list(range(3, 80, 4)))
+    lin, C = ev.linear_probe(x, y, sp, 2, [0.01, 1.0])
+    assert lin["bacc"] == 1.0 and C in (0.01, 1.0)
+    proba = ev.knn(x[sp["train"]], y[sp["train"]], x[sp["test"]], 2, k=5)
+    assert (proba.argmax(1) == y[sp["test"]]).all() and torch.allclose(proba.sum(1), torch.ones(len(sp["test"])).double())
+
+# ----------------------------------------------------------------------------- splits
+def test_split_grouped_by_slide_never_leaks_and_own_split_is_used():
+    rng = np.random.default_rng(0)
+    rows = [dict(path=f"s{s}_{i}.jpg", label=str(s % 2), slide=f"s{s}") for s in range(30) for i in range(rng.integers(1, 12))]
+    for seed in range(5):
+        sp = ev.split_rows(rows, seed)
+        slides = {k: {rows[i]["slide"] for i in v} for k, v in sp.items()}
+        for x, y in (("train", "val"), ("train", "test"), ("val", "test")):
+            assert not slides[x] & slides[y], (seed, x, y)
+        assert sorted(sum(sp.values(), [])) == list(range(len(rows)))
+    assert ev.split_rows(rows, 0) != ev.split_rows(rows, 1)
+    own = [dict(r, split="train" if i % 3 else "valid") for i, r in enumerate(rows)]  # train + valid: valid is the test set
+    sp = ev.split_rows(own, 0)
+    assert sp["test"] == [i for i in range(len(own)) if i % 3 == 0] and sp["val"] and not set(sp["val"]) & set(sp["test"])
+
+# ----------------------------------------------------------------------------- probe, agreement
+def test_probe_and_knn_beat_chance_on_real_tiles_and_cache(pcam, tmp_path, monkeypatch):
+    csv_path, _ = pcam
+    out = tmp_path / "res"
+    ev.main(["probe", *TINY, "--data", str(csv_path), "--out", str(out), "--seeds", "2", "--task", "pcam"])
+    row = json.loads((out / "probe_pcam.json").read_text())[0]
+    assert row["n_train"] + row["n_test"] < 300 and row["seeds"] == 2
+    assert row["linear_bacc"] > 0.6 and row["knn_bacc"] > 0.6 and row["linear_auroc"] > 0.6, row
+    assert row["linear_bacc_std"] > 0  # two different seeded splits
+    assert "knn_f1_weighted" in (out / "probe_pcam.csv").read_text().splitlines()[0]
+    # the second run reads the cached features: no model is built
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: pytest.fail("features were not cached"))
+    ev.main(["probe", *TINY, "--data", str(csv_path), "--out", str(out), "--seeds", "2", "--task", "pcam"])
+    assert json.loads((out / "probe_pcam.json").read_text())[0]["linear_bacc"] == row["linear_bacc"]
+
+def test_agree_self_is_one_other_lower_and_heads(pcam, tmp_path):
+    csv_path, _ = pcam
+    # a g2l run folder (exported student + heads), as g2l.py writes it
+    student, spec = g2l.load_model("vit_tiny_patch16_224", kwargs=KW_S, img_size=32)
+    raw = g2l.Student(student, spec, 64, 64, False)
+    cfg = types.SimpleNamespace(student_img_size=32, teacher="vit_small_patch14_dinov2", student="vit_tiny_patch16_224")
+    g2l.export(raw, spec, cfg, tmp_path / "run")
+    argv = ["agree", "--teacher", "vit_small_patch14_dinov2", "--teacher-kwargs", KW_T, "--teacher-img-size", "42",
+            "--student", "vit_small_patch14_dinov2", "--student-kwargs", KW_T, "--student-img-size", "42",
+            "--student", "vit_tiny_patch16_224", "--student-kwargs", KW_S, "--student-img-size", "32",
+            "--student", str(tmp_path / "run"), "--student-kwargs", "", "--student-img-size", "0",
+            "--data", str(csv_path), "--out", str(tmp_path / "a"), "--task", "pcam", "--workers", "0"]
+    ev.main(argv)
+    same, other, run = json.loads((tmp_path / "a" / "agree_pcam.json").read_text())
+    assert same["cka"] == pytest.approx(1, abs=1e-6) and same["cos_centred"] == pytest.approx(1, abs=1e-5)
+    assert other["cka"] < 0.99 and "cos_centred" not in other  # 48 vs 64 dims: no cosine without a head
+    assert 0 <= run["heads_cka"] <= 1 and -1 <= run["heads_cos_centred"] <= 1 and "heads_cka" not in other
+    # a random-init architecture is seeded, so a fresh extraction gives the very same features (the cache is honest)
+    a = dict(data=str(csv_path), pooling="cls", device="cpu", batch_size=64, workers=0)
+    m, rows = dict(name="vit_small_patch14_dinov2", weights="", kwargs=KW_T, size=42), ev.read_labelled(str(csv_path))
+    fresh = ev.features(m, rows, types.SimpleNamespace(**a, out=str(tmp_path / "b")))
+    assert torch.equal(fresh, ev.features(m, rows, types.SimpleNamespace(**a, out=str(tmp_path / "a"))))
+
+# ----------------------------------------------------------------------------- robustness
+def make_case(by, n=10, seed=0):
+    """2 labels x 2 centres x 2 slides x n samples; features cluster by 'centre' or by 'label'."""
+    rng = np.random.default_rng(seed)
+    lab, cen, sli = np.meshgrid(range(2), range(2), range(2), indexing="ij")
+    lab, cen, sli = [np.repeat(v.ravel(), n) for v in (lab, cen, sli)]
+    key = cen if by == "centre" else lab
+    f = np.eye(2)[key] * 5 + rng.normal(size=(len(key), 2)) * 0.5
+    return np.concatenate([f, rng.normal(size=(len(key), 6))], 1), lab, cen, [f"{c}-{s}" for c, s in zip(cen, sli)]
+
+def test_robustness_index_on_constructed_features():
+    f, lab, cen, sli = make_case("centre")
+    for r in ev.robustness_index(f, lab, cen, sli):
+        assert r["ri"] < 0.2 and r["dejong"] < 1 and r["ri_std"] >= 0
+    f, lab, cen, sli = make_case("label")
+    for r in ev.robustness_index(f, lab, cen, sli):
+        assert r["ri"] > 0.8 and r["dejong"] > 1.5
+    # against a direct loop over neighbours, which must skip the query's own slide
+    f, lab, cen, sli = make_case("label", n=4, seed=1)
+    x = f / np.linalg.norm(f, axis=1, keepdims=True)
+    so = os_ = ss = 0
+    for i in range(len(x)):
+        order = [j for j in np.argsort(-(x @ x[i]), kind="stable") if sli[j] != sli[i]][:3]
+        so += sum(lab[j] == lab[i] and cen[j] != cen[i] for j in order)
+        os_ += sum(lab[j] != lab[i] and cen[j] == cen[i] for j in order)
+        ss += sum(lab[j] == lab[i] and cen[j] == cen[i] for j in order)
+    r = ev.robustness_index(f, lab, cen, sli, ks=(3,))[0]
+    assert r["ri"] == pytest.approx(so / (so + os_)) and r["dejong"] == pytest.approx((ss + so) / (ss + os_))
+
+def test_robustness_command_on_real_tiles(pcam, tmp_path):
+    _, pick = pcam
+    rows = [dict(path=str(PCAM / r["path"]), label=r["label"], center="AB"[i % 2], slide=f"s{i % 8}")
+            for i, r in enumerate(pick[:40] + pick[150:190])]
+    data = write_csv(tmp_path / "multi.csv", rows)
+    ev.main(["robustness", *TINY, "--data", str(data), "--out", str(tmp_path / "r"), "--ks", "3", "5", "--boot", "20",
+             "--task", "multi"])
+    res = json.loads((tmp_path / "r" / "robustness_multi.json").read_text())
+    assert [r["k"] for r in res] == [3, 5] and all(0 <= r["ri"] <= 1 and r["dejong"] > 0 for r in res)
+
+# ----------------------------------------------------------------------------- bench and report
+def test_bench_two_tiny_models_larger_is_slower(tmp_path):
+    small = '{"depth": 1, "embed_dim": 32, "num_heads": 2}'
+    big = '{"depth": 6, "embed_dim": 192, "num_heads": 3}'
+    ev.main(["bench", "--model", "vit_tiny_patch16_224", "--model-kwargs", big, "--model", "vit_tiny_patch16_224",
+             "--model-kwargs", small, "--img-size", "64", "--batch-sizes", "8", "--iters", "5", "--warmup", "1",
+             "--out", str(tmp_path)])
+    b, s = json.loads((tmp_path / "bench.json").read_text())
+    assert b["img_per_s"] < s["img_per_s"] and s["speedup"] > 1 and b["speedup"] == 1
+    assert b["params_m"] > 10 * s["params_m"] and b["gflops"] > 10 * s["gflops"] and s["param_ratio"] > 10
+    assert b["peak_mem_gb"] >= 0 and b["batch"] == 8
+
+def test_report_writes_markdown_and_chart(tmp_path):
+    (tmp_path / "probe_crc.json").write_text(json.dumps([
+        dict(model="teacher", task="crc", linear_bacc=0.9, linear_bacc_std=0.01, linear_auroc=0.95, knn_bacc=0.85),
+        dict(model="runs/student", task="crc", linear_bacc=0.8, linear_bacc_std=0.02, linear_auroc=0.9, knn_bacc=0.7)]))
+    (tmp_path / "bench.json").write_text(json.dumps([dict(model="teacher", batch=8, img_per_s=2.0),
+                                                     dict(model="runs/student", batch=8, img_per_s=8.0)]))
+    ev.main(["report", "--out", str(tmp_path)])
+    md = (tmp_path / "report.md").read_text()
+    assert "## probe_crc" in md and "0.900±0.010" in md and "## bench" in md and "report.png" in md
+    img = np.asarray(Image.open(tmp_path / "report.png").convert("RGB"))
+    blue, orange = np.array([0x1f, 0x77, 0xb4]), np.array([0xff, 0x7f, 0x0e])
+    n_blue, n_orange = [(img == c).all(-1).sum() for c in (blue, orange)]
+    # bar areas follow the values: teacher .25 (speed relative to the fastest) + .9 + .95 + .85, student 1 + .8 + .9 + .7
+    assert n_blue / n_orange == pytest.approx(2.95 / 3.4, rel=0.03)
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("case, message", [
+    ("missing_column", "has no column label"),
+    ("single_class", "single class"),
+    ("test_class_absent", "have no training rows"),
+    ("nan_features", "NaN/inf"),
+    ("unknown_model", "unknown model"),
+    ("one_centre", "needs >= 2 of each"),
+    ("no_centre_column", "has no column center"),
+    ("missing_image", "do not exist"),
+    ("kwargs_count", "given 2 times for 3 models"),
+])
+def test_eval_bad_inputs_give_clear_errors(pcam, tmp_path, case, message):
+    _, pick = pcam
+    p = lambda r: str(PCAM / r["path"])
+    good = [dict(path=p(r), label=r["label"]) for r in pick[:20] + pick[150:170]]
+    data = tmp_path / "d.csv"
+    rows = {"missing_column": [dict(path=r["path"], cls=r["label"]) for r in good],
+            "single_class": [dict(r, label="0") for r in good],
+            "test_class_absent": [dict(r, split="train") for r in good] + [dict(path=good[0]["path"], label="2", split="test")],
+            "one_centre": [dict(r, center="A") for r in good],
+            "missing_image": good + [dict(path="nope/none.jpg", label="1")]}.get(case, good)
+    write_csv(data, rows)
+    cmd, extra = ("robustness", []) if case in ("one_centre", "no_centre_column") else ("probe", ["--seeds", "1"])
+    model = TINY
+    if case == "unknown_model":
+        model = ["--model", "not-a-model-xyz"]
+    if case == "kwargs_count":
+        model = TINY + ["--model", "vit_tiny_patch16_224", "--model", "vit_tiny_patch16_224", "--model-kwargs", KW_S]
+    argv = [cmd, *model, "--data", str(data), "--out", str(tmp_path / "o"), *extra]
+    if case == "nan_features":  # poison the cached features the way a broken fp16 model would
+        ev.main(argv)
+        cache = next((tmp_path / "o" / "features").glob("*.pt"))
+        c = torch.load(cache)
+        c["feats"][3] = float("nan")
+        torch.save(c, cache)
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv)
+    assert message in str(e.value), str(e.value)
+    assert str(e.value).startswith("error:") and "\n" not in str(e.value)

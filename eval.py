@@ -1,0 +1,501 @@
+"""eval.py: is the distilled student as good and as robust as its teacher, and how much cheaper? Frozen encoders only.
+
+    python eval.py probe --model h-optimus-0 --model runs/luad --data luad/labels.csv --out results/
+    python eval.py agree --teacher h-optimus-0 --student uni --student runs/luad --data tiles/ --out results/
+    python eval.py robustness --model h-optimus-0 --model runs/luad --data multicentre.csv --out results/
+    python eval.py bench --model h-optimus-0 --model uni --random-init --batch-sizes 1 8 --out results/
+    python eval.py report --out results/                  # results/report.md + results/report.png
+    python eval.py probe --model vit_small_patch14_dinov2 --model-kwargs '{"depth": 1, "global_pool": "avg"}' \\
+        --img-size 56 --data ../shared/datasets/pcam-subset/labels.csv     # any timm model, random init
+
+--data: a CSV with columns path,label and optional split,center,slide (paths relative to the CSV), or an ImageFolder
+root/<split>/<class>/* or root/<class>/*. Models follow g2l.py's naming rules (presets, timm names, hf-hub:,
+local-dir:, g2l run folders); per-model options are given once for all models or once per --model, in order.
+Features are extracted once and cached in OUT/features/. Each command writes OUT/<name>.json + .csv and prints a table.
+Protocols (UNI / eva style): linear probe = multinomial logistic regression by L-BFGS on standardised features, L2 in
+sklearn's convention (C * sum CE + |W|^2 / 2), C picked on the validation split by balanced accuracy; kNN = majority
+vote of k=20 cosine neighbours after centring by the train mean and L2-normalising; robustness = PathoROB's index.
+"""
+import argparse, csv, hashlib, json, math, multiprocessing as mp, os, random, resource, time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from g2l import TileDataset, centred_cosine, encode, find_images, forward_flops, hub_reachable, linear_cka, \
+    load_heads, load_model, resolve
+
+# ----------------------------------------------------------------------------- data
+SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",
+          "tune": "val", "test": "test", "testing": "test", "holdout": "test"}
+
+def read_labelled(data, need=("path", "label")):
+    """Rows (dicts, absolute paths) from a labels CSV or an ImageFolder tree; fails on missing columns or files."""
+    p = Path(data)
+    if p.is_dir():
+        parts = [(f, Path(f).relative_to(p).parts) for f in find_images([str(p)])]
+        has_split = all(len(q) >= 3 and q[0].lower() in SPLITS for _, q in parts)  # root/<split>/<class>/*
+        rows = [dict(path=f, label=q[has_split] if len(q) > 1 else "", **({"split": q[0]} if has_split else {}))
+                for f, q in parts]
+        cols = ["path", "label"] + ["split"] * has_split
+    elif p.is_file():
+        with open(p, newline="") as fh:
+            reader = csv.DictReader(fh)
+            rows, cols = list(reader), [c.strip().replace("centre", "center") for c in reader.fieldnames or []]
+        rows = [{c: (v or "").strip() for c, v in zip(cols, r.values())} for r in rows]
+        rows = [dict(r, path=os.path.normpath(p.parent / r.get("path", ""))) for r in rows]
+    else:
+        raise SystemExit(f"error: --data {data} does not exist; pass a labels CSV (path,label[,split,center,slide]) "
+                         "or an ImageFolder root/<split>/<class>/*")
+    missing = [c for c in need if c not in cols]
+    if missing:
+        raise SystemExit(f"error: {data} has no column {', '.join(missing)} (it has {', '.join(cols)}); add it to the CSV "
+                         "(path,label[,split,center,slide], paths relative to the CSV)")
+    if "label" in need and any(not r["label"] for r in rows):
+        raise SystemExit(f"error: {data} has rows without a label; fill them in or use root/<class>/* folders")
+    gone = [r["path"] for r in rows if not os.path.isfile(r["path"])]
+    if gone:
+        raise SystemExit(f"error: {len(gone)} image(s) listed in {data} do not exist (e.g. {gone[0]}); "
+                         "paths are relative to the CSV")
+    return rows
+
+def group_split(rows, idx, seed, frac):
+    """Hold out about frac of idx, whole slides at a time (each tile is its own group without a slide column)."""
+    group = lambda i: rows[i].get("slide") or rows[i]["path"]
+    groups = sorted({group(i) for i in idx})
+    random.Random(seed).shuffle(groups)
+    held, n = set(), 0
+    for g in groups[:-1]:  # always keep one group on the other side
+        if n >= frac * len(idx):
+            break
+        held.add(g)
+        n += sum(group(i) == g for i in idx)
+    return [i for i in idx if group(i) not in held], [i for i in idx if group(i) in held]
+
+def split_rows(rows, seed, val=0.15, test=0.25):
+    """train/val/test indices from the data's own split column (when it has >= 2 values; 'valid' alone is the test set
+    when there is no test split), else a seeded split grouped by slide: no slide is ever in two splits."""
+    names = {r.get("split", "").lower() for r in rows}
+    if len(names) >= 2:
+        if names - set(SPLITS):
+            raise SystemExit(f"error: unknown split value(s) {sorted(names - set(SPLITS))} in --data; use train/val/test")
+        idx = {s: [i for i, r in enumerate(rows) if SPLITS[r["split"].lower()] == s] for s in ("train", "val", "test")}
+        if not idx["test"]:
+            idx["test"], idx["val"] = idx["val"], []
+        if not idx["val"]:
+            idx["train"], idx["val"] = group_split(rows, idx["train"], seed, val)
+    else:
+        rest, te = group_split(rows, list(range(len(rows))), seed, test)
+        tr, va = group_split(rows, rest, seed + 1000, val / (1 - test))
+        idx = dict(train=tr, val=va, test=te)
+    if not all(idx.values()):
+        raise SystemExit(f"error: too few samples or slides in --data for a train/val/test split "
+                         f"({ {k: len(v) for k, v in idx.items()} }); add data or give a split column")
+    return idx
+
+# ----------------------------------------------------------------------------- models and features
+def per_model(values, n, flag, default):
+    """An option given once applies to every model; otherwise once per model, in the order of the models."""
+    if len(values) <= 1:
+        return [values[0] if values else default] * n
+    if len(values) != n:
+        raise SystemExit(f"error: {flag} given {len(values)} times for {n} models; "
+                         "give it once (for all) or once per model, in order")
+    return values
+
+def model_list(names, weights, kwargs, sizes, flag="--model"):
+    n = len(names)
+    for name in names:
+        resolve(name)  # an unknown name fails here, before any work
+    size_flag = "--img-size" if flag == "--model" else flag + "-img-size"
+    return [dict(name=a, weights=b, kwargs=c, size=d) for a, b, c, d in zip(names, per_model(weights, n, flag + "-weights", ""),
+            per_model(kwargs, n, flag + "-kwargs", ""), per_model(sizes, n, size_flag, 0))]
+
+def open_model(m, device):
+    """g2l's loader; seeded, so a random-init architecture is the same model on every call (and in the cache)."""
+    if not m["weights"] and not m["kwargs"] and not Path(m["name"]).exists() and not hub_reachable():
+        import huggingface_hub.constants
+        huggingface_hub.constants.HF_HUB_OFFLINE = True  # fail in a second, not after minutes of retries
+    torch.manual_seed(0)
+    model, spec = load_model(m["name"], m["weights"], m["kwargs"], m["size"], device)
+    return model.eval(), spec
+
+def features(m, rows, a):
+    """[N, D] frozen features: cls = the model's global feature (g2l.encode), mean = mean patch token, or both.
+    Cached in OUT/features/ by model, weights (and their date), kwargs, data, size and pooling; NaN/inf refused."""
+    files = [f for f in (m["weights"], Path(m["name"]) / "student" / "model.safetensors") if f and os.path.isfile(f)]
+    key = json.dumps([m["name"], m["weights"], m["kwargs"], str(Path(a.data).resolve()), m["size"], a.pooling, len(rows),
+                      [os.path.getmtime(f) for f in files]])
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in m["name"].strip("/"))[-60:]
+    cache = Path(a.out) / "features" / f"{safe}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
+    paths = [r["path"] for r in rows]
+    feats = torch.load(cache, weights_only=True) if cache.is_file() else {}
+    feats = feats["feats"] if feats.get("paths") == paths else extract(m, paths, a, cache)
+    bad = (~torch.isfinite(feats).all(1)).nonzero().flatten()
+    if len(bad):
+        raise SystemExit(f"error: {len(bad)} of {len(feats)} feature vectors of {m['name']} are NaN/inf "
+                         f"(e.g. {paths[int(bad[0])]}); "
+                         f"check its weights or precision (try --device cpu), then delete {cache}")
+    return feats
+
+def extract(m, paths, a, cache):
+    model, spec = open_model(m, a.device)
+    dl = torch.utils.data.DataLoader(TileDataset(paths, m["size"] or spec["size"]), batch_size=a.batch_size,
+                                     num_workers=a.workers)
+    feats, dev = [], torch.device(a.device)
+    with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+        for b, (x, skipped) in enumerate(tqdm(dl, desc=f"features {m['name']}", dynamic_ncols=True)):
+            if skipped.any():  # TileDataset swaps in the next tile: a wrong label here, so stop instead
+                bad = paths[b * a.batch_size + int(skipped.nonzero()[0])]
+                raise SystemExit(f"error: {bad} cannot be read; fix it or drop its row from {a.data}")
+            g, pmap = encode(model, spec, x.to(dev).float() / 255)
+            mean = pmap.flatten(2).mean(2)
+            feats.append({"cls": g, "mean": mean, "cls+mean": torch.cat([g, mean], 1)}[a.pooling].float().cpu())
+    feats = torch.cat(feats)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(feats=feats, paths=paths), f"{cache}.tmp")
+    os.replace(f"{cache}.tmp", cache)
+    return feats
+
+# ----------------------------------------------------------------------------- metrics, probe, kNN
+def auroc(pos, score):
+    """P(score of a positive > score of a negative), ties count 1/2 (Mann-Whitney U with average ranks)."""
+    n1, n0 = int(pos.sum()), int((~pos).sum())
+    if not n1 or not n0:
+        return float("nan")
+    _, inv, counts = np.unique(score, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inv]
+    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+def metrics(y, proba):
+    """Balanced accuracy, accuracy, macro/weighted F1, AUROC (binary: class 1; multiclass: macro one-vs-rest)."""
+    y, proba = np.asarray(y), np.asarray(proba, dtype=np.float64)
+    pred, present = proba.argmax(1), np.unique(y)
+    labels = np.union1d(present, pred)
+    tp = np.array([np.sum((pred == c) & (y == c)) for c in labels])
+    ntrue, npred = np.array([np.sum(y == c) for c in labels]), np.array([np.sum(pred == c) for c in labels])
+    f1 = 2 * tp / np.maximum(ntrue + npred, 1)  # = 2PR/(P+R), 0 where undefined
+    aucs = [auroc(y == 1, proba[:, 1])] if proba.shape[1] == 2 else [auroc(y == c, proba[:, c]) for c in present]
+    return dict(bacc=float(np.mean([np.mean(pred[y == c] == c) for c in present])), acc=float(np.mean(pred == y)),
+                f1_macro=float(f1.mean()), f1_weighted=float((f1 * ntrue).sum() / len(y)), auroc=float(np.nanmean(aucs)))
+
+def logreg(x, y, K, C, init=None, iters=200):
+    """Multinomial logistic regression, sklearn's objective C * sum(CE) + |W|^2 / 2 (bias free), full-batch L-BFGS."""
+    W, b = [t.clone().requires_grad_() for t in init] if init else \
+        [torch.zeros(*shape, dtype=x.dtype, requires_grad=True) for shape in ((x.shape[1], K), (K,))]
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, tolerance_grad=1e-6, history_size=20, line_search_fn="strong_wolfe")
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ W + b, y) + (W ** 2).sum() / (2 * C * len(x))
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return W.detach(), b.detach()
+
+def linear_probe(f, y, sp, K, Cs):
+    """UNI: standardise with train statistics; pick C on val by balanced accuracy; score the test split.
+    Cs run from strong to weak regularisation, each fit starting from the last one's solution (a warm start)."""
+    mu, sd = f[sp["train"]].mean(0), f[sp["train"]].std(0) + 1e-6
+    z = lambda i: ((f[i] - mu) / sd).double()
+    best, wb = None, None
+    for C in sorted(Cs):
+        wb = logreg(z(sp["train"]), y[sp["train"]], K, C, wb)
+        score = metrics(y[sp["val"]], torch.softmax(z(sp["val"]) @ wb[0] + wb[1], 1))["bacc"] if len(Cs) > 1 else 0
+        if best is None or score > best[0]:
+            best = (score, C, wb)
+    return metrics(y[sp["test"]], torch.softmax(z(sp["test"]) @ best[2][0] + best[2][1], 1)), best[1]
+
+def knn(ftr, ytr, fte, K, k=20):
+    """Vote shares of the k nearest train samples by cosine, after centring by the train mean and L2-normalising."""
+    mu = ftr.mean(0)
+    a, b = F.normalize(ftr - mu, dim=1), F.normalize(fte - mu, dim=1)
+    idx = torch.cat([(c @ a.T).topk(min(k, len(a)), dim=1).indices for c in b.split(1024)])
+    votes = F.one_hot(ytr[idx], K).sum(1).double()
+    return votes / votes.sum(1, keepdim=True)  # argmax: majority vote, ties to the lower class index
+
+# ----------------------------------------------------------------------------- robustness
+def check_design(labels, centres):
+    labels, centres = np.asarray(labels), np.asarray(centres)
+    if len(set(centres)) < 2 or len(set(labels)) < 2:
+        raise ValueError(f"{len(set(centres))} centre(s) and {len(set(labels))} label(s); "
+                         "the robustness index needs >= 2 of each")
+    if not any(len(set(centres[labels == l])) >= 2 for l in set(labels)):
+        raise ValueError("no label occurs in >= 2 centres, so biology and centre cannot be told apart; "
+                         "add a second centre's samples of one class")
+    return labels, centres
+
+def robustness_index(feats, labels, centres, slides=None, ks=(3, 5, 10, 20), n_boot=200, seed=0):
+    """Over each sample's k nearest cosine neighbours (never from its own slide): SS/SO = same label, same/other centre,
+    OS = other label, same centre. PathoROB's RI_k = sum SO / sum(SO + OS) (0.5 neutral, 1 = biology only) and the de Jong
+    ratio sum(SS + SO) / sum(SS + OS) (> 1: biology dominates), with bootstrap std over query samples."""
+    labels, centres = check_design(labels, centres)
+    slides = np.unique(np.asarray(slides), return_inverse=True)[1] if slides is not None else np.arange(len(labels))
+    room = len(labels) - np.bincount(slides).max()  # fewest neighbours any sample can have
+    ks = [k for k in ks if k <= room]
+    if not ks:
+        raise ValueError(f"too few samples outside each slide for k nearest neighbours (at most {room})")
+    x, sl = F.normalize(torch.as_tensor(np.asarray(feats), dtype=torch.float32), dim=1), torch.as_tensor(slides)
+    idx = []
+    for s in range(0, len(x), 1024):
+        sim = x[s:s + 1024] @ x.T
+        sim[sl[s:s + 1024, None] == sl[None]] = -math.inf  # neither itself nor its own slide
+        idx.append(sim.topk(max(ks), dim=1).indices)
+    idx = torch.cat(idx).numpy()
+    same_l, same_c = labels[idx] == labels[:, None], centres[idx] == centres[:, None]
+    boots = np.random.default_rng(seed).integers(0, len(labels), (n_boot, len(labels)))
+    out = []
+    for k in ks:
+        ss, so, os_ = [(m[:, :k]).sum(1) for m in (same_l & same_c, same_l & ~same_c, ~same_l & same_c)]
+        ri = lambda q: so[q].sum(-1) / np.maximum((so + os_)[q].sum(-1), 1)
+        dj = lambda q: (ss + so)[q].sum(-1) / np.maximum((ss + os_)[q].sum(-1), 1)
+        all_ = np.arange(len(labels))
+        out.append(dict(k=k, ri=float(ri(all_)), ri_std=float(ri(boots).std()),
+                        dejong=float(dj(all_)), dejong_std=float(dj(boots).std())))
+    return out
+
+# ----------------------------------------------------------------------------- bench
+def bench_one(m, a):
+    """One model, run in a fresh process so that peak memory (max RSS on CPU, max allocated on GPU) is its own. Batch
+    sizes run in increasing order, so the CPU high-water mark after each is that batch size's peak (minus the baseline)."""
+    dev, base = torch.device(a.device), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB -> GB (Linux)
+    if a.random_init:  # g2l builds the bare architecture, randomly initialised
+        m = dict(m, weights="random")
+    model, spec = open_model(dict(m, size=a.img_size), dev)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
+        a.dtype, torch.bfloat16 if dev.type == "cuda" else torch.float32)  # auto: bf16 on GPU, fp32 on CPU
+    sync, rows = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None), []
+    for bs in sorted(a.batch_sizes):
+        x = torch.rand(bs, 3, a.img_size, a.img_size, device=dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        with torch.inference_mode(), torch.autocast(dev.type, dtype, enabled=dtype != torch.float32):
+            for _ in range(a.warmup):
+                encode(model, spec, x)
+            sync()
+            t = time.perf_counter()
+            for _ in tqdm(range(a.iters), desc=f"bench {m['name']} x{bs}", dynamic_ncols=True):
+                encode(model, spec, x)
+            sync()
+            dt = time.perf_counter() - t
+        mem = torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6 - base
+        rows.append(dict(model=m["name"], source=spec["source"], img_size=a.img_size, dtype=str(dtype)[6:], batch=bs,
+                         img_per_s=bs * a.iters / dt, ms_per_batch=1e3 * dt / a.iters, peak_mem_gb=mem,
+                         params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+                         gflops=forward_flops(model, a.img_size) / 1e9 if spec["patch"] else float("nan")))
+    return rows
+
+def run_isolated(m, a):
+    try:  # a SystemExit in the child (unknown model, ...) is re-raised here
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+            return ex.submit(bench_one, m, a).result()
+    except BrokenProcessPool:
+        raise SystemExit(f"error: benchmarking {m['name']} killed its process (out of memory?); lower --batch-sizes")
+
+# ----------------------------------------------------------------------------- commands
+def fmt(r, c):
+    v = r.get(c, "")
+    if isinstance(v, float):
+        s = "nan" if math.isnan(v) else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+        return s + (f"±{r[c + '_std']:.3f}" if isinstance(r.get(c + "_std"), float) else "")
+    return str(v)
+
+def save_and_print(a, name, rows, cols):
+    """OUT/name.json + OUT/name.csv (atomic), then one aligned table."""
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json.tmp").write_text(json.dumps(rows, indent=1))
+    os.replace(out / f"{name}.json.tmp", out / f"{name}.json")
+    with open(out / f"{name}.csv.tmp", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(out / f"{name}.csv.tmp", out / f"{name}.csv")
+    cells = [cols] + [[fmt(r, c) for c in cols] for r in rows]
+    widths = [max(len(x[i]) for x in cells) for i in range(len(cols))]
+    for x in cells:
+        print("  ".join(s.ljust(w) for s, w in zip(x, widths)).rstrip())
+    print(f"wrote {out / name}.json and .csv")
+    return rows
+
+def task_name(a):
+    p = Path(a.data)
+    return a.task or (p.parent.name if p.is_file() else p.name)
+
+def cmd_probe(a):
+    rows = read_labelled(a.data)
+    classes = sorted({r["label"] for r in rows})
+    if len(classes) < 2:
+        raise SystemExit(f"error: {a.data} has a single class ({classes[0]!r}); a probe needs >= 2 labels")
+    y = torch.tensor([classes.index(r["label"]) for r in rows])
+    if len({r.get("split", "").lower() for r in rows}) < 2:
+        print("note: --data has no usable split column; using seeded train/val/test splits " +
+              ("grouped by slide" if rows[0].get("slide") else "of single tiles (no slide column: slides may leak)"))
+    splits = [split_rows(rows, seed) for seed in range(a.seeds)]
+    leak = {rows[i].get("slide") for i in splits[0]["train"]} & {rows[i].get("slide") for i in splits[0]["test"]} - {None, ""}
+    if leak:
+        print(f"warning: {len(leak)} slide(s) in both the train and the test split of {a.data} (e.g. {min(leak)}): optimistic results")
+    for sp in splits:
+        absent = set(y[sp["test"]].tolist()) - set(y[sp["train"]].tolist())
+        if absent:
+            raise SystemExit(f"error: class(es) {[classes[c] for c in absent]} in the test split of {a.data} have no training "
+                             "rows; add training samples of them or drop them")
+    res = []
+    for m in model_list(a.model, a.model_weights, a.model_kwargs, a.img_size):
+        f = features(m, rows, a)
+        per = []
+        for sp in splits:
+            lin, C = linear_probe(f, y, sp, len(classes), a.C)
+            kn = metrics(y[sp["test"]], knn(f[sp["train"]], y[sp["train"]], f[sp["test"]], len(classes), a.k))
+            per.append(dict(**{f"linear_{k}": v for k, v in lin.items()}, **{f"knn_{k}": v for k, v in kn.items()}, C=C))
+        row = dict(model=m["name"], task=task_name(a), pooling=a.pooling, n_train=len(splits[0]["train"]),
+                   n_test=len(splits[0]["test"]), seeds=a.seeds, C=float(np.median([p["C"] for p in per])))
+        for k in per[0]:
+            if k != "C":
+                row[k], row[k + "_std"] = float(np.mean([p[k] for p in per])), float(np.std([p[k] for p in per]))
+        res.append(row)
+    save_and_print(a, f"probe_{task_name(a)}", res, ["model", "task", "n_train", "n_test", "linear_bacc", "linear_auroc",
+                   "linear_f1_macro", "knn_bacc", "knn_auroc", "knn_f1_macro", "C"])
+
+def cmd_agree(a):
+    """Teacher vs each student on the same tiles; a g2l run folder is also compared through its heads (give the teacher
+    the input size it had in training, --teacher-img-size)."""
+    rows = read_labelled(a.data, need=("path",))
+    t = model_list([a.teacher], [a.teacher_weights], [a.teacher_kwargs], [a.teacher_img_size], "--teacher")[0]
+    ft = features(t, rows, a)
+    res = []
+    for s in model_list(a.student, a.student_weights, a.student_kwargs, a.student_img_size, "--student"):
+        fs = features(s, rows, a)
+        r = dict(teacher=t["name"], student=s["name"], n=len(rows), pooling=a.pooling, cka=linear_cka(fs, ft))
+        if fs.shape[1] == ft.shape[1]:
+            r.update(cos_centred=centred_cosine(fs, ft), cos_raw=float(F.cosine_similarity(fs, ft).mean()))
+        if (Path(s["name"]) / "heads.safetensors").is_file() and a.pooling == "cls":  # G2L: the student in the teacher's space
+            with torch.no_grad():
+                z = load_heads(s["name"])(fs)
+            if z.shape[1] == ft.shape[1]:
+                r.update(heads_cka=linear_cka(z, ft), heads_cos_centred=centred_cosine(z, ft),
+                         heads_cos_raw=float(F.cosine_similarity(z, ft).mean()))
+            else:
+                print(f"note: the heads of {s['name']} map to {z.shape[1]} dims, not the teacher's {ft.shape[1]}; skipped")
+        res.append(r)
+    save_and_print(a, f"agree_{task_name(a)}", res, ["teacher", "student", "n", "cka", "cos_centred", "cos_raw",
+                   "heads_cka", "heads_cos_centred", "heads_cos_raw"])
+
+def cmd_robustness(a):
+    rows, res = read_labelled(a.data, need=("path", "label", "center")), []
+    labels, centres = [r["label"] for r in rows], [r["center"] for r in rows]
+    slides = [r["slide"] for r in rows] if "slide" in rows[0] else None
+    try:
+        check_design(labels, centres)  # before any model is built
+        for m in model_list(a.model, a.model_weights, a.model_kwargs, a.img_size):
+            ri = robustness_index(features(m, rows, a), labels, centres, slides, a.ks, a.boot)
+            res += [dict(model=m["name"], task=task_name(a), n=len(rows), **r) for r in ri]
+    except ValueError as e:
+        raise SystemExit(f"error: {a.data}: {e}")
+    save_and_print(a, f"robustness_{task_name(a)}", res, ["model", "task", "n", "k", "ri", "dejong"])
+
+def cmd_bench(a):
+    res = [r for m in model_list(a.model, a.model_weights, a.model_kwargs, []) for r in run_isolated(m, a)]
+    for r in res:  # the first --model (the teacher) is the reference
+        ref = next(x for x in res if x["batch"] == r["batch"])
+        r.update(speedup=r["img_per_s"] / ref["img_per_s"], param_ratio=ref["params_m"] / r["params_m"],
+                 flop_ratio=ref["gflops"] / r["gflops"])
+    save_and_print(a, "bench", res, ["model", "batch", "img_per_s", "ms_per_batch", "peak_mem_gb", "params_m", "gflops",
+                   "speedup", "param_ratio", "flop_ratio"])
+
+# ----------------------------------------------------------------------------- report
+def cmd_report(a):
+    """OUT/report.md (every results table) and OUT/report.png (bars per metric, one colour per model)."""
+    out, md, bars = Path(a.out), ["# g2l evaluation report", ""], {}
+    for f in sorted(out.glob("*.json")):
+        rows = json.loads(f.read_text())
+        if not isinstance(rows, list) or not rows or not isinstance(rows[0], dict):
+            continue
+        cols = [c for c in rows[0] if not c.endswith("_std")]
+        md += [f"## {f.stem}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        md += ["| " + " | ".join(fmt(r, c) for c in cols) + " |" for r in rows] + [""]
+        kind, task = (f.stem.split("_", 1) + [""])[:2]
+        keys = dict(probe=["linear_bacc", "linear_auroc", "knn_bacc"], agree=["cka", "heads_cka"], robustness=["ri"])
+        keys = keys.get(kind, [])
+        for r in rows:
+            name = r.get("student") or r.get("model")
+            for k in keys:
+                if isinstance(r.get(k), float) and (kind != "robustness" or r["k"] == max(x["k"] for x in rows)):
+                    bars.setdefault((task, k + (f"@{r['k']}" if kind == "robustness" else "")), {})[name] = r[k]
+            if kind == "bench" and r["batch"] == max(x["batch"] for x in rows):
+                fastest = max(x["img_per_s"] for x in rows if x["batch"] == r["batch"])
+                bars.setdefault(("speed", f"rel. x{r['batch']}"), {})[name] = r["img_per_s"] / fastest
+    if not bars:
+        raise SystemExit(f"error: no results (*.json from probe/agree/robustness/bench) in {out}; run those first")
+    models = list(dict.fromkeys(m for g in bars.values() for m in g))
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    bw, gw, top, h = 18, max(130, 18 * len(models) + 30), 30 + 14 * len(models), 260
+    img = Image.new("RGB", (60 + gw * len(bars), top + h + 50), "white")
+    d = ImageDraw.Draw(img)
+    for t in range(5):  # axis 0..1
+        yy = top + h - t * h // 4
+        d.line([(50, yy), (img.width - 10, yy)], fill="#dddddd")
+        d.text((10, yy - 6), f"{t / 4:.2f}", fill="black")
+    for i, m in enumerate(models):
+        d.rectangle([10, 8 + 14 * i, 20, 18 + 14 * i], fill=colours[i % 8])
+        d.text((26, 7 + 14 * i), m[-80:], fill="black")
+    for g, (label, vals) in enumerate(bars.items()):
+        x0 = 60 + g * gw
+        for j, m in enumerate(m for m in models if m in vals):  # a model keeps its colour, bars stay side by side
+            v, c = min(max(vals[m], 0), 1) if not math.isnan(vals[m]) else 0, colours[models.index(m) % 8]
+            d.rectangle([x0 + j * bw, top + h - int(v * h), x0 + j * bw + bw - 3, top + h], fill=c)
+        for j, part in enumerate(label):
+            d.text((x0, top + h + 6 + 13 * j), part[:gw // 6], fill="black")
+    img.save(out / "report.png.tmp", format="PNG")
+    os.replace(out / "report.png.tmp", out / "report.png")
+    (out / "report.md.tmp").write_text("\n".join(md + ["![metrics](report.png)", ""]))
+    os.replace(out / "report.md.tmp", out / "report.md")
+    print(f"wrote {out / 'report.md'} and {out / 'report.png'} ({len(bars)} metrics, {len(models)} models)")
+
+# ----------------------------------------------------------------------------- command line
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub, par = p.add_subparsers(dest="cmd", required=True), lambda: argparse.ArgumentParser(add_help=False)
+    out, dev, data, group = par(), par(), par(), {}
+    out.add_argument("--out", default="results")
+    dev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for r in ("model", "teacher", "student"):  # repeat for several models, with their options in the same order
+        g, many = group.setdefault(r, par()), dict(action="append", default=[]) if r != "teacher" else {}
+        g.add_argument(f"--{r}", required=True, **many, help="preset, timm name, hf-hub:, local-dir: or a g2l run folder")
+        g.add_argument(f"--{r}-weights", **(many or dict(default="")), help="local weights for its architecture")
+        g.add_argument(f"--{r}-kwargs", **(many or dict(default="")), help="JSON architecture kwargs")
+        if r != "model":
+            g.add_argument(f"--{r}-img-size", type=int, **(many or dict(default=0)), help="0 = its own size")
+    data.add_argument("--data", required=True, help="labels CSV (path,label[,split,center,slide]) or ImageFolder root")
+    data.add_argument("--task", default="", help="name in the results (default: the data folder's name)")
+    data.add_argument("--pooling", default="cls", choices=["cls", "mean", "cls+mean"])
+    data.add_argument("--batch-size", type=int, default=64)
+    data.add_argument("--workers", type=int, default=2)
+    pr = sub.add_parser("probe", parents=[out, dev, group["model"], data])
+    pr.add_argument("--seeds", type=int, default=3, help="seeded splits (with the data's own split: seeded val carve-outs)")
+    pr.add_argument("--k", type=int, default=20)
+    pr.add_argument("--C", type=float, nargs="+", default=[1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0], help="tried on val; one = fixed")
+    sub.add_parser("agree", parents=[out, dev, group["teacher"], group["student"], data])
+    ro = sub.add_parser("robustness", parents=[out, dev, group["model"], data])
+    ro.add_argument("--ks", type=int, nargs="+", default=[3, 5, 10, 20])
+    ro.add_argument("--boot", type=int, default=200)
+    for s in (pr, ro):
+        s.add_argument("--img-size", type=int, action="append", default=[], help="0 = the model's own size")
+    be = sub.add_parser("bench", parents=[out, dev, group["model"]])
+    be.add_argument("--img-size", type=int, default=224, help="the same input size for every model")
+    be.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    be.add_argument("--iters", type=int, default=5)
+    be.add_argument("--warmup", type=int, default=2)
+    be.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    be.add_argument("--random-init", action="store_true", help="presets' bare architectures, random weights: no download")
+    sub.add_parser("report", parents=[out])
+    a = p.parse_args(argv)
+    return globals()[f"cmd_{a.cmd}"](a)
+
+if __name__ == "__main__":
+    main()
