@@ -537,7 +537,7 @@ def export(raw, spec, cfg, out):
     sd = {k: v.detach().float().cpu().contiguous() for k, v in raw.student.state_dict().items()}
     save_file(sd, str(tmp / "model.safetensors"))
     conf = dict(architecture=spec["arch"].split("hf-hub:")[-1], num_classes=0, num_features=spec["tdim"],
-                model_args={**spec["kwargs"], "img_size": cfg.student_img_size},
+                model_args={**spec["kwargs"], **({"img_size": cfg.student_img_size} if spec["patch"] else {})},
                 pretrained_cfg=dict(mean=list(spec["mean"]), std=list(spec["std"]), num_classes=0,
                                     input_size=[3, cfg.student_img_size, cfg.student_img_size], crop_pct=1.0,
                                     interpolation="bilinear"),
@@ -602,59 +602,35 @@ def evaluate(raw, teacher, spec_t, val, cfg, device, amp):
     return dict(val_cos=round(centred_cosine(zs, zt), 4), val_cka=round(linear_cka(zs, zt), 4),
                 val_cos_raw=round(float(F.cosine_similarity(zs, zt).mean()), 4))
 
-def main(argv=None):
-    global RANK, WORLD
-    cfg = parse_args(argv)
-    RANK, WORLD, device = init_distributed()
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    if cfg.precision == "auto":
-        cfg.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
-    amp = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    if cfg.global_loss not in ("logsum", "cosine", "smoothl1", "mse") or \
-            cfg.local_loss not in ("cosine-smoothl1", "logsum", "mse", "none") or cfg.views not in ("same", "independent"):
-        raise SystemExit(f"error: unknown --global-loss {cfg.global_loss} / --local-loss {cfg.local_loss} / --views {cfg.views}")
+def split_data(cfg):
+    """Training tiles and validation tiles: --val-data, or a held-out fraction of the slides."""
+    paths = find_images(cfg.data)
+    if cfg.val_data:
+        val = find_images(cfg.val_data)
+    else:
+        slides, rng = sorted(set(map(slide_of, paths))), random.Random(cfg.seed)
+        if len(slides) >= 2:
+            held = set(rng.sample(slides, max(1, round(cfg.val_frac * len(slides)))))
+            val = [p for p in paths if slide_of(p) in held]
+        else:  # one slide: hold out tiles instead, and say so (it leaks the slide)
+            print0(f"note: only one slide in --data; holding out {cfg.val_frac:.0%} of its tiles for validation")
+            val = rng.sample(paths, max(1, round(cfg.val_frac * len(paths))))
+        held = set(val)
+        paths = [p for p in paths if p not in held]
+    return paths, random.Random(cfg.seed).sample(val, min(cfg.max_val, len(val)))
 
-    # data: file list first, so a bad --data fails before any model is built
-    paths = val_paths = []
-    if not cfg.synthetic:
-        paths = find_images(cfg.data)
-        if cfg.val_data:
-            val_paths = find_images(cfg.val_data)
-        else:
-            slides = sorted(set(map(slide_of, paths)))
-            rng = random.Random(cfg.seed)
-            if len(slides) >= 2:
-                held = set(rng.sample(slides, max(1, round(cfg.val_frac * len(slides)))))
-                val_paths = [p for p in paths if slide_of(p) in held]
-            else:  # one slide: hold out tiles instead (said, since it leaks the slide)
-                print0(f"note: only one slide in --data; holding out {cfg.val_frac:.0%} of its tiles for validation")
-                val_paths = rng.sample(paths, max(1, round(cfg.val_frac * len(paths))))
-            paths = [p for p in paths if p not in set(val_paths)]
-        val_paths = random.Random(cfg.seed).sample(val_paths, min(cfg.max_val, len(val_paths)))
-
-    if cfg.bench_data:  # the loader alone: no model needed
-        cfg.img_size = cfg.img_size or 224
-        cfg.load_size = cfg.load_size or cfg.img_size
-        return bench_data(cfg, paths)
-
-    # models
+def build_models(cfg, device, dtype, amp):
+    """Frozen teacher, trainable student + heads, input sizes; shapes checked once, loudly."""
     if RANK == 0 and any(not (n in PRESETS and w) and not Path(n).exists() and not n.startswith("local-dir:")
                          for n, w in ((cfg.teacher, cfg.teacher_weights), (cfg.student, cfg.student_weights))) \
             and not hub_reachable():
         import huggingface_hub.constants
         huggingface_hub.constants.HF_HUB_OFFLINE = True  # fail in a second, not after minutes of retries
         print0("note: the Hugging Face hub is not reachable; only cached or local weights can be used")
-    demo = cfg.teacher == DEMO["teacher"] and cfg.data == DEMO["data"]
     try:
         teacher, spec_t = load_model(cfg.teacher, cfg.teacher_weights, cfg.teacher_kwargs, cfg.img_size, device)
-    except SystemExit as e:
-        if not demo:
+    except SystemExit:
+        if not (cfg.teacher == DEMO["teacher"] and cfg.data == DEMO["data"]):
             raise
         print0("note: the demo teacher's pretrained weights are not reachable; continuing with a random-init "
                "teacher that pools its patch tokens (a random ViT's CLS token barely depends on the image)")
@@ -667,52 +643,94 @@ def main(argv=None):
     teacher.eval().requires_grad_(False)  # frozen: never trained, never in the optimizer or a checkpoint
     if device.type == "cuda" and dtype != torch.float32:
         teacher.to(dtype)  # no optimizer state, so the weights can live in bf16/fp16 outright
-    local = cfg.local_loss != "none" and cfg.w_local > 0
-    raw = Student(student, spec_s, spec_t["dim"], spec_t["tdim"], local).to(device)
+    raw = Student(student, spec_s, spec_t["dim"], spec_t["tdim"], cfg.local_loss != "none" and cfg.w_local > 0)
+    raw.to(device)
     if cfg.grad_checkpointing:
         student.set_grad_checkpointing(True)
-    # check shapes once, loudly
     with torch.no_grad(), amp():
         gt, pt = encode(teacher, spec_t, torch.rand(2, 3, cfg.img_size, cfg.img_size, device=device))
         gs, ls = raw(torch.rand(2, 3, cfg.student_img_size, cfg.student_img_size, device=device), grid)
     assert gs.shape == gt.shape, f"global shapes differ: student {tuple(gs.shape)} vs teacher {tuple(gt.shape)}"
     assert tuple(pt.shape[-2:]) == grid and (ls is None or ls.shape[1] == grid[0] * grid[1])
-    n_params = sum(p.numel() for p in student.parameters())
-    print0(f"teacher {cfg.teacher} ({spec_t['source']}): {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params, "
-           f"{cfg.img_size}px, grid {grid[0]}x{grid[1]}, dim {spec_t['dim']}")
-    print0(f"student {cfg.student} ({spec_s['source']}): {n_params / 1e6:.1f}M params, {cfg.student_img_size}px, "
+    n = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+    print0(f"teacher {cfg.teacher} ({spec_t['source']}): {n(teacher):.1f}M params, {cfg.img_size}px, "
+           f"grid {grid[0]}x{grid[1]}, dim {spec_t['dim']}")
+    print0(f"student {cfg.student} ({spec_s['source']}): {n(student):.1f}M params, {cfg.student_img_size}px, "
            f"patch {spec_s['patch'] or '-'}, dim {spec_s['dim']}")
+    return teacher, spec_t, raw, spec_s, grid
 
-    gb = cfg.batch_size * WORLD
-    if not cfg.synthetic and len(paths) < gb:
-        raise SystemExit(f"error: {len(paths)} training tiles is fewer than one global batch ({gb}); lower --batch-size")
-    cfg.steps = cfg.steps or max(1, int(cfg.epochs * len(paths) / (gb * cfg.grad_accum)))
+def make_batches(cfg, paths, start, device):
+    """An endless iterator of (uint8 tiles, skipped) for this rank, starting at sample `start` of the run."""
+    if cfg.synthetic:  # the same step on random tensors: no I/O
+        return iter(lambda: (torch.randint(0, 256, (cfg.batch_size, 3, cfg.load_size, cfg.load_size),
+                                           dtype=torch.uint8), torch.zeros(cfg.batch_size, dtype=torch.long)), None)
+    weights = None
+    if cfg.balance:  # each slide equally likely, whatever its tile count
+        counts = {}
+        for p in paths:
+            counts[slide_of(p)] = counts.get(slide_of(p), 0) + 1
+        weights = torch.tensor([1.0 / counts[slide_of(p)] for p in paths], dtype=torch.double)
+    sampler = InfiniteSampler(len(paths), weights, cfg.batch_size * WORLD, cfg.seed, start)
+    return iter(torch.utils.data.DataLoader(
+        TileDataset(paths, cfg.load_size), batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+        num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+        prefetch_factor=4 if cfg.workers else None, generator=torch.Generator().manual_seed(cfg.seed)))
 
-    # optimizer and schedule: AdamW, lr and weight decay cosine-decayed together; no decay on biases/norms
-    decay = [p for n, p in raw.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "token" not in n]
-    other = [p for n, p in raw.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+def main(argv=None):
+    global RANK, WORLD
+    cfg = parse_args(argv)
+    RANK, WORLD, device = init_distributed()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.global_loss not in ("logsum", "cosine", "smoothl1", "mse") or \
+            cfg.local_loss not in ("cosine-smoothl1", "logsum", "mse", "none") or cfg.views not in ("same", "independent"):
+        raise SystemExit(f"error: unknown --global-loss {cfg.global_loss} / --local-loss {cfg.local_loss} / --views {cfg.views}")
+    # precision is one line of policy: bf16 autocast where supported, fp32 on CPU, a GradScaler only for fp16
+    if cfg.precision == "auto":
+        cfg.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
+    amp = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    paths, val_paths = split_data(cfg) if not cfg.synthetic else ([], [])  # a bad --data fails before any model
+    if cfg.bench_data:  # the loader alone: no model needed
+        cfg.img_size = cfg.img_size or 224
+        cfg.load_size = cfg.load_size or cfg.img_size
+        return bench_data(cfg, paths)
+    teacher, spec_t, raw, spec_s, grid = build_models(cfg, device, dtype, amp)
+    gb = cfg.batch_size * WORLD * cfg.grad_accum  # tiles per optimizer step, all ranks
+    if not cfg.synthetic and len(paths) < cfg.batch_size * WORLD:
+        raise SystemExit(f"error: {len(paths)} training tiles is fewer than one batch over all processes "
+                         f"({cfg.batch_size * WORLD}); lower --batch-size")
+    cfg.steps = cfg.steps or max(1, int(cfg.epochs * len(paths) / gb))
+
+    # optimizer: AdamW (fused on CUDA); no weight decay on biases, norms, tokens and position embeddings
+    decays = lambda n, p: p.ndim >= 2 and "pos_embed" not in n and "token" not in n
+    groups = [[p for n, p in raw.named_parameters() if decays(n, p) == d] for d in (True, False)]
+    opt = torch.optim.AdamW([{"params": groups[0], "weight_decay": cfg.weight_decay},
+                             {"params": groups[1], "weight_decay": 0.0}], lr=cfg.lr, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # bf16 needs no scaler
 
-    # resume
-    out = Path(cfg.out)
-    step, first, best = 0, None, None
+    # resume: weights, optimizer, scaler, RNG; the data position and augmentations follow from the step
+    out, step, first = Path(cfg.out), 0, {}
     ckpt_path = out / "ckpt.pt" if cfg.resume in ("auto", "") else Path(cfg.resume)
     if cfg.resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         raw.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
-        step, first = ck["step"], ck.get("first")
+        step, first = ck["step"], ck["first"]
         torch.set_rng_state(ck["rng"]["torch"])
         np.random.set_state(ck["rng"]["numpy"])
         random.setstate(ck["rng"]["python"])
-        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
+        if device.type == "cuda" and ck["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(ck["rng"]["cuda"])
         print0(f"resumed from {ckpt_path} at step {step}")
     elif cfg.resume and cfg.resume != "auto":
         raise SystemExit(f"error: --resume {cfg.resume}: no such checkpoint")
+    metrics = None
     if RANK == 0:
         out.mkdir(parents=True, exist_ok=True)
         conf = dict(dataclasses.asdict(cfg), world_size=WORLD, torch=torch.__version__, timm=timm.__version__,
@@ -720,154 +738,129 @@ def main(argv=None):
         (out / "config.tmp").write_text(json.dumps(conf, indent=2))
         os.replace(out / "config.tmp", out / "config.json")
         print0(json.dumps(conf))
+        old = (out / "metrics.jsonl").read_text().splitlines() if step and (out / "metrics.jsonl").exists() else []
+        metrics = open(out / "metrics.jsonl", "w")  # a resumed run keeps the lines up to its checkpoint
+        metrics.writelines(l + "\n" for l in old if json.loads(l)["step"] <= step)
 
-    # compile / wrap: only student + heads go into DDP; keep raw for saving and evaluation
+    # compile / wrap: only student + heads go into DDP; raw stays uncompiled for saving and evaluation
     model = raw
     if WORLD > 1:
         model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
-    if use_compile:
-        model, teacher_fwd = torch.compile(model), torch.compile(teacher)
-    else:
-        teacher_fwd = teacher
-
-    # loaders
-    if cfg.synthetic:
-        batches = iter(lambda: (torch.randint(0, 256, (cfg.batch_size, 3, cfg.load_size, cfg.load_size),
-                                              dtype=torch.uint8), torch.zeros(cfg.batch_size, dtype=torch.long)), None)
-        val = []
-    else:
-        weights = None
-        if cfg.balance:  # each slide equally likely
-            ids = [slide_of(p) for p in paths]
-            counts = {s: ids.count(s) for s in set(ids)}
-            weights = torch.tensor([1.0 / counts[s] for s in ids], dtype=torch.double)
-        sampler = InfiniteSampler(len(paths), weights, gb, cfg.seed, start=step * gb * cfg.grad_accum)
-        kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-                  prefetch_factor=4 if cfg.workers else None)
-        batches = iter(torch.utils.data.DataLoader(TileDataset(paths, cfg.load_size), batch_size=cfg.batch_size,
-                       sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(cfg.seed), **kw))
-        val = torch.utils.data.DataLoader(TileDataset(val_paths, cfg.img_size), batch_size=cfg.batch_size,
-                                          num_workers=min(cfg.workers, 2))
-
-    # the loop
-    stop = {"signal": None}
-    def on_signal(sig, frame):
-        stop["signal"] = signal.Signals(sig).name
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    flops = (forward_flops(teacher, cfg.img_size) + 3 * forward_flops(student, cfg.student_img_size)) * gb * cfg.grad_accum
-    peak = peak_flops(device, cfg.precision) * WORLD
-    seen_bad, seen, bad_losses, recent, above = 0, 0, 0, deque(maxlen=100), 0
-    metrics = open(out / "metrics.jsonl", "a") if RANK == 0 else None
-    last = {}
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    model, teacher_fwd = (torch.compile(model), torch.compile(teacher)) if use_compile else (model, teacher)
+    batches = make_batches(cfg, paths, step * gb, device)
+    val = torch.utils.data.DataLoader(TileDataset(val_paths, cfg.img_size), batch_size=cfg.batch_size,
+                                      num_workers=min(cfg.workers, 2)) if RANK == 0 and val_paths else None
 
     def save():
         if RANK == 0:
+            rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                       cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
             atomic_save(dict(model=raw.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step,
-                             first=first, config=dataclasses.asdict(cfg), samples=step * gb * cfg.grad_accum,
-                             rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                                      cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)), out / "ckpt.pt")
+                             first=first, samples=step * gb, config=dataclasses.asdict(cfg), rng=rng), out / "ckpt.pt")
 
-    if RANK == 0 and val and step == 0:
-        last = evaluate(raw, teacher, spec_t, val, cfg, device, amp)
-        first = dict(last)
-        print0(f"step {step:06d} | val cos {last['val_cos']:.4f} (raw {last['val_cos_raw']:.4f}) | cka {last['val_cka']:.4f}")
+    stop = {}  # SIGINT / SIGTERM (a pre-empted cluster job): finish the step, save, export, exit cleanly
+    handlers = {s: signal.signal(s, lambda sig, frame: stop.setdefault("by", signal.Signals(sig).name))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    flops = (forward_flops(teacher, cfg.img_size) + 3 * forward_flops(raw.student, cfg.student_img_size)) * gb
+    peak = peak_flops(device, cfg.precision) * WORLD
+    n_bad, seen, bad_steps, recent, above, last, reason = 0, step * gb, 0, deque(maxlen=100), 0, {}, "done"
+    if val is not None and step == 0:
+        first = evaluate(raw, teacher, spec_t, val, cfg, device, amp)
+        print0(f"step {step:06d} | val cos {first['val_cos']:.4f} (raw {first['val_cos_raw']:.4f}) | cka {first['val_cka']:.4f}")
     bar = tqdm(total=cfg.steps, initial=step, disable=RANK != 0, desc="distil", dynamic_ncols=True)
-    t0, n_timed, reason = time.perf_counter(), 0, "done"
+    t0, n_timed = time.perf_counter(), 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     while step < cfg.steps:
         f = lr_factor(step, cfg)
-        for gi, g in enumerate(opt.param_groups):
-            g["lr"] = cfg.lr * f
-            g["weight_decay"] = cfg.weight_decay * f if gi == 0 else 0.0
+        for g, wd in zip(opt.param_groups, (cfg.weight_decay * f, 0.0)):  # lr and weight decay decay together
+            g["lr"], g["weight_decay"] = cfg.lr * f, wd
         parts = torch.zeros(3, device=device)
         for micro in range(cfg.grad_accum):
-            x, nbad = next(batches)
-            seen_bad, seen = seen_bad + int((nbad > 0).sum()), seen + gb  # this rank's bad tiles, all ranks' tiles
-            xt, xs = make_views(x, cfg, step, micro, device)
+            x, skipped = next(batches)
+            n_bad, seen = n_bad + int((skipped > 0).sum()), seen + cfg.batch_size * WORLD  # this rank's bad tiles
+            xt, xs = make_views(x, cfg, step, micro, device)  # G2L: the same augmented view for both models
             if cfg.student_img_size != cfg.img_size:
                 xs = F.interpolate(xs, size=cfg.student_img_size, mode="bilinear", antialias=True, align_corners=False)
-            with amp():
+            sync = contextlib.nullcontext() if WORLD == 1 or micro == cfg.grad_accum - 1 else model.no_sync()
+            with amp(), sync:
                 with torch.no_grad():  # not inference_mode: these tensors enter the loss
-                    chunks = [encode(teacher_fwd, spec_t, c) for c in xt.split(cfg.teacher_chunk or len(xt))]
-                    gt, pt = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
-                sync = contextlib.nullcontext() if WORLD == 1 or micro == cfg.grad_accum - 1 else model.no_sync()
-                with sync:
-                    gs, ls = model(xs, grid)
-            l_g = pair_loss(cfg.global_loss, gs, gt, cfg.alpha)
+                    outs = [encode(teacher_fwd, spec_t, c) for c in xt.split(cfg.teacher_chunk or len(xt))]
+                    gt, pt = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+                gs, ls = model(xs, grid)
+            l_g = pair_loss(cfg.global_loss, gs, gt, cfg.alpha)  # losses in fp32
             l_l = pair_loss(cfg.local_loss, ls.flatten(0, 1), pt.flatten(2).transpose(1, 2).flatten(0, 1), cfg.alpha) \
-                if local else torch.zeros((), device=device)
+                if ls is not None else torch.zeros((), device=device)
             loss = cfg.w_global * l_g + cfg.w_local * l_l
             with sync:
                 scaler.scale(loss / cfg.grad_accum).backward()
             parts += torch.stack([loss.detach(), l_g.detach(), l_l.detach()]) / cfg.grad_accum
         scaler.unscale_(opt)
-        gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
-        loss_v, lg_v, ll_v = parts.tolist()
-        if not math.isfinite(loss_v):  # skip the update; a few in a row means the run has diverged
+        gnorm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else math.inf))
+        loss_v, lg_v, ll_v = parts.tolist()  # the same on every rank: the loss is global
+        if not math.isfinite(loss_v):  # skip this update; three in a row means the run has diverged
             opt.zero_grad(set_to_none=True)
-            bad_losses += 1
-            print0(f"warning: non-finite loss at step {step} ({bad_losses} in a row); update skipped")
-            if bad_losses >= 3:
-                reason = "stopped: 3 non-finite losses in a row; the last good checkpoint is kept (lower --lr?)"
+            bad_steps += 1
+            print0(f"warning: non-finite loss at step {step} ({bad_steps} in a row); update skipped")
+            if bad_steps == 3:
+                reason = "stopped: 3 non-finite losses in a row; the weights are the last finite ones (lower --lr?)"
                 break
             continue
-        bad_losses = 0
+        bad_steps = 0
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        step += 1
-        n_timed += 1
+        step, n_timed = step + 1, n_timed + 1
         bar.update(1)
-        if cfg.early_stop:  # G2L's rule, read as: more than 10 consecutive steps above the last-100 mean
+        if cfg.early_stop:  # G2L's rule, read as: more than 10 steps in a row above the mean of the last 100
             above = above + 1 if len(recent) == 100 and loss_v > sum(recent) / 100 else 0
             recent.append(loss_v)
             if above > 10:
                 reason = f"early stop at step {step}: loss above its last-100 running mean {above} steps in a row"
                 break
         if step % cfg.log_every == 0 or step == cfg.steps:
-            n_bad = int(all_sum(torch.tensor(float(seen_bad))))
-            if n_bad > cfg.max_bad_frac * seen and n_bad > 10:
-                reason = f"stopped: {n_bad} of {seen} tiles were unreadable (over --max-bad-frac); see the warnings"
+            bad = int(all_sum(torch.tensor(float(n_bad), device=device)))
+            if bad > cfg.max_bad_frac * seen and bad > 10:
+                reason = f"stopped: {bad} of {seen} tiles were unreadable (over --max-bad-frac); see the warnings"
                 break
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
-            ips = n_timed * gb * cfg.grad_accum / dt
             mem = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else \
                 __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 1e6
             last = dict(step=step, loss=round(loss_v, 5), l_global=round(lg_v, 5), l_local=round(ll_v, 5),
-                        lr=cfg.lr * f, grad_norm=round(float(gnorm), 4), img_per_s=round(ips, 2),
-                        mfu=round(100 * flops * n_timed / dt / peak, 2), mem_gb=round(mem, 2), bad_tiles=n_bad)
-            if RANK == 0 and val and (step % cfg.eval_every == 0 or step == cfg.steps):
+                        lr=cfg.lr * f, grad_norm=round(gnorm, 4), img_per_s=round(n_timed * gb / dt, 2),
+                        mfu=round(100 * flops * n_timed / dt / peak, 2), mem_gb=round(mem, 2), bad_tiles=bad)
+            if val is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 last.update(evaluate(raw, teacher, spec_t, val, cfg, device, amp))
-            first = first or dict(last)
             first.setdefault("loss", last["loss"])
             if RANK == 0:
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
                 tqdm.write(f"step {step:06d} | loss {loss_v:.4f} (g {lg_v:.4f} l {ll_v:.4f}) | lr {cfg.lr * f:.2e} | "
-                           f"gnorm {float(gnorm):.2f} | {ips:.1f} img/s | mfu {last['mfu']:.1f}% | {mem:.2f} GB"
+                           f"gnorm {gnorm:.2f} | {last['img_per_s']:.1f} img/s | mfu {last['mfu']:.1f}% | {mem:.2f} GB"
                            + (f" | val cos {last['val_cos']:.4f} cka {last['val_cka']:.4f}" if "val_cos" in last else ""))
             t0, n_timed = time.perf_counter(), 0
         if step % cfg.ckpt_every == 0 and step < cfg.steps:
             save()
-        if stop["signal"]:
-            reason = f"stopped by {stop['signal']} at step {step}; continue with --resume auto"
+        if WORLD > 1 and all_sum(torch.tensor(float(bool(stop)), device=device)) > 0:
+            stop.setdefault("by", "a signal on another rank")  # signals reach ranks at different steps: stop together
+        if stop:
+            reason = f"stopped by {stop['by']} at step {step}; continue with --resume auto"
             break
     bar.close()
-    for s, h in old.items():
+    for s, h in handlers.items():
         signal.signal(s, h)
-    if not reason.startswith("stopped: 3 non-finite"):
-        save()
-    if RANK == 0 and not cfg.synthetic:
-        export(raw, spec_s, cfg, out)
-    if metrics:
+    save()
+    if RANK == 0:
         metrics.close()
+        if not cfg.synthetic:
+            export(raw, spec_s, cfg, out)
     if WORLD > 1:
         dist.barrier()
         dist.destroy_process_group()
-    summary(cfg, reason, first or {}, last, out)
+    summary(cfg, reason, first, last, out)
     return last
 
 def summary(cfg, reason, first, last, out):

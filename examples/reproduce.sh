@@ -76,3 +76,39 @@ if [ "$STAGE" != eval ]; then
   distil noaug         --student vit_tiny_patch16_224 --w-local 1 --no-augment
   distil convnext      --student convnext_atto --w-local 1                        # another family (token map resized)
 fi
+
+# ---- evaluation: the teacher, a random-init student, and every distilled student, on the held-out PCam blocks
+if [ "$STAGE" != distil ]; then
+  RUNS=(global global_local cosine wlocal0.5 wlocal2 independent noaug convnext)
+  MODELS=(--model "$T" --img-size 112 --model vit_tiny_patch16_224 --img-size 128)
+  for r in "${RUNS[@]}"; do MODELS+=(--model "$OUT/runs/$r" --img-size 0); done
+  R="$OUT/results"
+  python eval.py probe "${MODELS[@]}" --data "$OUT/eval/labels.csv" --task pcam --seeds 3 --out "$R"
+  python eval.py robustness "${MODELS[@]}" --data "$OUT/eval/robust.csv" --task pcam_2centres --out "$R"
+  STUDENTS=(--student vit_tiny_patch16_224 --student-img-size 128)
+  for r in "${RUNS[@]}"; do STUDENTS+=(--student "$OUT/runs/$r" --student-img-size 0); done
+  python eval.py agree --teacher "$T" --teacher-img-size 112 "${STUDENTS[@]}" --data "$OUT/eval/labels.csv" --task pcam --out "$R"
+  python eval.py bench --model "$T" --model vit_tiny_patch16_224 --model convnext_atto --img-size 112 \
+      --batch-sizes 32 --iters 10 --out "$R"
+  python eval.py report --out "$R"
+  python - "$OUT" <<'PY'   # the README table, from the files above
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1]); R = out / "results"
+probe = {Path(r["model"]).name: r for r in json.loads((R / "probe_pcam.json").read_text())}
+ri = {Path(r["model"]).name: r for r in json.loads((R / "robustness_pcam_2centres.json").read_text()) if r["k"] == 20}
+agree = {Path(r["student"]).name: r for r in json.loads((R / "agree_pcam.json").read_text())}
+bench = {r["model"]: r for r in json.loads((R / "bench.json").read_text())}
+wall = dict(l.split()[:2] for l in (out / "runs" / "walltime.txt").read_text().splitlines())
+arch = lambda n: "convnext_atto" if n == "convnext" else "vit_tiny_patch16_224" if n in wall else n
+print("| model | bal. acc (linear) | AUROC (linear) | kNN acc | kNN bal. acc | CKA to teacher | RI@20 | de Jong@20 | params | img/s @112px | distil wall time |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for name, p in probe.items():
+    b = bench.get(arch(name)) or bench.get(p["model"], {})
+    a = agree.get(name, {})
+    cka = "1 (itself)" if name == "teacher112" else f"{a.get('cka', float('nan')):.3f}"
+    print(f"| {name} | {p['linear_bacc']:.3f} ± {p['linear_bacc_std']:.3f} | {p['linear_auroc']:.3f} | {p['knn_acc']:.3f} | "
+          f"{p['knn_bacc']:.3f} | {cka} | {ri[name]['ri']:.3f} | {ri[name]['dejong']:.3f} | {b.get('params_m', float('nan')):.1f}M | "
+          f"{b.get('img_per_s', float('nan')):.0f} | {wall.get(name, '-')} s |")
+PY
+fi
