@@ -746,8 +746,9 @@ def main(argv=None):
     model = raw
     if WORLD > 1:
         model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    model, teacher_fwd = (torch.compile(model), torch.compile(teacher)) if use_compile else (model, teacher)
+    teacher_fwd = lambda x: encode(teacher, spec_t, x)  # compiled as a whole: forward_features is not `forward`
+    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
+        model, teacher_fwd = torch.compile(model), torch.compile(teacher_fwd)
     batches = make_batches(cfg, paths, step * gb, device)
     val = torch.utils.data.DataLoader(TileDataset(val_paths, cfg.img_size), batch_size=cfg.batch_size,
                                       num_workers=min(cfg.workers, 2)) if RANK == 0 and val_paths else None
@@ -786,7 +787,7 @@ def main(argv=None):
             sync = contextlib.nullcontext() if WORLD == 1 or micro == cfg.grad_accum - 1 else model.no_sync()
             with amp(), sync:
                 with torch.no_grad():  # not inference_mode: these tensors enter the loss
-                    outs = [encode(teacher_fwd, spec_t, c) for c in xt.split(cfg.teacher_chunk or len(xt))]
+                    outs = [teacher_fwd(c) for c in xt.split(cfg.teacher_chunk or len(xt))]
                     gt, pt = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
                 gs, ls = model(xs, grid)
             l_g = pair_loss(cfg.global_loss, gs, gt, cfg.alpha)  # losses in fp32
