@@ -433,7 +433,8 @@ def cmd_report(a):
     if not bars:
         raise SystemExit(f"error: no results (*.json from probe/agree/robustness/bench) in {out}; run those first")
     models = list(dict.fromkeys(m for g in bars.values() for m in g))
-    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+               "#17becf", "#000000", "#aec7e8"]
     bw, gw, top, h = 18, max(130, 18 * len(models) + 30), 30 + 14 * len(models), 260
     img = Image.new("RGB", (60 + gw * len(bars), top + h + 50), "white")
     d = ImageDraw.Draw(img)
@@ -442,12 +443,12 @@ def cmd_report(a):
         d.line([(50, yy), (img.width - 10, yy)], fill="#dddddd")
         d.text((10, yy - 6), f"{t / 4:.2f}", fill="black")
     for i, m in enumerate(models):
-        d.rectangle([10, 8 + 14 * i, 20, 18 + 14 * i], fill=colours[i % 8])
+        d.rectangle([10, 8 + 14 * i, 20, 18 + 14 * i], fill=colours[i % len(colours)])
         d.text((26, 7 + 14 * i), m[-80:], fill="black")
     for g, (label, vals) in enumerate(bars.items()):
         x0 = 60 + g * gw
         for j, m in enumerate(m for m in models if m in vals):  # a model keeps its colour, bars stay side by side
-            v, c = min(max(vals[m], 0), 1) if not math.isnan(vals[m]) else 0, colours[models.index(m) % 8]
+            v, c = min(max(vals[m], 0), 1) if not math.isnan(vals[m]) else 0, colours[models.index(m) % len(colours)]
             d.rectangle([x0 + j * bw, top + h - int(v * h), x0 + j * bw + bw - 3, top + h], fill=c)
         for j, part in enumerate(label):
             d.text((x0, top + h + 6 + 13 * j), part[:gw // 6], fill="black")

@@ -382,9 +382,8 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
     if extra and not isinstance(extra, dict):
         raise SystemExit(f"error: --*-kwargs must be a JSON object, got {kwargs!r}")
     kw.update(extra)
-    if img_size:
-        kw["img_size"] = img_size
     build = {k: LAYERS.get(v, v) if k in ("mlp_layer", "act_layer") else v for k, v in kw.items()}
+    build.update({"img_size": img_size} if img_size else {})
     random_init = weights == "random"  # the bare architecture with random weights (benchmarks, tests)
     weights = "" if random_init else weights
     if weights or extra or meta or random_init:  # local weights / changed architecture: the bare architecture
@@ -394,9 +393,16 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
     else:
         target = hub
     source = f"weights file {weights}" if weights else ("pretrained " + target if pretrained else "random init")
-    try:
+    def create(**kw):
         with torch.device("meta") if meta else contextlib.nullcontext():
-            model = timm.create_model(target, pretrained=pretrained, num_classes=0, **build)
+            return timm.create_model(target, pretrained=pretrained, num_classes=0, **kw)
+    try:
+        try:
+            model = create(**build)
+        except TypeError as e:  # a convolutional net takes any input size and no img_size argument
+            if "img_size" not in str(e):
+                raise
+            model = create(**{k: v for k, v in build.items() if k != "img_size"})
     except (OSError, RuntimeError, ValueError, TypeError, AssertionError) as e:
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         if target.startswith("hf-hub:") or "huggingface" in msg.lower() or "hub" in msg.lower() or isinstance(e, OSError):

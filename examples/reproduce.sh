@@ -7,6 +7,8 @@ set -euo pipefail
 OUT=${OUT:-repro}
 SHARED=${SHARED:-../shared}
 STAGE=${1:-all}
+IMG=${IMG:-112}                 # teacher px (IMG=224 on a GPU); students run on the same patch grid
+STU=$((IMG / 14 * 16))
 mkdir -p "$OUT"
 
 # ---- data: PCam split by contiguous index blocks (a stand-in for slides: PCam ships no slide ids), so the
@@ -51,12 +53,12 @@ for r in ev[::8][:256]:
 print(f"distil {sum(1 for _ in (out / 'distil').rglob('*.jpg'))} tiles, eval {len(ev)} tiles, val {len(list(vd.iterdir()))}")
 PY
 fi
-[ -f "$OUT/teacher112/config.json" ] || python "$SHARED/tools/make_offline_teacher.py" --out "$OUT/teacher112" --img-size 112
+[ -f "$OUT/teacher$IMG/config.json" ] || python "$SHARED/tools/make_offline_teacher.py" --out "$OUT/teacher$IMG" --img-size $IMG
 [ -f "$OUT/slide_tiles/slides.csv" ] || python prep_tiles.py "$SHARED/datasets/wsi-real" --out "$OUT/slide_tiles" \
     --mpp 0.5 --mpp-override 0.25   # CMU-1-Small-Region has its mpp; the TCGA crop has none (0.25 is assumed)
 
-T="$OUT/teacher112"
-COMMON=(--teacher "$T" --data "$OUT/distil" "$OUT/slide_tiles" --val-data "$OUT/val" --img-size 112
+T="$OUT/teacher$IMG"
+COMMON=(--teacher "$T" --data "$OUT/distil" "$OUT/slide_tiles" --val-data "$OUT/val" --img-size $IMG
         --batch-size 32 --epochs 4 --lr 5e-4 --warmup-steps 20 --eval-every 50 --log-every 10 --workers 2 --seed 0)
 distil() {  # name, then options; skipped when the run has already exported its student
   local name=$1; shift
@@ -80,15 +82,15 @@ fi
 # ---- evaluation: the teacher, a random-init student, and every distilled student, on the held-out PCam blocks
 if [ "$STAGE" != distil ]; then
   RUNS=(global global_local cosine wlocal0.5 wlocal2 independent noaug convnext)
-  MODELS=(--model "$T" --img-size 112 --model vit_tiny_patch16_224 --img-size 128)
+  MODELS=(--model "$T" --img-size $IMG --model vit_tiny_patch16_224 --img-size $STU)
   for r in "${RUNS[@]}"; do MODELS+=(--model "$OUT/runs/$r" --img-size 0); done
   R="$OUT/results"
   python eval.py probe "${MODELS[@]}" --data "$OUT/eval/labels.csv" --task pcam --seeds 3 --out "$R"
   python eval.py robustness "${MODELS[@]}" --data "$OUT/eval/robust.csv" --task pcam_2centres --out "$R"
-  STUDENTS=(--student vit_tiny_patch16_224 --student-img-size 128)
+  STUDENTS=(--student vit_tiny_patch16_224 --student-img-size $STU)
   for r in "${RUNS[@]}"; do STUDENTS+=(--student "$OUT/runs/$r" --student-img-size 0); done
-  python eval.py agree --teacher "$T" --teacher-img-size 112 "${STUDENTS[@]}" --data "$OUT/eval/labels.csv" --task pcam --out "$R"
-  python eval.py bench --model "$T" --model vit_tiny_patch16_224 --model convnext_atto --img-size 112 \
+  python eval.py agree --teacher "$T" --teacher-img-size $IMG "${STUDENTS[@]}" --data "$OUT/eval/labels.csv" --task pcam --out "$R"
+  python eval.py bench --model "$T" --model vit_tiny_patch16_224 --model convnext_atto --img-size $IMG \
       --batch-sizes 32 --iters 10 --out "$R"
   python eval.py report --out "$R"
   python - "$OUT" <<'PY'   # the README table, from the files above
@@ -101,14 +103,16 @@ agree = {Path(r["student"]).name: r for r in json.loads((R / "agree_pcam.json").
 bench = {r["model"]: r for r in json.loads((R / "bench.json").read_text())}
 wall = dict(l.split()[:2] for l in (out / "runs" / "walltime.txt").read_text().splitlines())
 arch = lambda n: "convnext_atto" if n == "convnext" else "vit_tiny_patch16_224" if n in wall else n
-print("| model | bal. acc (linear) | AUROC (linear) | kNN acc | kNN bal. acc | CKA to teacher | RI@20 | de Jong@20 | params | img/s @112px | distil wall time |")
+print("| model | bal. acc (linear) | AUROC (linear) | kNN acc | kNN bal. acc | CKA to teacher | RI@20 | de Jong@20 | params | img/s | distil wall time |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
+label = {"teacher112": "teacher: DINOv2 ViT-S/14 (pretrained)", "teacher224": "teacher: DINOv2 ViT-S/14 (pretrained)", "vit_tiny_patch16_224": "student ViT-Ti/16, random init",
+         "global": "ViT-Ti distilled, global only (paper)", "global_local": "ViT-Ti distilled, global + local"}
 for name, p in probe.items():
     b = bench.get(arch(name)) or bench.get(p["model"], {})
     a = agree.get(name, {})
-    cka = "1 (itself)" if name == "teacher112" else f"{a.get('cka', float('nan')):.3f}"
-    print(f"| {name} | {p['linear_bacc']:.3f} ± {p['linear_bacc_std']:.3f} | {p['linear_auroc']:.3f} | {p['knn_acc']:.3f} | "
+    cka = "1 (itself)" if name.startswith("teacher") else f"{a.get('cka', float('nan')):.3f}"
+    print(f"| {label.get(name, name)} | {p['linear_bacc']:.3f} ± {p['linear_bacc_std']:.3f} | {p['linear_auroc']:.3f} | {p['knn_acc']:.3f} | "
           f"{p['knn_bacc']:.3f} | {cka} | {ri[name]['ri']:.3f} | {ri[name]['dejong']:.3f} | {b.get('params_m', float('nan')):.1f}M | "
-          f"{b.get('img_per_s', float('nan')):.0f} | {wall.get(name, '-')} s |")
+          f"{b.get('img_per_s', float('nan')):.0f} | {wall[name] + ' s' if name in wall else '-'} |")
 PY
 fi
