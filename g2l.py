@@ -17,7 +17,7 @@ local loss on patch tokens (RADIO / GPFM style: 0.9 cosine + 0.1 smooth-L1).
 The student lands in OUT/student/ as a timm local-dir:
     timm.create_model("local-dir:runs/NAME/student", pretrained=True)
 """
-import argparse, contextlib, dataclasses, glob, json, math, os, random, signal, socket, sys, time
+import argparse, contextlib, dataclasses, glob, inspect, json, math, os, random, re, signal, socket, sys, time
 from collections import deque
 from pathlib import Path
 
@@ -35,45 +35,45 @@ import timm
 @dataclasses.dataclass
 class Config:
     teacher: str = "h-optimus-0"        # preset, timm name, hf-hub:ORG/NAME, local-dir:PATH or a g2l run folder
-    student: str = "uni"
-    teacher_weights: str = ""           # local .safetensors/.pth/.bin for the teacher's architecture
-    student_weights: str = ""
+    student: str = "uni"                # the same naming rules as --teacher
+    teacher_weights: str = ""           # local .safetensors/.pth/.bin for the teacher's architecture ("random": random init)
+    student_weights: str = ""           # local weights for the student's architecture ("random": random init)
     teacher_kwargs: str = ""            # JSON architecture kwargs, e.g. '{"depth": 2}'
-    student_kwargs: str = ""
-    data: list = dataclasses.field(default_factory=lambda: ["tiles"])
-    val_data: list = dataclasses.field(default_factory=list)
+    student_kwargs: str = ""            # JSON architecture kwargs for the student
+    data: list = dataclasses.field(default_factory=lambda: ["tiles"])  # folders of tiles (recursive; parent folder = slide)
+    val_data: list = dataclasses.field(default_factory=list)  # validation tile folders (default: held-out slides)
     val_frac: float = 0.05              # held-out fraction of slides when --val-data is not given
     max_val: int = 512                  # validation tiles used at each evaluation
     balance: bool = False               # sample slides equally often, whatever their tile counts
-    out: str = "runs/g2l"
+    out: str = "runs/g2l"               # the run folder: config, metrics, checkpoint, exported student
     img_size: int = 0                   # teacher input px; 0 = the teacher's native size
     student_img_size: int = 0           # 0 = the size whose patch grid equals the teacher's
     load_size: int = 0                  # tiles are resized to this, then randomly cropped to img_size (0 = img_size)
     batch_size: int = 32                # per process, per micro-step
-    grad_accum: int = 1
+    grad_accum: int = 1                 # micro-steps per optimizer step
     steps: int = 0                      # optimizer steps; 0 = derive from --epochs
-    epochs: float = 5.0
-    lr: float = 1e-4
+    epochs: float = 5.0                 # passes over the training tiles, when --steps is 0
+    lr: float = 1e-4                    # AdamW peak learning rate (G2L)
     min_lr_frac: float = 0.01           # lr and weight decay both decay (cosine) to this fraction
-    weight_decay: float = 0.05
-    warmup_steps: int = 100
-    clip_grad: float = 1.0
+    weight_decay: float = 0.05          # AdamW peak weight decay (G2L)
+    warmup_steps: int = 100             # linear warm-up of the learning rate
+    clip_grad: float = 1.0              # max gradient norm (0 = no clipping)
     global_loss: str = "logsum"         # logsum | cosine | smoothl1 | mse
     local_loss: str = "cosine-smoothl1" # cosine-smoothl1 | logsum | mse | none
-    w_global: float = 1.0
-    w_local: float = 1.0
+    w_global: float = 1.0               # weight of the global loss
+    w_local: float = 1.0                # weight of the local loss (0 = the paper's global-only recipe)
     alpha: float = 4.0                  # exponent of the logsum loss
     augment: bool = True                # the paper's flips, colour jitter and blur
     views: str = "same"                 # same | independent (independent colour/blur per model; same crop and flips)
     precision: str = "auto"             # auto | bf16 | fp16 | fp32
     compile: str = "auto"               # auto (on for CUDA) | on | off
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False    # recompute the student's activations in backward (memory)
     teacher_chunk: int = 0              # teacher forward in micro-batches of this size (memory)
-    workers: int = 4
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 100
-    ckpt_every: int = 500
+    workers: int = 4                    # DataLoader processes decoding tiles
+    seed: int = 0                       # data order, augmentations and init
+    log_every: int = 10                 # steps between log lines / metrics.jsonl rows
+    eval_every: int = 100               # steps between validation agreement checks
+    ckpt_every: int = 500               # steps between checkpoints (and one at the end)
     resume: str = ""                    # "" | auto | path to ckpt.pt
     early_stop: bool = False            # G2L: stop when loss > mean of last 100 steps more than 10 times in a row
     max_bad_frac: float = 0.01          # stop when more than this fraction of tiles cannot be read
@@ -86,17 +86,23 @@ DEMO = dict(teacher="vit_small_patch14_dinov2.lvd142m", student="vit_tiny_patch1
             img_size=112, batch_size=16, steps=120, warmup_steps=10, lr=5e-4, eval_every=40, log_every=10,
             ckpt_every=60, workers=2, val_frac=0.15, max_val=64)
 
+CHOICES = dict(global_loss=["logsum", "cosine", "smoothl1", "mse"], local_loss=["cosine-smoothl1", "logsum", "mse", "none"],
+               views=["same", "independent"], precision=["auto", "bf16", "fp16", "fp32"], compile=["auto", "on", "off"])
+
 def parse_args(argv=None):
+    """The command line is the Config: same names (dashes for underscores), its comments are the --help."""
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))
+    fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     for f in dataclasses.fields(Config):
-        name, d = "--" + f.name.replace("_", "-"), f.default
+        name, kw = "--" + f.name.replace("_", "-"), dict(help=helps.get(f.name, " "), choices=CHOICES.get(f.name))
         if f.type is bool:
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=d)
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=kw["help"])
         elif f.type is list:
-            p.add_argument(name, nargs="+", default=f.default_factory())
+            p.add_argument(name, nargs="+", default=f.default_factory(), **kw)
         else:
-            p.add_argument(name, type=f.type, default=d)
+            p.add_argument(name, type=f.type, default=f.default, **kw)
     args = p.parse_args(argv)
     cfg = Config(**vars(args))
     if not argv:  # no arguments at all: the demo
@@ -689,9 +695,6 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    if cfg.global_loss not in ("logsum", "cosine", "smoothl1", "mse") or \
-            cfg.local_loss not in ("cosine-smoothl1", "logsum", "mse", "none") or cfg.views not in ("same", "independent"):
-        raise SystemExit(f"error: unknown --global-loss {cfg.global_loss} / --local-loss {cfg.local_loss} / --views {cfg.views}")
     # precision is one line of policy: bf16 autocast where supported, fp32 on CPU, a GradScaler only for fp16
     if cfg.precision == "auto":
         cfg.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
