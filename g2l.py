@@ -17,7 +17,7 @@ local loss on patch tokens (RADIO / GPFM style: 0.9 cosine + 0.1 smooth-L1).
 The student lands in OUT/student/ as a timm local-dir:
     timm.create_model("local-dir:runs/NAME/student", pretrained=True)
 """
-import argparse, contextlib, dataclasses, glob, inspect, json, math, os, random, re, signal, socket, sys, time
+import argparse, contextlib, dataclasses, glob, inspect, json, math, os, random, re, shutil, signal, socket, sys, time
 from collections import deque
 from pathlib import Path
 
@@ -343,7 +343,7 @@ def load_weights(model, path, name):
         try:
             sd = filt(sd, model)
         except Exception:
-            pass
+            pass  # a file it cannot convert is reported key by key below
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # classifier heads are not used
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -368,7 +368,7 @@ def resolve(name):
             raise SystemExit(f"error: {path} has no config.json; a local-dir model needs config.json + model.safetensors")
         cfg = json.loads((path / "config.json").read_text())
         pc = cfg.get("pretrained_cfg", cfg)
-        kw = {k: v for k, v in cfg.get("model_args", {}).items()}
+        kw = dict(cfg.get("model_args", {}))
         return name, kw, True, dict(embed=cfg.get("g2l", {}).get("embed", "pool"), mean=pc.get("mean"), std=pc.get("std"),
                                     size=pc.get("input_size", [3, 0, 0])[-1], arch=cfg["architecture"], kwargs=kw)
     if name in PRESETS:
@@ -394,14 +394,12 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
     weights = "" if random_init else weights
     if weights or extra or meta or random_init:  # local weights / changed architecture: the bare architecture
         target, pretrained = spec["arch"].split("hf-hub:")[-1], False
-        if name in PRESETS:
-            target = PRESETS[name]["arch"]
     else:
         target = hub
     source = f"weights file {weights}" if weights else ("pretrained " + target if pretrained else "random init")
-    def create(**kw):
+    def create(**args):
         with torch.device("meta") if meta else contextlib.nullcontext():
-            return timm.create_model(target, pretrained=pretrained, num_classes=0, **kw)
+            return timm.create_model(target, pretrained=pretrained, num_classes=0, **args)
     try:
         try:
             model = create(**build)
@@ -419,7 +417,7 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
     if weights:
         load_weights(model, weights, name)
     pc = model.pretrained_cfg
-    spec = dict(spec, kwargs=kw, source=source, name=name,
+    spec = dict(spec, kwargs=kw, source=source, name=name, arch=pc.get("architecture") or spec["arch"],
                 mean=tuple(spec.get("mean") or pc.get("mean", IN["mean"])),
                 std=tuple(spec.get("std") or pc.get("std", IN["std"])),
                 size=img_size or spec.get("size") or pc.get("input_size", (3, 224, 224))[-1])
@@ -548,7 +546,7 @@ def export(raw, spec, cfg, out):
     tmp.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().float().cpu().contiguous() for k, v in raw.student.state_dict().items()}
     save_file(sd, str(tmp / "model.safetensors"))
-    conf = dict(architecture=spec["arch"].split("hf-hub:")[-1], num_classes=0, num_features=spec["tdim"],
+    conf = dict(architecture=spec["arch"], num_classes=0, num_features=spec["tdim"],
                 model_args={**spec["kwargs"], **({"img_size": cfg.student_img_size} if spec["patch"] else {})},
                 pretrained_cfg=dict(mean=list(spec["mean"]), std=list(spec["std"]), num_classes=0,
                                     input_size=[3, cfg.student_img_size, cfg.student_img_size], crop_pct=1.0,
@@ -560,10 +558,8 @@ def export(raw, spec, cfg, out):
     if final.exists():
         os.replace(final, out / "student.old")
     os.replace(tmp, final)
-    if (out / "student.old").exists():
-        import shutil
-        shutil.rmtree(out / "student.old")
-    heads = {f"{k}": v.detach().float().cpu().contiguous() for k, v in raw.state_dict().items() if not k.startswith("student.")}
+    shutil.rmtree(out / "student.old", ignore_errors=True)
+    heads = {k: v.detach().float().cpu().contiguous() for k, v in raw.state_dict().items() if not k.startswith("student.")}
     save_file(heads, str(out / "heads.safetensors.tmp"))
     os.replace(out / "heads.safetensors.tmp", out / "heads.safetensors")
 
@@ -580,6 +576,8 @@ def setup_sizes(cfg, spec_t, spec_s):
     """Teacher input size, then the student size whose patch grid equals the teacher's
     (a /14 teacher at 224 px -> 16x16 -> a /16 student at 256 px). Returns the teacher grid."""
     cfg.img_size = cfg.img_size or spec_t["size"]
+    if not spec_t["patch"]:
+        raise SystemExit(f"error: the teacher {cfg.teacher} has no patch embedding; g2l distils from ViT teachers")
     if cfg.img_size % spec_t["patch"]:
         raise SystemExit(f"error: --img-size {cfg.img_size} is not a multiple of the teacher's patch size {spec_t['patch']}")
     grid = cfg.img_size // spec_t["patch"]
