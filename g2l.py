@@ -761,7 +761,7 @@ def main(argv=None):
                                       num_workers=min(cfg.workers, 2)) if RANK == 0 and val_paths else None
 
     def save():
-        if RANK == 0:
+        if RANK == 0 and not cfg.synthetic:  # a --synthetic run is a measurement: nothing worth keeping
             rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                        cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
             atomic_save(dict(model=raw.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step,
