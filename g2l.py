@@ -212,15 +212,14 @@ class InfiniteSampler(torch.utils.data.Sampler):
                 yield from order[s + RANK * b: s + (RANK + 1) * b].tolist()
             pos = (epoch + 1) * per_epoch
 
-def aug_params(n, seed, step, micro, device):
+def aug_params(n, seed, step, micro):
     """Random parameters for one global batch, drawn from (seed, step, micro-step) alone: independent of
     the number of ranks and of resumption, so 1 x B and 2 x B/2 processes see identical views."""
     g = torch.Generator().manual_seed(hash((seed, step, micro)) % 2**62)
     u = lambda *s: torch.rand(*s, generator=g)
-    return {k: v.to(device) for k, v in dict(
-        crop=u(n, 2), hflip=u(n) < 0.5, vflip=u(n) < 0.5,
-        jitter=u(n) < 0.5, bcsh=u(n, 4) * 2 - 1,   # brightness, contrast, saturation, hue in [-1, 1]
-        blur=u(n) < 0.1, sigma=0.1 + 1.9 * u(n)).items()}
+    return dict(crop=u(n, 2), hflip=u(n) < 0.5, vflip=u(n) < 0.5,
+                jitter=u(n) < 0.5, bcsh=u(n, 4) * 2 - 1,  # brightness, contrast, saturation, hue in [-1, 1]
+                blur=u(n) < 0.1, sigma=0.1 + 1.9 * u(n))
 
 def crop_flip(x, p, size):
     """Per-sample random crop to size and h/v flips of a uint8/float batch [B,3,H,W]."""
@@ -271,19 +270,16 @@ def make_views(x, cfg, step, micro, device):
     """uint8 tiles -> (teacher view, student view) as float [0,1] on the device.
     G2L: both models see the same augmented view (cfg.views='same')."""
     n = x.shape[0]
-    p = aug_params(n * WORLD, cfg.seed, step, micro, "cpu")
-    p = {k: v[RANK * n:(RANK + 1) * n].to(device) for k, v in p.items()}  # this rank's slice of the global batch
-    x = crop_flip(x.to(device, non_blocking=True), p if cfg.augment else {**p, "hflip": p["hflip"] & False,
-                  "vflip": p["vflip"] & False}, cfg.img_size).float() / 255
+    mine = lambda seed: {k: v[RANK * n:(RANK + 1) * n].to(device)  # this rank's slice of the global batch
+                         for k, v in aug_params(n * WORLD, seed, step, micro).items()}
+    p = mine(cfg.seed)
+    if not cfg.augment:  # the random crop (when --load-size > --img-size) stays; flips, colour and blur go
+        p["hflip"], p["vflip"] = torch.zeros_like(p["hflip"]), torch.zeros_like(p["vflip"])
+    x = crop_flip(x.to(device, non_blocking=True), p, cfg.img_size).float() / 255
     if not cfg.augment:
         return x, x
     xt = colour_blur(x, p)
-    if cfg.views == "independent":
-        q = aug_params(n * WORLD, cfg.seed + 7919, step, micro, "cpu")
-        xs = colour_blur(x, {k: v[RANK * n:(RANK + 1) * n].to(device) for k, v in q.items()})
-    else:
-        xs = xt
-    return xt, xs
+    return xt, colour_blur(x, mine(cfg.seed + 7919)) if cfg.views == "independent" else xt
 
 # ----------------------------------------------------------------------------- models
 HO = dict(mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517))  # Bioptimus' stats

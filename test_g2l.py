@@ -136,7 +136,7 @@ def test_student_size_matches_teacher_grid_and_resize_fallback():
 
 def test_augmentations_keep_their_semantics():
     x = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8)
-    p = g2l.aug_params(6, 0, 0, 0, "cpu")
+    p = g2l.aug_params(6, 0, 0, 0)
     p["crop"][:] = 0.0
     p["hflip"] = torch.tensor([True, False, False, True, False, False])
     p["vflip"] = torch.tensor([False, True, False, True, False, False])
@@ -149,7 +149,7 @@ def test_augmentations_keep_their_semantics():
     assert torch.equal(g2l.crop_flip(x, p, 32)[4], x[4, :, 8:, 8:])
     # colour jitter and blur stay in [0, 1]; untouched images are unchanged; jitter changes the others
     xf = torch.rand(64, 3, 16, 16)
-    q = g2l.aug_params(64, 1, 0, 0, "cpu")
+    q = g2l.aug_params(64, 1, 0, 0)
     q["bcsh"][:] = 1.0  # the extremes of each range
     z = g2l.colour_blur(xf, q)
     assert z.min() >= 0 and z.max() <= 1
