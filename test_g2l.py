@@ -272,6 +272,43 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiles, argv, message, monkeypatc
     said = str(e.value) + capsys.readouterr().err  # argparse prints its errors to stderr
     assert message in said, said
 
+def test_sigterm_saves_exports_and_resumes(tmp_path, tiles, monkeypatch, capsys):
+    """A pre-empted job: SIGTERM mid-run finishes the step, checkpoints, exports, and --resume auto goes on."""
+    import signal
+    real = g2l.lr_factor
+    def pre_empt(step, cfg):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, cfg)
+    monkeypatch.setattr(g2l, "lr_factor", pre_empt)
+    last = run(tmp_path, tiles, steps=8)
+    assert last["step"] == 4 and "stopped by SIGTERM at step 4" in capsys.readouterr().out
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 4
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
+    monkeypatch.setattr(g2l, "lr_factor", real)
+    assert run(tmp_path, tiles, "--resume", "auto", steps=8)["step"] == 8
+    assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(1, 9))  # no step logged twice
+
+def test_non_finite_losses_stop_the_run_with_finite_weights(tmp_path, tiles, monkeypatch, capsys):
+    monkeypatch.setattr(g2l, "pair_loss", lambda kind, zs, zt, alpha=4.0: zs.float().sum() * float("nan"))
+    last = run(tmp_path, tiles, steps=5)
+    out = capsys.readouterr().out
+    assert out.count("non-finite loss at step 0") == 3 and "stopped: 3 non-finite losses in a row" in out
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 0 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert last == {}  # nothing was logged: no step completed
+
+def test_early_stop_rule(tmp_path, tiles, monkeypatch, capsys):
+    """G2L: stop when the loss exceeds the mean of the last 100 steps more than 10 times in a row."""
+    calls = []
+    def rising(kind, zs, zt, alpha=4.0):  # a loss that only goes up: above its running mean at every step
+        calls.append(1)
+        return zs.float().sum() * 0 + len(calls)
+    monkeypatch.setattr(g2l, "pair_loss", rising)
+    last = run(tmp_path, tiles, "--early-stop", "--w-local", "0", "--log-every", "1000", steps=300)
+    assert "early stop at step 111" in capsys.readouterr().out  # 100 steps to fill the window, then 11 above it
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 111
+
 def test_one_compiled_step_runs(tmp_path, tiles):
     last = run(tmp_path, tiles, "--compile", "on", "--synthetic", steps=1)
     assert math.isfinite(last["loss"])
