@@ -665,18 +665,21 @@ def build_models(cfg, device, dtype, amp):
            f"patch {spec_s['patch'] or '-'}, dim {spec_s['dim']}")
     return teacher, spec_t, raw, spec_s, grid
 
+def slide_weights(paths):
+    """Sampling weights that make each slide equally likely, whatever its tile count (--balance)."""
+    slides = [slide_of(p) for p in paths]
+    counts = {s: 0 for s in slides}
+    for s in slides:
+        counts[s] += 1
+    return torch.tensor([1.0 / counts[s] for s in slides], dtype=torch.double)
+
 def make_batches(cfg, paths, start, device):
     """An endless iterator of (uint8 tiles, skipped) for this rank, starting at sample `start` of the run."""
     if cfg.synthetic:  # the same step on random tensors: no I/O
         return iter(lambda: (torch.randint(0, 256, (cfg.batch_size, 3, cfg.load_size, cfg.load_size),
                                            dtype=torch.uint8), torch.zeros(cfg.batch_size, dtype=torch.long)), None)
-    weights = None
-    if cfg.balance:  # each slide equally likely, whatever its tile count
-        counts = {}
-        for p in paths:
-            counts[slide_of(p)] = counts.get(slide_of(p), 0) + 1
-        weights = torch.tensor([1.0 / counts[slide_of(p)] for p in paths], dtype=torch.double)
-    sampler = InfiniteSampler(len(paths), weights, cfg.batch_size * WORLD, cfg.seed, start)
+    sampler = InfiniteSampler(len(paths), slide_weights(paths) if cfg.balance else None, cfg.batch_size * WORLD,
+                              cfg.seed, start)
     return iter(torch.utils.data.DataLoader(
         TileDataset(paths, cfg.load_size), batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
         num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,

@@ -309,6 +309,22 @@ def test_early_stop_rule(tmp_path, tiles, monkeypatch, capsys):
     assert "early stop at step 111" in capsys.readouterr().out  # 100 steps to fill the window, then 11 above it
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 111
 
+def test_memory_options_keep_the_maths(tmp_path, tiles):
+    """Teacher micro-batches and student gradient checkpointing change memory, not the losses."""
+    run(tmp_path, tiles, steps=3, name="plain")
+    run(tmp_path, tiles, "--teacher-chunk", "3", "--grad-checkpointing", steps=3, name="lean")
+    for a, b in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "lean")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+def test_balanced_sampling_draws_slides_equally():
+    paths = [f"/t/big/{i}.jpg" for i in range(90)] + [f"/t/small/{i}.jpg" for i in range(10)]
+    sampler = g2l.InfiniteSampler(len(paths), g2l.slide_weights(paths), 10, seed=0)
+    drawn = [paths[i].split("/")[2] for _, i in zip(range(4000), iter(sampler))]
+    assert drawn.count("small") / len(drawn) == pytest.approx(0.5, abs=0.03)  # 10 % of the tiles, half the draws
+    plain = g2l.InfiniteSampler(len(paths), None, 10, seed=0)
+    drawn = [paths[i].split("/")[2] for _, i in zip(range(4000), iter(plain))]
+    assert drawn.count("small") / len(drawn) == pytest.approx(0.1, abs=0.01)
+
 def test_one_compiled_step_runs(tmp_path, tiles):
     last = run(tmp_path, tiles, "--compile", "on", "--synthetic", steps=1)
     assert math.isfinite(last["loss"])
