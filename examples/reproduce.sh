@@ -77,11 +77,12 @@ if [ "$STAGE" != eval ]; then
   distil independent   --student vit_tiny_patch16_224 --w-local 1 --views independent
   distil noaug         --student vit_tiny_patch16_224 --w-local 1 --no-augment
   distil convnext      --student convnext_atto --w-local 1                        # another family (token map resized)
+  distil global_local_12ep --student vit_tiny_patch16_224 --w-local 1 --epochs 12  # 3x longer: does it keep improving?
 fi
 
 # ---- evaluation: the teacher, a random-init student, and every distilled student, on the held-out PCam blocks
 if [ "$STAGE" != distil ]; then
-  RUNS=(global global_local cosine wlocal0.5 wlocal2 independent noaug convnext)
+  RUNS=(global global_local cosine wlocal0.5 wlocal2 independent noaug convnext global_local_12ep)
   MODELS=(--model "$T" --img-size $IMG --model vit_tiny_patch16_224 --img-size $STU)
   for r in "${RUNS[@]}"; do MODELS+=(--model "$OUT/runs/$r" --img-size 0); done
   R="$OUT/results"
