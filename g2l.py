@@ -155,7 +155,7 @@ def find_images(folders):
             raise SystemExit(f"error: data folder {folder} does not exist; pass --data with folders of tiles "
                              "(e.g. the --out of prep_tiles.py)")
         found = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)  # skips .hidden too
-                       if p.lower().endswith(IMG_EXTS) and os.sep + "masks" + os.sep not in p)
+                       if p.lower().endswith(IMG_EXTS) and "masks" not in Path(p).relative_to(folder).parts[:-1])
         if not found:
             raise SystemExit(f"error: no images ({', '.join(IMG_EXTS)}) under {folder}; "
                              "make tiles with: python prep_tiles.py SLIDES --out " + folder)
