@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from g2l import TileDataset, centred_cosine, encode, find_images, forward_flops, hub_reachable, linear_cka, \
+from g2l import TileDataset, centred_cosine, encode, find_images, forward_flops, linear_cka, \
     load_heads, load_model, resolve
 
 # ----------------------------------------------------------------------------- data
@@ -118,9 +118,6 @@ def model_list(names, weights, kwargs, sizes, flag="--model"):
 
 def open_model(m, device):
     """g2l's loader; seeded, so a random-init architecture is the same model on every call (and in the cache)."""
-    if not m["weights"] and not m["kwargs"] and not Path(m["name"]).exists() and not hub_reachable():
-        import huggingface_hub.constants
-        huggingface_hub.constants.HF_HUB_OFFLINE = True  # fail in a second, not after minutes of retries
     torch.manual_seed(0)
     model, spec = load_model(m["name"], m["weights"], m["kwargs"], m["size"], device)
     return model.eval(), spec

@@ -17,7 +17,7 @@ local loss on patch tokens (RADIO / GPFM style: 0.9 cosine + 0.1 smooth-L1).
 The student lands in OUT/student/ as a timm local-dir:
     timm.create_model("local-dir:runs/NAME/student", pretrained=True)
 """
-import argparse, contextlib, dataclasses, glob, inspect, json, math, os, random, re, shutil, signal, socket, sys, time
+import argparse, contextlib, dataclasses, functools, glob, inspect, json, math, os, random, re, resource, shutil, signal, socket, sys, time
 from collections import deque
 from pathlib import Path
 
@@ -307,11 +307,17 @@ PRESETS = {  # hub name, bare timm architecture + kwargs (builds offline), norma
 }
 LAYERS = {"swiglu_packed": timm.layers.SwiGLUPacked, "silu": nn.SiLU}  # JSON-able names for layer kwargs
 
+@functools.lru_cache(maxsize=None)
 def hub_reachable(timeout=3.0):
+    """Asked once per process. Without the hub, switch huggingface_hub to offline mode, so a download fails in a
+    second (cached files still load) instead of after minutes of retries."""
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
         return True
     except OSError:
+        import huggingface_hub.constants
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+        print0("note: the Hugging Face hub is not reachable; only cached or local weights can be used")
         return False
 
 def read_state_dict(path):
@@ -392,6 +398,8 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
         target, pretrained = spec["arch"].split("hf-hub:")[-1], False
     else:
         target = hub
+    if pretrained and not target.startswith("local-dir:"):
+        hub_reachable()  # weights come from the hub (or its cache)
     source = f"weights file {weights}" if weights else ("pretrained " + target if pretrained else "random init")
     def create(**args):
         with torch.device("meta") if meta else contextlib.nullcontext():
@@ -407,8 +415,9 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         if target.startswith("hf-hub:") or "huggingface" in msg.lower() or "hub" in msg.lower() or isinstance(e, OSError):
             raise SystemExit(f"error: could not load {name} from the Hugging Face hub ({type(e).__name__}: {msg}). "
-                             f"Offline: pass --teacher-weights/--student-weights FILE (architecture {spec['arch']}) or "
-                             f"local-dir:PATH. Gated model: accept its terms on huggingface.co and run `hf auth login`.")
+                             f"Offline: pass local weights for architecture {spec['arch']} (g2l.py --teacher-weights/"
+                             f"--student-weights FILE, eval.py --model-weights FILE) or a local-dir:PATH. "
+                             "Gated model: accept its terms on huggingface.co and run `hf auth login`.")
         raise SystemExit(f"error: cannot build {name} with kwargs {kw}: {msg}")
     if weights:
         load_weights(model, weights, name)
@@ -591,6 +600,12 @@ def lr_factor(step, cfg):
     t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
+def student_view(x, cfg):
+    """The teacher's view at the student's input size (the same patch grid)."""
+    if cfg.student_img_size == cfg.img_size:
+        return x
+    return F.interpolate(x, size=cfg.student_img_size, mode="bilinear", antialias=True, align_corners=False)
+
 @torch.no_grad()
 def evaluate(raw, teacher, spec_t, val, cfg, device, amp):
     """Agreement on validation tiles: centred cosine and linear CKA of projected student vs teacher globals."""
@@ -598,10 +613,8 @@ def evaluate(raw, teacher, spec_t, val, cfg, device, amp):
     zs, zt = [], []
     for x, _ in val:
         x = x.to(device).float() / 255
-        xs = F.interpolate(x, size=cfg.student_img_size, mode="bilinear", antialias=True) \
-            if cfg.student_img_size != cfg.img_size else x
         with amp():
-            zs.append(raw(xs, (1, 1))[0].float())
+            zs.append(raw(student_view(x, cfg), (1, 1))[0].float())
             zt.append(encode(teacher, spec_t, x)[0].float())
     raw.train()
     zs, zt = torch.cat(zs), torch.cat(zt)
@@ -627,12 +640,6 @@ def split_data(cfg):
 
 def build_models(cfg, device, dtype, amp):
     """Frozen teacher, trainable student + heads, input sizes; shapes checked once, loudly."""
-    if RANK == 0 and any(not (n in PRESETS and w) and not Path(n).exists() and not n.startswith("local-dir:")
-                         for n, w in ((cfg.teacher, cfg.teacher_weights), (cfg.student, cfg.student_weights))) \
-            and not hub_reachable():
-        import huggingface_hub.constants
-        huggingface_hub.constants.HF_HUB_OFFLINE = True  # fail in a second, not after minutes of retries
-        print0("note: the Hugging Face hub is not reachable; only cached or local weights can be used")
     try:
         teacher, spec_t = load_model(cfg.teacher, cfg.teacher_weights, cfg.teacher_kwargs, cfg.img_size, device)
     except SystemExit:
@@ -788,8 +795,7 @@ def main(argv=None):
             x, skipped = next(batches)
             n_bad, seen = n_bad + int((skipped > 0).sum()), seen + cfg.batch_size * WORLD  # this rank's bad tiles
             xt, xs = make_views(x, cfg, step, micro, device)  # G2L: the same augmented view for both models
-            if cfg.student_img_size != cfg.img_size:
-                xs = F.interpolate(xs, size=cfg.student_img_size, mode="bilinear", antialias=True, align_corners=False)
+            xs = student_view(xs, cfg)
             sync = contextlib.nullcontext() if WORLD == 1 or micro == cfg.grad_accum - 1 else model.no_sync()
             with amp(), sync:
                 with torch.no_grad():  # not inference_mode: these tensors enter the loss
@@ -835,7 +841,7 @@ def main(argv=None):
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
             mem = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else \
-                __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 1e6
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # peak RSS (KB on Linux)
             last = dict(step=step, loss=round(loss_v, 5), l_global=round(lg_v, 5), l_local=round(ll_v, 5),
                         lr=cfg.lr * f, grad_norm=round(gnorm, 4), img_per_s=round(n_timed * gb / dt, 2),
                         mfu=round(100 * flops * n_timed / dt / peak, 2), mem_gb=round(mem, 2), bad_tiles=bad)
