@@ -778,7 +778,7 @@ def main(argv=None):
                 for s in (signal.SIGINT, signal.SIGTERM)}
     flops = (forward_flops(teacher, cfg.img_size) + 3 * forward_flops(raw.student, cfg.student_img_size)) * gb
     peak = peak_flops(device, cfg.precision) * WORLD
-    n_bad, seen, bad_steps, recent, above, last, reason = 0, step * gb, 0, deque(maxlen=100), 0, {}, "done"
+    n_bad, seen, bad_steps, recent, above, last, reason = 0, 0, 0, deque(maxlen=100), 0, {}, "done"  # this session
     if val is not None and step == 0:
         first = evaluate(raw, teacher, spec_t, val, cfg, device, amp)
         print0(f"step {step:06d} | val cos {first['val_cos']:.4f} (raw {first['val_cos_raw']:.4f}) | cka {first['val_cka']:.4f}")

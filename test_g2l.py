@@ -340,12 +340,13 @@ def _free_port():
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-def test_two_process_ddp_matches_one_process_and_resumes(tmp_path, tiles, monkeypatch):
+def test_two_process_ddp_matches_one_process_and_resumes(tmp_path, tiles, monkeypatch, request):
     import torch.multiprocessing as mp
     common = [*TINY_T, *TINY_S, "--data", str(tiles / "train"), "--val-data", str(tiles / "val"), "--img-size", "28",
               "--steps", "4", "--warmup-steps", "1", "--workers", "1", "--log-every", "1", "--eval-every", "1000",
               "--lr", "1e-3", "--ckpt-every", "2"]
-    torch.set_num_threads(1)
+    request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))  # for later tests
+    torch.set_num_threads(1)  # the same thread count as each of the two processes
     g2l.main(common + ["--batch-size", "8", "--out", str(tmp_path / "one")])
     mp.spawn(_ddp_worker, args=(2, _free_port(), common + ["--batch-size", "4", "--out", str(tmp_path / "two")],
                                 None), nprocs=2)
