@@ -284,7 +284,15 @@ def make_views(x, cfg, step, micro, device):
 # ----------------------------------------------------------------------------- models
 HO = dict(mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517))  # Bioptimus' stats
 IN = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))                     # ImageNet
+HIBOU = dict(mean=(0.7068, 0.5755, 0.7220), std=(0.1950, 0.2316, 0.1816))  # HistAI's stats (hibou model cards)
 SWIGLU = dict(mlp_layer="swiglu_packed", act_layer="silu")
+
+def swiglu_ratio(dim, ratio=4):
+    """timm mlp_ratio of DINOv2's SwiGLU: its hidden size is 2/3 of dim*ratio rounded up to a multiple of 8, and
+    timm's SwiGLUPacked packs gate + value into one fc1 of twice that width (+0.5: int() must not round down)."""
+    hidden = (int(dim * ratio * 2 / 3) + 7) // 8 * 8
+    return (2 * hidden + 0.5) / dim
+
 PRESETS = {  # hub name, bare timm architecture + kwargs (builds offline), normalisation, native px, embedding
     "h-optimus-0": dict(hub="hf-hub:bioptimus/H-optimus-0", arch="vit_giant_patch14_reg4_dinov2",
                         kwargs=dict(init_values=1e-5, dynamic_img_size=False), size=224, embed="pool", **HO),
@@ -304,6 +312,17 @@ PRESETS = {  # hub name, bare timm architecture + kwargs (builds offline), norma
     "prov-gigapath": dict(hub="hf-hub:prov-gigapath/prov-gigapath", arch="vit_giant_patch14_dinov2",
                           kwargs=dict(patch_size=16, embed_dim=1536, depth=40, num_heads=24, init_values=1e-5,
                                       mlp_ratio=5.33334), size=224, embed="pool", **IN),
+    # Published in the transformers DINOv2 format (config.json + model.safetensors); `hf` marks them for
+    # conversion to timm on load. Hibou (Nechaev et al., arXiv 2406.05074; github.com/HistAI/hibou build_model):
+    # ViT/14, 4 registers, SwiGLU FFN, layer scale 1e-5, 224 px; feature = pooler_output = the final-norm CLS.
+    "hibou-l": dict(hub="hf-hub:histai/hibou-L", hf="hf-hub:histai/hibou-L", arch="vit_large_patch14_reg4_dinov2",
+                    kwargs=dict(img_size=224, mlp_ratio=swiglu_ratio(1024), **SWIGLU), size=224, embed="pool", **HIBOU),
+    "hibou-b": dict(hub="hf-hub:histai/hibou-b", hf="hf-hub:histai/hibou-b", arch="vit_base_patch14_reg4_dinov2",
+                    kwargs=dict(img_size=224, mlp_ratio=swiglu_ratio(768), **SWIGLU), size=224, embed="pool", **HIBOU),
+    # Phikon-v2 (Filiot et al., arXiv 2409.09173; owkin/phikon-v2 model card): DINOv2 ViT-L/16, no registers,
+    # plain GELU MLP, ImageNet mean/std; feature = last_hidden_state[:, 0] (the final-norm CLS).
+    "phikon-v2": dict(hub="hf-hub:owkin/phikon-v2", hf="hf-hub:owkin/phikon-v2", arch="vit_large_patch14_dinov2",
+                      kwargs=dict(patch_size=16, img_size=224), size=224, embed="pool", **IN),
 }
 LAYERS = {"swiglu_packed": timm.layers.SwiGLUPacked, "silu": nn.SiLU}  # JSON-able names for layer kwargs
 
@@ -330,16 +349,51 @@ def read_state_dict(path):
             sd = load_file(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: cannot read weights file {path} ({type(e).__name__}: {e}); "
-                         "expected .safetensors, .pth or .bin with a state dict")
+    except Exception as e:  # a truncated or foreign file: one line, not a traceback
+        msg = str(e).splitlines()[0][:200] if str(e) else ""
+        raise SystemExit(f"error: cannot read weights file {path} ({type(e).__name__}: {msg}); "
+                         "expected .safetensors, .pth or .bin with a state dict (re-download it if it is truncated)")
     for key in ("state_dict", "model", "student"):  # common wrappers
-        if isinstance(sd.get(key), dict):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise SystemExit(f"error: weights file {path} holds a {type(sd).__name__}, not a state dict of tensors; "
+                         "save model.state_dict() (torch.save or safetensors) and pass that file")
     return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in sd.items()}
+
+HF_DINOV2 = [  # transformers DINOv2 key -> timm VisionTransformer key (legacy names as on the hub, and newer ones)
+    (r"^(dinov2|model)\.", ""), (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^embeddings\.cls_token", "cls_token"), (r"^embeddings\.register_tokens", "reg_token"),
+    (r"^embeddings\.position_embeddings", "pos_embed"), (r"^encoder\.layer\.", "blocks."),
+    (r"attention\.attention\.query|attention\.q_proj", "attn.query"),
+    (r"attention\.attention\.key|attention\.k_proj", "attn.key"),
+    (r"attention\.attention\.value|attention\.v_proj", "attn.value"),
+    (r"attention\.output\.dense|attention\.o_proj", "attn.proj"), (r"layer_scale(\d)\.lambda1", r"ls\1.gamma"),
+    (r"mlp\.weights_in", "mlp.fc1"), (r"mlp\.weights_out|mlp\.down_proj", "mlp.fc2"), (r"^layernorm\.", "norm."),
+]
+
+def dinov2_to_timm(sd, model):
+    """transformers DINOv2 (with or without registers) state dict -> timm VisionTransformer state dict.
+    Checked against transformers' own model in the tests (same CLS and patch tokens)."""
+    out = {}
+    for k, v in sd.items():
+        for pattern, new in HF_DINOV2:
+            k = re.sub(pattern, new, k)
+        if "mask_token" not in k and not k.startswith("classifier."):  # masked pre-training / a task head: unused
+            out[k] = v
+    for k in [k for k in out if re.search(r"attn\.query\.(weight|bias)$", k)]:  # timm packs q, k, v in one Linear
+        out[k.replace("query", "qkv")] = torch.cat([out.pop(k.replace("query", x)) for x in ("query", "key", "value")])
+    for k in [k for k in out if re.search(r"mlp\.gate_proj\.(weight|bias)$", k)]:  # SwiGLU, newer transformers
+        out[k.replace("gate_proj", "fc1")] = torch.cat([out.pop(k), out.pop(k.replace("gate_proj", "up_proj"))])
+    if getattr(model, "no_embed_class", False) and "pos_embed" in out:  # registers: timm's CLS carries no position
+        out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]   # so fold it in (as timm's own DINOv2 converter)
+        out["pos_embed"] = out["pos_embed"][:, 1:]
+    return out
 
 def load_weights(model, path, name):
     sd = read_state_dict(path)
+    if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in sd):  # transformers DINOv2 format
+        sd = dinov2_to_timm(sd, model)
     filt = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filt is not None:  # timm's own converter: resamples position embeddings, renames legacy keys
         try:
@@ -357,12 +411,50 @@ def load_weights(model, path, name):
                          "pass the matching architecture/preset or fix --*-kwargs")
     model.load_state_dict(sd)
 
+def hf_file(where, fname):
+    """Path of FILE in a Hugging Face checkpoint (a local folder, or hf-hub:ORG/NAME via the hub cache), or None."""
+    if not where.startswith("hf-hub:"):
+        return str(Path(where) / fname) if (Path(where) / fname).is_file() else None
+    from huggingface_hub import hf_hub_download
+    hub_reachable()
+    try:
+        return hf_hub_download(where[len("hf-hub:"):], fname)
+    except Exception:  # missing, offline, gated: the caller says what to do
+        return None
+
+def dinov2_spec(where):
+    """A transformers-format DINOv2 checkpoint (local folder or hf-hub:ORG/NAME) -> the spec of the matching timm
+    ViT, from its config.json (field names of transformers' Dinov2Config / Dinov2WithRegistersConfig); else None."""
+    path = hf_file(where, "config.json")
+    c = json.loads(Path(path).read_text()) if path else {}
+    if "dinov2" not in (str(c.get("model_type")) + str(c.get("architectures"))).lower() or "hidden_size" not in c:
+        return None
+    if c.get("layer_norm_eps", 1e-6) != 1e-6 or (c.get("hidden_act", "gelu") != "gelu" and not c.get("use_swiglu_ffn")):
+        raise SystemExit(f"error: {where}/config.json: layer_norm_eps {c.get('layer_norm_eps')} / hidden_act "
+                         f"{c.get('hidden_act')!r} are not supported (g2l converts DINOv2 with eps 1e-6 and GELU or SwiGLU)")
+    one = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # sizes may be given as [h, w]
+    dim, ratio, reg = c["hidden_size"], c.get("mlp_ratio", 4), c.get("num_register_tokens", 0)
+    kw = dict(img_size=one(c.get("image_size", 224)), patch_size=one(c.get("patch_size", 14)), embed_dim=dim,
+              depth=c["num_hidden_layers"], num_heads=c["num_attention_heads"], mlp_ratio=ratio,
+              init_values=c.get("layerscale_value", 1.0), qkv_bias=c.get("qkv_bias", True),
+              reg_tokens=reg, no_embed_class=reg > 0)  # registers: positions for the patches only (see dinov2_to_timm)
+    if c.get("use_swiglu_ffn"):
+        kw.update(mlp_ratio=swiglu_ratio(dim, ratio), **SWIGLU)
+    pre = hf_file(where, "preprocessor_config.json")  # the checkpoint's own normalisation
+    pre = json.loads(Path(pre).read_text()) if pre else {}
+    return dict(hf=where, arch="vit_base_patch14_dinov2", kwargs=kw, embed="pool", size=kw["img_size"],
+                mean=tuple(pre.get("image_mean", IN["mean"])), std=tuple(pre.get("image_std", IN["std"])))
+
 def resolve(name):
     """Model name -> (timm name, kwargs, pretrained, spec). See DESIGN.md 'Model names'."""
     p = Path(name)
     if (p / "student" / "config.json").is_file():  # a g2l run folder
         p = p / "student"
-    if (p / "config.json").is_file() and not name.startswith(("hf-hub:", "local-dir:")):
+    local = (p / "config.json").is_file() and not name.startswith(("hf-hub:", "local-dir:"))
+    hf = dinov2_spec(str(p) if local else name) if local or name.startswith("hf-hub:") else None
+    if hf:  # a transformers DINOv2 (Hibou, Phikon-v2, facebook/dinov2-*): built in timm, weights converted on load
+        return name, dict(hf["kwargs"]), True, hf
+    if local:
         name = f"local-dir:{p}"
     if name.startswith("local-dir:"):
         path = Path(name[len("local-dir:"):])
@@ -382,6 +474,11 @@ def resolve(name):
                          "(timm.list_models()), hf-hub:ORG/NAME, local-dir:PATH or a g2l run folder")
     return name, {}, "." in name or name.startswith("hf-hub:"), dict(embed="pool", arch=arch, kwargs={})
 
+def offline_help(spec):
+    return (f"Offline: pass local weights for architecture {spec['arch']} (g2l.py --teacher-weights/"
+            f"--student-weights FILE, eval.py --model-weights FILE) or a local-dir:PATH. "
+            "Gated model: accept its terms on huggingface.co and run `hf auth login`.")
+
 def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False):
     """Build a model by the naming rules and return (model, spec). spec: arch, kwargs, mean, std, size,
     embed, patch, dim (global feature dim), tdim (token dim), source."""
@@ -394,6 +491,12 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
     build.update({"img_size": img_size} if img_size else {})
     random_init = weights == "random"  # the bare architecture with random weights (benchmarks, tests)
     weights = "" if random_init else weights
+    converted = spec.get("hf") and not (weights or extra or meta or random_init)
+    if converted:  # transformers DINOv2 weights: fetched here, converted by load_weights
+        weights = hf_file(spec["hf"], "model.safetensors") or hf_file(spec["hf"], "pytorch_model.bin")
+        if not weights:
+            raise SystemExit(f"error: could not get the weights of {name} ({spec['hf']}: model.safetensors or "
+                             f"pytorch_model.bin). {offline_help(spec)}")
     if weights or extra or meta or random_init:  # local weights / changed architecture: the bare architecture
         target, pretrained = spec["arch"].split("hf-hub:")[-1], False
     else:
@@ -401,6 +504,7 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
     if pretrained and not target.startswith("local-dir:"):
         hub_reachable()  # weights come from the hub (or its cache)
     source = f"weights file {weights}" if weights else ("pretrained " + target if pretrained else "random init")
+    source = f"pretrained {spec['hf']} (transformers DINOv2, converted to timm)" if converted else source
     def create(**args):
         with torch.device("meta") if meta else contextlib.nullcontext():
             return timm.create_model(target, pretrained=pretrained, num_classes=0, **args)
@@ -415,9 +519,7 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         if target.startswith("hf-hub:") or "huggingface" in msg.lower() or "hub" in msg.lower() or isinstance(e, OSError):
             raise SystemExit(f"error: could not load {name} from the Hugging Face hub ({type(e).__name__}: {msg}). "
-                             f"Offline: pass local weights for architecture {spec['arch']} (g2l.py --teacher-weights/"
-                             f"--student-weights FILE, eval.py --model-weights FILE) or a local-dir:PATH. "
-                             "Gated model: accept its terms on huggingface.co and run `hf auth login`.")
+                             + offline_help(spec))
         raise SystemExit(f"error: cannot build {name} with kwargs {kw}: {msg}")
     if weights:
         load_weights(model, weights, name)
@@ -544,6 +646,20 @@ def atomic_save(obj, path):
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
+def timm_args(model, spec):
+    """(architecture, model_args) that plain timm rebuilds from JSON. A layer class cannot go in JSON, so a SwiGLU
+    student is written as timm's SwiGLU ViT (vit_giant_patch14_dinov2) with its own shape spelled out."""
+    kw = {k: v for k, v in spec["kwargs"].items() if k not in ("mlp_layer", "act_layer")}
+    if spec["kwargs"].get("mlp_layer") != "swiglu_packed":
+        return spec["arch"], kw
+    b = model.blocks[0]
+    return "vit_giant_patch14_dinov2", dict(
+        kw, patch_size=model.patch_embed.patch_size[0], embed_dim=model.embed_dim, depth=len(model.blocks),
+        num_heads=b.attn.num_heads, mlp_ratio=(b.mlp.fc1.out_features + 0.5) / model.embed_dim,
+        init_values=None if isinstance(b.ls1, nn.Identity) else kw.get("init_values") or 1e-5,  # weights follow
+        qkv_bias=b.attn.qkv.bias is not None, class_token=model.cls_token is not None,
+        reg_tokens=model.num_reg_tokens, no_embed_class=model.no_embed_class, global_pool=model.global_pool)
+
 def export(raw, spec, cfg, out):
     """student/ as a timm local-dir (config.json + model.safetensors) and heads.safetensors, atomically."""
     from safetensors.torch import save_file
@@ -551,8 +667,9 @@ def export(raw, spec, cfg, out):
     tmp.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().float().cpu().contiguous() for k, v in raw.student.state_dict().items()}
     save_file(sd, str(tmp / "model.safetensors"))
-    conf = dict(architecture=spec["arch"], num_classes=0, num_features=spec["tdim"],
-                model_args={**spec["kwargs"], **({"img_size": cfg.student_img_size} if spec["patch"] else {})},
+    arch, args = timm_args(raw.student, spec)
+    conf = dict(architecture=arch, num_classes=0, num_features=spec["tdim"],
+                model_args={**args, **({"img_size": cfg.student_img_size} if spec["patch"] else {})},
                 pretrained_cfg=dict(mean=list(spec["mean"]), std=list(spec["std"]), num_classes=0,
                                     input_size=[3, cfg.student_img_size, cfg.student_img_size], crop_pct=1.0,
                                     interpolation="bilinear"),

@@ -102,13 +102,77 @@ def test_agreement_metrics():
 def test_presets_have_published_sizes():
     published = {"h-optimus-0": (1.13e9, 1536), "h-optimus-1": (1.13e9, 1536), "h0-mini": (86e6, 768),
                  "uni": (0.303e9, 1024), "uni2-h": (0.68e9, 1536), "virchow2": (0.63e9, 2560),
-                 "prov-gigapath": (1.13e9, 1536)}
+                 "prov-gigapath": (1.13e9, 1536), "hibou-l": (0.30e9, 1024), "hibou-b": (86e6, 768),
+                 "phikon-v2": (0.30e9, 1024)}
     for name, (params, dim) in published.items():
         model, spec = g2l.load_model(name, meta=True)
         n = sum(p.numel() for p in model.parameters())
         assert n == pytest.approx(params, rel=0.03), name
         assert spec["dim"] == dim, name
         assert spec["mean"] == g2l.PRESETS[name]["mean"]
+
+def test_hibou_l_is_the_papers_student_shape():
+    model, spec = g2l.load_model("hibou-l", meta=True)
+    assert model.num_prefix_tokens == 5 and spec["patch"] == 14 and spec["size"] == 224  # CLS + 4 registers, /14
+    assert model.patch_embed.grid_size == (16, 16)  # the same grid as H-optimus-0 at 224 px
+    assert model.blocks[0].mlp.fc1.out_features == 2 * 2736  # DINOv2 SwiGLU: 2/3 of 4096, rounded up to 8
+    assert spec["mean"] == (0.7068, 0.5755, 0.7220)  # Hibou's own normalisation, not ImageNet's
+
+def tiny_hf_dinov2(folder, registers, swiglu):
+    """A random transformers DINOv2 saved as it is published (config.json + model.safetensors)."""
+    import transformers
+    kind = "Dinov2WithRegisters" if registers else "Dinov2"
+    conf = getattr(transformers, kind + "Config")(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                  image_size=56, patch_size=14, use_swiglu_ffn=swiglu,
+                                                  layerscale_value=1e-5, **({"num_register_tokens": 4} if registers else {}))
+    torch.manual_seed(0)
+    hf = getattr(transformers, kind + "Model")(conf).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # zero-initialised tokens and unit layer norms would hide mapping mistakes
+            p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(folder)
+    return hf
+
+@pytest.mark.parametrize("registers, swiglu", [(True, True), (True, False), (False, True), (False, False)])
+def test_transformers_dinov2_converts_with_identical_tokens(tmp_path, registers, swiglu):
+    hf = tiny_hf_dinov2(tmp_path / "hf", registers, swiglu)
+    model, spec = g2l.load_model(str(tmp_path / "hf"))
+    assert "transformers DINOv2" in spec["source"] and model.num_prefix_tokens == 1 + 4 * registers
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ref = hf(pixel_values=x)
+        ours = model.eval().forward_features(x)
+        g = model.forward_head(ours, pre_logits=True)
+    assert ours.shape == ref.last_hidden_state.shape
+    assert (ours - ref.last_hidden_state).abs().max() < 1e-5  # CLS, registers and patch tokens
+    assert (g - ref.pooler_output).abs().max() < 1e-5  # the embedding g2l distils: the CLS
+
+def test_exported_swiglu_student_of_a_hibou_run_reloads_in_plain_timm(tmp_path, tiles):
+    kw = '{"depth": 1, "embed_dim": 32, "num_heads": 2}'
+    run(tmp_path, tiles, "--student", "hibou-b", "--student-kwargs", kw, steps=1)
+    folder = tmp_path / "run" / "student"
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()  # no g2l, no layer classes passed
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["model"]
+    raw, spec = g2l.load_model("hibou-b", kwargs=kw, img_size=28)
+    raw.load_state_dict({k[len("student."):]: v for k, v in ck.items() if k.startswith("student.")})
+    assert isinstance(model.blocks[0].mlp, timm.layers.GluMlp)
+    x = torch.rand(3, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), raw.eval().forward_features(x))
+    assert model.pretrained_cfg["mean"] == list(g2l.HIBOU["mean"])
+
+@pytest.mark.parametrize("content, message", [
+    (lambda f: torch.save(torch.zeros(3), f), "holds a Tensor"),
+    (lambda f: torch.save([torch.zeros(3)], f), "holds a list"),
+    (lambda f: (torch.save({"w": torch.zeros(1000)}, f), open(f, "r+b").truncate(300)), "cannot read weights file"),
+])
+def test_unreadable_weights_give_one_clear_line(tmp_path, content, message):
+    path = str(tmp_path / "w.pth")
+    content(path)
+    with pytest.raises(SystemExit) as e:
+        g2l.read_state_dict(path)
+    assert str(e.value).startswith("error: ") and message in str(e.value) and path in str(e.value)
+    assert "\n" not in str(e.value)
 
 def test_tokens_split_with_prefix_tokens_and_grid():
     model, spec = g2l.load_model("vit_small_patch14_reg4_dinov2", kwargs='{"depth": 1, "embed_dim": 32, "num_heads": 2}',
