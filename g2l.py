@@ -7,6 +7,7 @@ local loss on patch tokens (RADIO / GPFM style: 0.9 cosine + 0.1 smooth-L1).
 
     python g2l.py                                    # demo: bundled CC0 tiles, small ViTs, < 5 min on CPU
     python g2l.py --teacher h-optimus-0 --student uni --data tiles/ --out runs/luad
+    python g2l.py --teacher h-optimus-0 --student hibou-l --w-local 0 --data tiles/   # the paper's pair and loss
     torchrun --standalone --nproc_per_node=8 g2l.py --teacher h-optimus-0 --student uni --data tiles/
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         g2l.py --teacher h-optimus-0 --student uni --data tiles/       # run the same line on both nodes
@@ -431,7 +432,7 @@ def dinov2_spec(where):
         return None
     if c.get("layer_norm_eps", 1e-6) != 1e-6 or (c.get("hidden_act", "gelu") != "gelu" and not c.get("use_swiglu_ffn")):
         raise SystemExit(f"error: {where}/config.json: layer_norm_eps {c.get('layer_norm_eps')} / hidden_act "
-                         f"{c.get('hidden_act')!r} are not supported (g2l converts DINOv2 with eps 1e-6 and GELU or SwiGLU)")
+                         f"{c.get('hidden_act')!r} not supported (g2l converts DINOv2 with eps 1e-6, GELU or SwiGLU)")
     one = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # sizes may be given as [h, w]
     dim, ratio, reg = c["hidden_size"], c.get("mlp_ratio", 4), c.get("num_register_tokens", 0)
     kw = dict(img_size=one(c.get("image_size", 224)), patch_size=one(c.get("patch_size", 14)), embed_dim=dim,

@@ -122,9 +122,10 @@ def tiny_hf_dinov2(folder, registers, swiglu):
     """A random transformers DINOv2 saved as it is published (config.json + model.safetensors)."""
     import transformers
     kind = "Dinov2WithRegisters" if registers else "Dinov2"
+    extra = {"num_register_tokens": 4} if registers else {}
     conf = getattr(transformers, kind + "Config")(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                   image_size=56, patch_size=14, use_swiglu_ffn=swiglu,
-                                                  layerscale_value=1e-5, **({"num_register_tokens": 4} if registers else {}))
+                                                  layerscale_value=1e-5, **extra)
     torch.manual_seed(0)
     hf = getattr(transformers, kind + "Model")(conf).eval()
     with torch.no_grad():
@@ -146,6 +147,26 @@ def test_transformers_dinov2_converts_with_identical_tokens(tmp_path, registers,
     assert ours.shape == ref.last_hidden_state.shape
     assert (ours - ref.last_hidden_state).abs().max() < 1e-5  # CLS, registers and patch tokens
     assert (g - ref.pooler_output).abs().max() < 1e-5  # the embedding g2l distils: the CLS
+
+def test_transformers_dinov2_from_the_hub_or_a_weights_file(tmp_path, monkeypatch):
+    import huggingface_hub
+    hf = tiny_hf_dinov2(tmp_path / "hf", registers=True, swiglu=True)
+    def download(repo, fname, **kw):  # the hub, served from the folder save_pretrained wrote
+        if not (tmp_path / "hf" / fname).is_file():
+            raise huggingface_hub.errors.EntryNotFoundError(fname)
+        return str(tmp_path / "hf" / fname)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(g2l, "hub_reachable", lambda: True)
+    hub, spec = g2l.load_model("hf-hub:someone/tiny-dinov2")
+    assert spec["source"].startswith("pretrained hf-hub:someone/tiny-dinov2")
+    # a bare architecture + a transformers-format weights file (e.g. a preset with --student-weights)
+    file, _ = g2l.load_model(spec["arch"], weights=str(tmp_path / "hf" / "model.safetensors"),
+                             kwargs=json.dumps(spec["kwargs"]))
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ref = hf(pixel_values=x).last_hidden_state
+        for model in (hub, file):
+            assert (model.eval().forward_features(x) - ref).abs().max() < 1e-5
 
 def test_exported_swiglu_student_of_a_hibou_run_reloads_in_plain_timm(tmp_path, tiles):
     kw = '{"depth": 1, "embed_dim": 32, "num_heads": 2}'
