@@ -295,18 +295,25 @@ def swiglu_ratio(dim, ratio=4):
     return (2 * hidden + 0.5) / dim
 
 PRESETS = {  # hub name, bare timm architecture + kwargs (builds offline), normalisation, native px, embedding
+    # Sources: each model card's timm.create_model call and its hub config.json (architecture + model_args).
+    # H-optimus-0/1 cards: init_values=1e-5, dynamic_img_size=False, Bioptimus' mean/std.
     "h-optimus-0": dict(hub="hf-hub:bioptimus/H-optimus-0", arch="vit_giant_patch14_reg4_dinov2",
                         kwargs=dict(init_values=1e-5, dynamic_img_size=False), size=224, embed="pool", **HO),
     "h-optimus-1": dict(hub="hf-hub:bioptimus/H-optimus-1", arch="vit_giant_patch14_reg4_dinov2",
                         kwargs=dict(init_values=1e-5, dynamic_img_size=False), size=224, embed="pool", **HO),
+    # H0-mini card: mlp_layer=SwiGLUPacked, act_layer=SiLU; its MLP width lives in the (gated) hub config and was
+    # not checked here: 5.33334 is DINOv2's SwiGLU width for ViT-B (2048, packed 4096 = swiglu_ratio(768)).
     "h0-mini": dict(hub="hf-hub:bioptimus/H0-mini", arch="vit_base_patch14_reg4_dinov2",
                     kwargs=dict(init_values=1e-5, mlp_ratio=5.33334, **SWIGLU), size=224, embed="pool", **HO),
+    # UNI card: init_values=1e-5, dynamic_img_size=True. UNI2-h card: the kwargs below (SwiGLU, 8 registers).
     "uni": dict(hub="hf-hub:MahmoodLab/UNI", arch="vit_large_patch16_224",
                 kwargs=dict(init_values=1e-5, dynamic_img_size=True), size=224, embed="pool", **IN),
     "uni2-h": dict(hub="hf-hub:MahmoodLab/UNI2-h", arch="vit_giant_patch14_224",
                    kwargs=dict(depth=24, num_heads=24, embed_dim=1536, init_values=1e-5, mlp_ratio=5.33334,
                                no_embed_class=True, reg_tokens=8, dynamic_img_size=True, **SWIGLU),
                    size=224, embed="pool", **IN),
+    # Virchow2 card: mlp_ratio=5.3375, SwiGLU, 4 registers; embedding = CLS concatenated with the mean patch token.
+    # Prov-GigaPath hub config: vit_giant_patch14_dinov2 (SwiGLU from timm's entrypoint) with /16 patches.
     "virchow2": dict(hub="hf-hub:paige-ai/Virchow2", arch="vit_huge_patch14_224",
                      kwargs=dict(init_values=1e-5, mlp_ratio=5.3375, reg_tokens=4, global_pool="",
                                  dynamic_img_size=True, **SWIGLU), size=224, embed="cls+mean", **IN),
@@ -315,13 +322,16 @@ PRESETS = {  # hub name, bare timm architecture + kwargs (builds offline), norma
                                       mlp_ratio=5.33334), size=224, embed="pool", **IN),
     # Published in the transformers DINOv2 format (config.json + model.safetensors); `hf` marks them for
     # conversion to timm on load. Hibou (Nechaev et al., arXiv 2406.05074; github.com/HistAI/hibou build_model):
-    # ViT/14, 4 registers, SwiGLU FFN, layer scale 1e-5, 224 px; feature = pooler_output = the final-norm CLS.
+    # ViT/14, 4 registers, SwiGLU FFN, layer scale 1e-5, 224 px; feature = pooler_output = the final-norm CLS;
+    # mean/std from its preprocessor config. Hibou-L's own config.json was not checked offline: a checkpoint that
+    # differs fails to load with a key/shape list; `hf-hub:histai/hibou-L` builds from its config.json instead.
     "hibou-l": dict(hub="hf-hub:histai/hibou-L", hf="hf-hub:histai/hibou-L", arch="vit_large_patch14_reg4_dinov2",
                     kwargs=dict(img_size=224, mlp_ratio=swiglu_ratio(1024), **SWIGLU), size=224, embed="pool", **HIBOU),
     "hibou-b": dict(hub="hf-hub:histai/hibou-b", hf="hf-hub:histai/hibou-b", arch="vit_base_patch14_reg4_dinov2",
                     kwargs=dict(img_size=224, mlp_ratio=swiglu_ratio(768), **SWIGLU), size=224, embed="pool", **HIBOU),
     # Phikon-v2 (Filiot et al., arXiv 2409.09173; owkin/phikon-v2 model card): DINOv2 ViT-L/16, no registers,
-    # plain GELU MLP, ImageNet mean/std; feature = last_hidden_state[:, 0] (the final-norm CLS).
+    # plain GELU MLP, ImageNet mean/std; feature = last_hidden_state[:, 0] (the final-norm CLS). Not checked
+    # against its config.json offline (same fallback as Hibou: `hf-hub:owkin/phikon-v2`).
     "phikon-v2": dict(hub="hf-hub:owkin/phikon-v2", hf="hf-hub:owkin/phikon-v2", arch="vit_large_patch14_dinov2",
                       kwargs=dict(patch_size=16, img_size=224), size=224, embed="pool", **IN),
 }
