@@ -10,7 +10,8 @@
 
 --data: a CSV with columns path,label and optional split,center,slide (paths relative to the CSV), or an ImageFolder
 root/<split>/<class>/* or root/<class>/*. Models follow g2l.py's naming rules (presets, timm names, hf-hub:,
-local-dir:, g2l run folders); per-model options are given once for all models or once per --model, in order.
+local-dir:, transformers DINOv2 checkpoints such as hf-hub:histai/hibou-L, g2l run folders); per-model options are
+given once for all models or once per --model, in order.
 Features are extracted once and cached in OUT/features/. Each command writes OUT/<name>.json + .csv and prints a table.
 Protocols (UNI / eva style): linear probe = multinomial logistic regression by L-BFGS on standardised features, L2 in
 sklearn's convention (C * sum CE + |W|^2 / 2), C picked on the validation split by balanced accuracy; kNN = majority
@@ -464,7 +465,8 @@ def main(argv=None):
     dev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for r in ("model", "teacher", "student"):  # repeat for several models, with their options in the same order
         g, many = group.setdefault(r, par()), dict(action="append", default=[]) if r != "teacher" else {}
-        g.add_argument(f"--{r}", required=True, **many, help="preset, timm name, hf-hub:, local-dir: or a g2l run folder")
+        g.add_argument(f"--{r}", required=True, **many,
+                       help="preset, timm name, hf-hub:, local-dir:, a transformers DINOv2 folder or a g2l run folder")
         g.add_argument(f"--{r}-weights", **(many or dict(default="")), help="local weights for its architecture")
         g.add_argument(f"--{r}-kwargs", **(many or dict(default="")), help="JSON architecture kwargs")
         if r != "model":
