@@ -660,9 +660,10 @@ def atomic_save(obj, path):
 def timm_args(model, spec):
     """(architecture, model_args) that plain timm rebuilds from JSON. A layer class cannot go in JSON, so a SwiGLU
     student is written as timm's SwiGLU ViT (vit_giant_patch14_dinov2) with its own shape spelled out."""
-    kw = {k: v for k, v in spec["kwargs"].items() if k not in ("mlp_layer", "act_layer")}
-    if spec["kwargs"].get("mlp_layer") != "swiglu_packed":
-        return spec["arch"], kw
+    kw = dict(spec["kwargs"])
+    if kw.pop("mlp_layer", None) != "swiglu_packed":
+        return spec["arch"], spec["kwargs"]
+    kw.pop("act_layer", None)  # SiLU, from the entrypoint
     b = model.blocks[0]
     return "vit_giant_patch14_dinov2", dict(
         kw, patch_size=model.patch_embed.patch_size[0], embed_dim=model.embed_dim, depth=len(model.blocks),
