@@ -498,16 +498,18 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
     if extra and not isinstance(extra, dict):
         raise SystemExit(f"error: --*-kwargs must be a JSON object, got {kwargs!r}")
     kw.update(extra)
-    build = {k: LAYERS.get(v, v) if k in ("mlp_layer", "act_layer") else v for k, v in kw.items()}
-    build.update({"img_size": img_size} if img_size else {})
     random_init = weights == "random"  # the bare architecture with random weights (benchmarks, tests)
     weights = "" if random_init else weights
     converted = spec.get("hf") and not (weights or extra or meta or random_init)
     if converted:  # transformers DINOv2 weights: fetched here, converted by load_weights
+        own = dinov2_spec(spec["hf"])  # for a preset too, the checkpoint's own config.json decides the architecture
+        kw = dict(own["kwargs"]) if own else kw
         weights = hf_file(spec["hf"], "model.safetensors") or hf_file(spec["hf"], "pytorch_model.bin")
         if not weights:
             raise SystemExit(f"error: could not get the weights of {name} ({spec['hf']}: model.safetensors or "
                              f"pytorch_model.bin). {offline_help(spec)}")
+    build = {k: LAYERS.get(v, v) if k in ("mlp_layer", "act_layer") else v for k, v in kw.items()}
+    build.update({"img_size": img_size} if img_size else {})
     if weights or extra or meta or random_init:  # local weights / changed architecture: the bare architecture
         target, pretrained = spec["arch"].split("hf-hub:")[-1], False
     else:

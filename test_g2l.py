@@ -163,10 +163,14 @@ def test_transformers_dinov2_from_the_hub_or_a_weights_file(tmp_path, monkeypatc
     file, _ = g2l.load_model(spec["arch"], weights=str(tmp_path / "hf" / "model.safetensors"),
                              kwargs=json.dumps(spec["kwargs"]))
     via_eval, _ = ev.open_model(ev.model_list(["hf-hub:someone/tiny-dinov2"], [], [], [])[0], "cpu")  # eval --model
+    # a preset in this format (hibou-b's, pointed at the tiny checkpoint): the checkpoint's config.json wins
+    monkeypatch.setitem(g2l.PRESETS, "tiny", dict(g2l.PRESETS["hibou-b"], hf="hf-hub:someone/tiny-dinov2"))
+    preset, pspec = g2l.load_model("tiny")
+    assert pspec["mean"] == g2l.HIBOU["mean"] and pspec["kwargs"]["embed_dim"] == 32
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         ref = hf(pixel_values=x).last_hidden_state
-        for model in (hub, file, via_eval):
+        for model in (hub, file, via_eval, preset):
             assert (model.eval().forward_features(x) - ref).abs().max() < 1e-5
 
 def test_exported_swiglu_student_of_a_hibou_run_reloads_in_plain_timm(tmp_path, tiles):
