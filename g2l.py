@@ -402,13 +402,14 @@ def dinov2_to_timm(sd, model):
     return out
 
 def load_weights(model, path, name):
-    sd = read_state_dict(path)
+    sd, how = read_state_dict(path), {}
     if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in sd):  # transformers DINOv2 format
         sd = dinov2_to_timm(sd, model)
+        how = dict(antialias="reg_token" in sd)  # resample positions as transformers does: antialias with registers only
     filt = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filt is not None:  # timm's own converter: resamples position embeddings, renames legacy keys
         try:
-            sd = filt(sd, model)
+            sd = filt(sd, model, **how)
         except Exception:
             pass  # a file it cannot convert is reported key by key below
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # classifier heads are not used

@@ -147,6 +147,17 @@ def test_transformers_dinov2_converts_with_identical_tokens(tmp_path, registers,
     assert ours.shape == ref.last_hidden_state.shape
     assert (ours - ref.last_hidden_state).abs().max() < 1e-5  # CLS, registers and patch tokens
     assert (g - ref.pooler_output).abs().max() < 1e-5  # the embedding g2l distils: the CLS
+    # another input size: timm resamples the position embeddings once at load, transformers at every call
+    big, _ = g2l.load_model(str(tmp_path / "hf"), img_size=84)
+    x = torch.randn(2, 3, 84, 84)
+    with torch.no_grad():
+        assert (big.eval().forward_features(x) - hf(pixel_values=x).last_hidden_state).abs().max() < 1e-5
+
+def test_unsupported_dinov2_config_is_one_clear_line(tmp_path):
+    conf = dict(model_type="dinov2", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, layer_norm_eps=1e-5)
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(SystemExit, match="error: .*config.json: layer_norm_eps 1e-05"):
+        g2l.load_model(str(tmp_path))
 
 def test_transformers_dinov2_from_the_hub_or_a_weights_file(tmp_path, monkeypatch):
     import huggingface_hub
