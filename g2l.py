@@ -669,7 +669,8 @@ def timm_args(model, spec):
     kw.pop("act_layer", None)  # SiLU, from the entrypoint
     b = model.blocks[0]
     return "vit_giant_patch14_dinov2", dict(
-        kw, patch_size=model.patch_embed.patch_size[0], embed_dim=model.embed_dim, depth=len(model.blocks),
+        kw, img_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
+        embed_dim=model.embed_dim, depth=len(model.blocks),
         num_heads=b.attn.num_heads, mlp_ratio=(b.mlp.fc1.out_features + 0.5) / model.embed_dim,
         init_values=None if isinstance(b.ls1, nn.Identity) else kw.get("init_values") or 1e-5,  # weights follow
         qkv_bias=b.attn.qkv.bias is not None, class_token=model.cls_token is not None,

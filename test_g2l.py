@@ -198,6 +198,19 @@ def test_exported_swiglu_student_of_a_hibou_run_reloads_in_plain_timm(tmp_path, 
         assert torch.equal(model.forward_features(x), raw.eval().forward_features(x))
     assert model.pretrained_cfg["mean"] == list(g2l.HIBOU["mean"])
 
+@pytest.mark.parametrize("name", ["h0-mini", "uni2-h", "virchow2", "hibou-l"])
+def test_swiglu_presets_export_as_the_same_plain_timm_architecture(name):
+    model, spec = g2l.load_model(name, meta=True)
+    arch, args = g2l.timm_args(model, spec)
+    json.dumps(args)  # a timm local-dir config.json holds only JSON
+    with torch.device("meta"):
+        again = timm.create_model(arch, num_classes=0, **args)
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes(again) == shapes(model)
+    assert (again.num_prefix_tokens, again.no_embed_class, again.global_pool) == \
+        (model.num_prefix_tokens, model.no_embed_class, model.global_pool)
+    assert type(again.blocks[0].mlp) is type(model.blocks[0].mlp) and type(again.blocks[0].mlp.act) is torch.nn.SiLU
+
 @pytest.mark.parametrize("content, message", [
     (lambda f: torch.save(torch.zeros(3), f), "holds a Tensor"),
     (lambda f: torch.save([torch.zeros(3)], f), "holds a list"),
