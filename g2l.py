@@ -285,7 +285,7 @@ def make_views(x, cfg, step, micro, device):
 # ----------------------------------------------------------------------------- models
 HO = dict(mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517))  # Bioptimus' stats
 IN = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))                     # ImageNet
-HIBOU = dict(mean=(0.7068, 0.5755, 0.7220), std=(0.1950, 0.2316, 0.1816))  # HistAI's stats (hibou model cards)
+HIBOU = dict(mean=(0.7068, 0.5755, 0.7220), std=(0.1950, 0.2316, 0.1816))  # histai/hibou-* preprocessor_config
 SWIGLU = dict(mlp_layer="swiglu_packed", act_layer="silu")
 
 def swiglu_ratio(dim, ratio=4):
@@ -405,7 +405,7 @@ def load_weights(model, path, name):
     sd, how = read_state_dict(path), {}
     if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in sd):  # transformers DINOv2 format
         sd = dinov2_to_timm(sd, model)
-        how = dict(antialias="reg_token" in sd)  # resample positions as transformers does: antialias with registers only
+        how = dict(antialias="reg_token" in sd)  # resample positions as transformers does (antialias: registers)
     filt = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filt is not None:  # timm's own converter: resamples position embeddings, renames legacy keys
         try:
