@@ -318,7 +318,7 @@ def test_memory_options_keep_the_maths(tmp_path, tiles):
 
 def test_balanced_sampling_draws_slides_equally():
     paths = [f"/t/big/{i}.jpg" for i in range(90)] + [f"/t/small/{i}.jpg" for i in range(10)]
-    sampler = g2l.InfiniteSampler(len(paths), g2l.slide_weights(paths), 10, seed=0)
+    sampler = g2l.InfiniteSampler(len(paths), g2l.slide_weights(g2l.tiles_from_paths(paths).slide), 10, seed=0)
     drawn = [paths[i].split("/")[2] for _, i in zip(range(4000), iter(sampler))]
     assert drawn.count("small") / len(drawn) == pytest.approx(0.5, abs=0.03)  # 10 % of the tiles, half the draws
     plain = g2l.InfiniteSampler(len(paths), None, 10, seed=0)
