@@ -6,12 +6,13 @@ prep_tiles.py: whole-slide images -> tile folders for g2l.py, at a physical reso
     python prep_tiles.py crop.svs --out tiles/ --mpp-override 0.25   # the header has no mpp: you say what it is
     python prep_tiles.py slide.svs --out /tmp/t --overwrite --block 1 # naive baseline: one read_region per tile
 
-Writes (DESIGN.md "Data contract"): tiles/slides.csv, tiles/<slide_id>/<slide_id>_x<X>_y<Y>.jpg (X, Y = level-0
+Writes: tiles/slides.csv, tiles/tiles.csv (one row per tile: path, slide_id, x, y; g2l.py reads it instead of
+walking the folder), tiles/<slide_id>/<slide_id>_x<X>_y<Y>.jpg (X, Y = level-0
 top-left pixel), tiles/masks/<slide_id>.png (thumbnail, tissue tinted green, kept tiles in blue). A slide folder
 appears only when complete (temp folder + rename), so a killed run resumes: finished slides are skipped unless
 --overwrite. Exit status: 0 ok, 1 if any slide failed, 2 on argument errors (found before any work).
 """
-import argparse, csv, math, os, random, shutil, sys, time
+import argparse, csv, math, os, random, re, shutil, sys, time
 from collections import Counter
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -321,6 +322,22 @@ def run_pool(todo, out, workers, plan_opts, cut_opts, record):
                     chunks = deque(c for c in chunks if c[0] != sid)
                 stop = record(row) or stop
 
+TILE_NAME = re.compile(r"_x(\d+)_y(\d+)\.\w+$")
+
+def write_manifest(out):
+    """tiles.csv: one row per tile of every finished slide folder in out/ (path relative to out, slide_id, x, y),
+    so g2l.py reads one file instead of walking millions. Written last, atomically (temp + rename), and removed
+    when a run starts, so a killed run leaves no stale manifest (g2l.py then walks the folder)."""
+    slides = sorted(e.name for e in os.scandir(out) if e.is_dir() and e.name[0] != "." and e.name != "masks")
+    with open(out / "tiles.csv.tmp", "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["path", "slide_id", "x", "y"])
+        for sid in slides:
+            for name in sorted(os.listdir(out / sid)):
+                if m := TILE_NAME.search(name):
+                    w.writerow([f"{sid}/{name}", sid, m[1], m[2]])
+    os.replace(out / "tiles.csv.tmp", out / "tiles.csv")
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", help="slide files and/or folders (searched recursively)")
@@ -381,6 +398,7 @@ def main(argv=None):
         return a.fail_fast and row["status"] == "failed"
 
     write_csv(out / "slides.csv", [rows[sid] for sid, _ in slides if sid in rows])  # even when all are skipped
+    (out / "tiles.csv").unlink(missing_ok=True)  # rewritten at the end: never stale while tiles change
     t0 = time.time()
     with tqdm(total=len(todo), desc="slides", unit="slide") as bar:
         if a.workers == 1 or len(todo) <= 1:  # in-process: simplest to debug, and a per-tile progress bar
@@ -391,6 +409,7 @@ def main(argv=None):
                     break
         else:
             run_pool(todo, out, a.workers, plan_opts, cut_opts, lambda row: (bar.update(), record(row))[1])
+    write_manifest(out)
     dt, n = time.time() - t0, Counter(r["status"] for r in rows.values())
     made = sum(int(r["n_tiles"]) for r in rows.values() if r["status"] != "skipped")
     print(f"slides: {n['ok']} ok, {n['no_tissue']} no_tissue, {n['failed']} failed, {n['skipped']} skipped, "

@@ -619,6 +619,23 @@ def test_block_reads_match_naive_reads(tmp_path):
         assert np.array_equal(a, b), n
 
 
+def test_workers_share_one_slide_and_the_manifest_lists_every_tile(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep_tiles, "CHUNK", 5)  # 24 tiles -> 5 chunks over 2 workers (forked: they see it)
+    for workers in ("1", "2"):
+        assert prep_tiles.main([str(CMU), str(SYN / "small.svs"), "--out", str(tmp_path / workers), "--mpp", "1.0",
+                                "--min-tissue", "0", "--format", "png", "--workers", workers]) == 0
+    one, two = tmp_path / "1" / "CMU-1-Small-Region", tmp_path / "2" / "CMU-1-Small-Region"
+    names = sorted(p.name for p in one.iterdir())
+    assert len(names) == 24 and names == sorted(p.name for p in two.iterdir())
+    for n in names:
+        assert np.array_equal(np.asarray(Image.open(one / n)), np.asarray(Image.open(two / n))), n
+    with open(tmp_path / "2" / "tiles.csv", newline="") as f:
+        listed = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in listed) == [f"CMU-1-Small-Region/{n}" for n in names]
+    assert {(int(r["x"]), int(r["y"])) for r in listed} == corners(two)
+    tiles = g2l.index_tiles([str(tmp_path / "2")])  # g2l reads the manifest
+    assert sorted(tiles.path(i) for i in range(len(tiles))) == [str(two / n) for n in names]
+
 def test_max_tiles_is_a_seeded_sample(tmp_path):
     run = lambda name, seed: prep_tiles.main([str(CMU), "--out", str(tmp_path / name), "--mpp", "1.0",
                                               "--min-tissue", "0", "--max-tiles", "5", "--seed", seed]) or \
