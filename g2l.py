@@ -17,7 +17,7 @@ local loss on patch tokens (RADIO / GPFM style: 0.9 cosine + 0.1 smooth-L1).
 The student lands in OUT/student/ as a timm local-dir:
     timm.create_model("local-dir:runs/NAME/student", pretrained=True)
 """
-import argparse, contextlib, csv, dataclasses, hashlib, functools, glob, inspect, json, math, os, random, re, resource, shutil, signal, socket, sys, time
+import argparse, contextlib, csv, dataclasses, hashlib, functools, inspect, json, math, os, random, re, resource, shutil, signal, socket, sys, time
 from collections import deque
 from pathlib import Path
 

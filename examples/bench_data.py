@@ -42,11 +42,8 @@ def write_manifest(root):
 
 def worker_mem():
     """(USS, PSS) in MB of each DataLoader worker (the children of this process)."""
-    out = []
-    for c in psutil.Process().children():
-        with_info = c.memory_full_info()
-        out.append((with_info.uss / 2**20, with_info.pss / 2**20))
-    return out
+    mem = [c.memory_full_info() for c in psutil.Process().children()]
+    return [(m.uss / 2**20, m.pss / 2**20) for m in mem]
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
