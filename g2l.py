@@ -17,7 +17,7 @@ local loss on patch tokens (RADIO / GPFM style: 0.9 cosine + 0.1 smooth-L1).
 The student lands in OUT/student/ as a timm local-dir:
     timm.create_model("local-dir:runs/NAME/student", pretrained=True)
 """
-import argparse, contextlib, csv, dataclasses, hashlib, functools, inspect, json, math, os, random, re, resource, shutil, signal, socket, sys, time
+import argparse, contextlib, csv, dataclasses, functools, gc, hashlib, inspect, json, math, os, random, re, resource, shutil, signal, socket, sys, time
 from collections import deque
 from pathlib import Path
 
@@ -804,6 +804,9 @@ def make_batches(cfg, paths, start, device):
                                            dtype=torch.uint8), torch.zeros(cfg.batch_size, dtype=torch.long)), None)
     sampler = InfiniteSampler(len(paths), slide_weights(paths.slide) if cfg.balance else None, cfg.batch_size * WORLD,
                               cfg.seed, start)
+    if cfg.workers:  # the workers fork now: frozen objects are never scanned by gc, so no gc pass copies their pages
+        gc.collect()
+        gc.freeze()
     return iter(torch.utils.data.DataLoader(
         TileDataset(paths, cfg.load_size), batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
         num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,

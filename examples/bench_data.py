@@ -37,7 +37,8 @@ def write_manifest(root):
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["path", "slide_id", "x", "y"])
         for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            w.writerows([f"{d.name}/{n}", d.name, n.rsplit("_x", 1)[1].split("_y")[0], 0] for n in sorted(os.listdir(d)))
+            for n in sorted(os.listdir(d)):
+                w.writerow([f"{d.name}/{n}", d.name, n.rsplit("_x", 1)[1].split("_y")[0], 0])
     os.replace(root / "tiles.csv.tmp", root / "tiles.csv")
 
 def worker_mem():
@@ -88,7 +89,7 @@ def main():
                 samples.append(worker_mem())
         last = worker_mem()
         peak = [max(s[w][0] for s in samples + [last]) for w in range(len(first))]
-        res.update(pass_s=round(time.perf_counter() - t2, 1), batches=n,
+        res.update(pass_s=round(time.perf_counter() - t2, 1), batches=n, uss_worker0_mb=[round(s[0][0]) for s in samples],
                    uss_first_mb=[round(u) for u, _ in first], uss_last_mb=[round(u) for u, _ in last],
                    uss_growth_mb=[round(p - f[0]) for p, f in zip(peak, first)],
                    pss_first_mb=[round(p) for _, p in first], pss_last_mb=[round(p) for _, p in last])
