@@ -18,7 +18,7 @@ local loss on patch tokens (RADIO / GPFM style: 0.9 cosine + 0.1 smooth-L1).
 The student lands in OUT/student/ as a timm local-dir:
     timm.create_model("local-dir:runs/NAME/student", pretrained=True)
 """
-import argparse, contextlib, dataclasses, functools, glob, inspect, json, math, os, random, re, resource, shutil, signal, socket, sys, time
+import argparse, contextlib, csv, dataclasses, functools, gc, hashlib, inspect, json, math, os, random, re, resource, shutil, signal, socket, sys, time
 from collections import deque
 from pathlib import Path
 
@@ -43,7 +43,7 @@ class Config:
     student_kwargs: str = ""            # JSON architecture kwargs for the student
     data: list = dataclasses.field(default_factory=lambda: ["tiles"])  # folders of tiles (recursive; parent folder = slide)
     val_data: list = dataclasses.field(default_factory=list)  # validation tile folders (default: held-out slides)
-    val_frac: float = 0.05              # held-out fraction of slides when --val-data is not given
+    val_frac: float = 0.05              # held-out fraction of the tiles when --data has only one slide
     max_val: int = 512                  # validation tiles used at each evaluation
     balance: bool = False               # sample slides equally often, whatever their tile counts
     out: str = "runs/g2l"               # the run folder: config, metrics, checkpoint, exported student
@@ -147,24 +147,137 @@ def all_sum(x):
 
 # ----------------------------------------------------------------------------- data
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
+MANIFEST = "tiles.csv"  # prep_tiles.py lists every tile it wrote here: a folder with one is read, never walked
+CACHE_MIN = 50_000      # a walked folder with at least this many tiles keeps its listing in ~/.cache/g2l
+
+class Tiles:
+    """Tile paths in three numpy arrays, not a list of str: DataLoader workers fork and read them without
+    touching one Python object per path (reference counts would copy those pages into every worker, ~1.3 GB
+    per 10M paths). dirs: slide folders (bytes); slide: int32 folder index per tile; names: file names (bytes)."""
+    def __init__(self, dirs, slide, names):
+        self.dirs, self.slide, self.names = dirs, slide, names
+    def __len__(self):
+        return len(self.names)
+    def path(self, i):
+        return os.path.join(os.fsdecode(self.dirs[self.slide[i]]), os.fsdecode(self.names[i]))
+    def subset(self, keep):  # a boolean mask or integer indices
+        return Tiles(self.dirs, self.slide[keep], self.names[keep])
+
+def group_tiles(groups):
+    """Tiles from [(folder, [file names])], sorted by folder then name: a slide's tiles are contiguous."""
+    groups = sorted((d, sorted(ns)) for d, ns in groups if ns)
+    return Tiles(np.array([os.fsencode(d) for d, _ in groups], dtype="S"),
+                 np.repeat(np.arange(len(groups), dtype=np.int32), [len(ns) for _, ns in groups]),
+                 np.array([os.fsencode(n) for _, ns in groups for n in ns], dtype="S"))
+
+def tiles_from_paths(paths):
+    """Tiles from a list of paths, in the given order (eval.py's labels follow it)."""
+    dirs, slide = {}, [0] * len(paths)
+    for i, p in enumerate(paths):
+        slide[i] = dirs.setdefault(os.path.dirname(p), len(dirs))
+    return Tiles(np.array([os.fsencode(d) for d in dirs], dtype="S"), np.array(slide, dtype=np.int32),
+                 np.array([os.fsencode(os.path.basename(p)) for p in paths], dtype="S"))
+
+def concat_tiles(parts):
+    off = np.cumsum([0] + [len(t.dirs) for t in parts])
+    return Tiles(np.concatenate([t.dirs for t in parts]), np.concatenate([t.slide + o for t, o in zip(parts, off)]),
+                 np.concatenate([t.names for t in parts]))
+
+def walk_images(folder):
+    """([(folder, [image names])], [(folder, mtime_ns)] of every folder entered), relative to `folder`.
+    Follows symlinks but enters each real folder once (no loops, no tile counted twice); skips .hidden
+    entries and the masks/ folder at the top (prep_tiles.py's QC pictures)."""
+    groups, stamps, seen, todo = [], [], set(), [""]
+    while todo:
+        rel = todo.pop()
+        st = os.stat(os.path.join(folder, rel))
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        stamps.append((rel, st.st_mtime_ns))
+        names = []
+        with os.scandir(os.path.join(folder, rel)) as entries:
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir():
+                    if rel or e.name != "masks":
+                        todo.append(os.path.join(rel, e.name))
+                elif e.name.lower().endswith(IMG_EXTS):
+                    names.append(e.name)
+        groups.append((rel, names))
+    return groups, stamps
+
+def cache_file(folder):
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "g2l" / f"tiles-{hashlib.sha1(os.fsencode(os.path.realpath(folder))).hexdigest()[:16]}.npz"
+
+def read_manifest(folder):
+    """[(folder, [file names])] relative to `folder`, from its tiles.csv (path column)."""
+    path, groups = os.path.join(folder, MANIFEST), {}
+    with open(path, newline="") as f:
+        rows = csv.reader(f)
+        header = next(rows, [])
+        if "path" not in header:
+            raise SystemExit(f"error: {path} has no 'path' column; delete it (the folder is then scanned) or "
+                             "re-run prep_tiles.py")
+        col = header.index("path")
+        for r in rows:
+            d, n = os.path.split(r[col])
+            groups.setdefault(d, []).append(n)
+    return list(groups.items())
+
+def walk_cached(folder):
+    """Tiles relative to `folder`: the cached listing while no folder in the tree changed (entries added or
+    removed change a folder's mtime), else a walk, cached when large (small trees walk in milliseconds)."""
+    cache = cache_file(folder)
+    with contextlib.suppress(Exception):  # no cache, a stale one or an unreadable one: walk
+        z = np.load(cache)
+        stamp = lambda d: os.stat(os.path.join(folder, os.fsdecode(d))).st_mtime_ns
+        if all(stamp(d) == m for d, m in zip(z["walked"], z["mtimes"])):
+            return Tiles(z["dirs"], z["slide"], z["names"])
+    groups, stamps = walk_images(folder)
+    tiles = group_tiles(groups)
+    if len(tiles) >= CACHE_MIN:
+        with contextlib.suppress(OSError):  # a read-only home only means no cache
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with open(cache.with_suffix(".tmp"), "wb") as f:
+                np.savez(f, dirs=tiles.dirs, slide=tiles.slide, names=tiles.names, mtimes=[m for _, m in stamps],
+                         walked=np.array([os.fsencode(d) for d, _ in stamps], dtype="S"))
+            os.replace(cache.with_suffix(".tmp"), cache)
+    return tiles
+
+def index_folder(folder):
+    """One --data folder: its manifest (written by prep_tiles.py) if it has one, else a (cached) walk."""
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: data folder {folder} does not exist; pass --data with folders of tiles "
+                         "(e.g. the --out of prep_tiles.py)")
+    has_manifest = os.path.isfile(os.path.join(folder, MANIFEST))
+    tiles = group_tiles(read_manifest(folder)) if has_manifest else walk_cached(folder)
+    if not len(tiles):
+        raise SystemExit(f"error: no images ({', '.join(IMG_EXTS)}) under {folder}; "
+                         "make tiles with: python prep_tiles.py SLIDES --out " + folder)
+    dirs = np.array([os.fsencode(os.path.join(folder, os.fsdecode(d))) for d in tiles.dirs], dtype="S")
+    return Tiles(dirs, tiles.slide, tiles.names)
+
+def index_tiles(folders):
+    """All tiles under the folders. Only rank 0 touches the disk; the other ranks receive the arrays."""
+    box = [None]
+    if RANK == 0:
+        try:
+            box = [concat_tiles([index_folder(f) for f in folders])]
+        except SystemExit as e:  # every rank stops with rank 0's message instead of waiting for the broadcast
+            box = [str(e)]
+    if WORLD > 1:
+        dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise SystemExit(box[0])
+    return box[0]
 
 def find_images(folders):
     """All images under the folders (recursive), sorted; the parent folder is the slide id."""
-    paths = []
-    for folder in folders:
-        if not os.path.isdir(folder):
-            raise SystemExit(f"error: data folder {folder} does not exist; pass --data with folders of tiles "
-                             "(e.g. the --out of prep_tiles.py)")
-        found = sorted(p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)  # skips .hidden too
-                       if p.lower().endswith(IMG_EXTS) and "masks" not in Path(p).relative_to(folder).parts[:-1])
-        if not found:
-            raise SystemExit(f"error: no images ({', '.join(IMG_EXTS)}) under {folder}; "
-                             "make tiles with: python prep_tiles.py SLIDES --out " + folder)
-        paths += found
-    return paths
-
-def slide_of(path):
-    return os.path.dirname(os.path.abspath(path))
+    tiles = index_tiles(folders)
+    return [tiles.path(i) for i in range(len(tiles))]
 
 def load_tile(path, size):
     """Decode one tile to a uint8 [3, size, size] tensor. JPEG draft mode decodes at 1/2, 1/4 or 1/8
@@ -179,18 +292,19 @@ def load_tile(path, size):
 class TileDataset(torch.utils.data.Dataset):
     """Tiles as uint8 tensors. Augmentation and normalisation run batched on the training device.
     A tile that cannot be read is replaced by the next readable one and counted (never a crash)."""
-    def __init__(self, paths, size, transform=None):
-        self.paths, self.size, self.transform = list(paths), size, transform
+    def __init__(self, tiles, size, transform=None):  # tiles: Tiles, or a list of paths
+        self.tiles = tiles if isinstance(tiles, Tiles) else tiles_from_paths(list(tiles))
+        self.size, self.transform = size, transform
     def __len__(self):
-        return len(self.paths)
+        return len(self.tiles)
     def __getitem__(self, i):
-        for k in range(len(self.paths)):
-            j = (i + k) % len(self.paths)
+        for k in range(len(self.tiles)):
+            path = self.tiles.path((i + k) % len(self.tiles))
             try:
-                x = load_tile(self.paths[j], self.size)
+                x = load_tile(path, self.size)
                 return (self.transform(x) if self.transform else x), k
             except Exception as e:  # corrupt / truncated / not an image
-                print(f"warning: skipping unreadable tile {self.paths[j]}: {type(e).__name__}: {e}", flush=True)
+                print(f"warning: skipping unreadable tile {path}: {type(e).__name__}: {e}", flush=True)
         raise RuntimeError("no readable tile in the dataset")
 
 class InfiniteSampler(torch.utils.data.Sampler):
@@ -198,10 +312,12 @@ class InfiniteSampler(torch.utils.data.Sampler):
     resuming at sample k continues exactly where an uninterrupted run would be."""
     def __init__(self, n, weights, global_batch, seed, start=0):
         self.n, self.weights, self.gb, self.seed, self.start = n, weights, global_batch, seed, start
+        self.cdf = None if weights is None else torch.cumsum(weights.double(), 0)
     def order(self, epoch):
         g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-        if self.weights is not None:
-            return torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        if self.weights is not None:  # inverse-CDF draws: torch.multinomial refuses more than 2^24 tiles
+            u = torch.rand(self.n, generator=g, dtype=torch.float64) * self.cdf[-1]
+            return torch.searchsorted(self.cdf, u, right=True).clamp_(max=self.n - 1)
         return torch.randperm(self.n, generator=g)
     def __iter__(self):
         per_epoch = self.n // self.gb * self.gb  # whole global batches per epoch
@@ -755,21 +871,25 @@ def evaluate(raw, teacher, spec_t, val, cfg, device, amp):
                 val_cos_raw=round(float(F.cosine_similarity(zs, zt).mean()), 4))
 
 def split_data(cfg):
-    """Training tiles and validation tiles: --val-data, or a held-out fraction of the slides."""
-    paths = find_images(cfg.data)
+    """Training and validation Tiles: --val-data, or whole held-out slides, only as many as --max-val needs
+    (at least two when there are ten or more, so one odd slide does not decide the agreement figures)."""
+    tiles, rng = index_tiles(cfg.data), np.random.default_rng(cfg.seed)
     if cfg.val_data:
-        val = find_images(cfg.val_data)
+        val = index_tiles(cfg.val_data)
     else:
-        slides, rng = sorted(set(map(slide_of, paths))), random.Random(cfg.seed)
+        counts = np.bincount(tiles.slide, minlength=len(tiles.dirs))
+        slides = rng.permutation(np.flatnonzero(counts))
         if len(slides) >= 2:
-            held = set(rng.sample(slides, max(1, round(cfg.val_frac * len(slides)))))
-            val = [p for p in paths if slide_of(p) in held]
+            k = int(np.searchsorted(np.cumsum(counts[slides]), cfg.max_val)) + 1  # slides whose tiles reach max_val
+            k = min(max(k, 2 if len(slides) >= 10 else 1), len(slides) - 1)  # and at least one slide to train on
+            held = np.isin(tiles.slide, slides[:k])
+            print0(f"validation: held out {k} of {len(slides)} slides ({int(held.sum())} tiles, not trained on)")
         else:  # one slide: hold out tiles instead, and say so (it leaks the slide)
             print0(f"note: only one slide in --data; holding out {cfg.val_frac:.0%} of its tiles for validation")
-            val = rng.sample(paths, max(1, round(cfg.val_frac * len(paths))))
-        held = set(val)
-        paths = [p for p in paths if p not in held]
-    return paths, random.Random(cfg.seed).sample(val, min(cfg.max_val, len(val)))
+            held = np.zeros(len(tiles), bool)
+            held[rng.choice(len(tiles), max(1, round(cfg.val_frac * len(tiles))), replace=False)] = True
+        tiles, val = tiles.subset(~held), tiles.subset(held)
+    return tiles, val.subset(np.sort(rng.choice(len(val), min(cfg.max_val, len(val)), replace=False)))
 
 def build_models(cfg, device, dtype, amp):
     """Frozen teacher, trainable student + heads, input sizes; shapes checked once, loudly."""
@@ -805,21 +925,21 @@ def build_models(cfg, device, dtype, amp):
            f"patch {spec_s['patch'] or '-'}, dim {spec_s['dim']}")
     return teacher, spec_t, raw, spec_s, grid
 
-def slide_weights(paths):
-    """Sampling weights that make each slide equally likely, whatever its tile count (--balance)."""
-    slides = [slide_of(p) for p in paths]
-    counts = {s: 0 for s in slides}
-    for s in slides:
-        counts[s] += 1
-    return torch.tensor([1.0 / counts[s] for s in slides], dtype=torch.double)
+def slide_weights(slide):
+    """Per-tile sampling weights that make each slide equally likely, whatever its tile count (--balance);
+    `slide` holds each tile's slide index (Tiles.slide)."""
+    return torch.from_numpy(1.0 / np.bincount(slide)[slide])
 
 def make_batches(cfg, paths, start, device):
     """An endless iterator of (uint8 tiles, skipped) for this rank, starting at sample `start` of the run."""
     if cfg.synthetic:  # the same step on random tensors: no I/O
         return iter(lambda: (torch.randint(0, 256, (cfg.batch_size, 3, cfg.load_size, cfg.load_size),
                                            dtype=torch.uint8), torch.zeros(cfg.batch_size, dtype=torch.long)), None)
-    sampler = InfiniteSampler(len(paths), slide_weights(paths) if cfg.balance else None, cfg.batch_size * WORLD,
+    sampler = InfiniteSampler(len(paths), slide_weights(paths.slide) if cfg.balance else None, cfg.batch_size * WORLD,
                               cfg.seed, start)
+    if cfg.workers:  # the workers fork now: frozen objects are never scanned by gc, so no gc pass copies their pages
+        gc.collect()
+        gc.freeze()
     return iter(torch.utils.data.DataLoader(
         TileDataset(paths, cfg.load_size), batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
         num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,

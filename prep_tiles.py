@@ -6,14 +6,17 @@ prep_tiles.py: whole-slide images -> tile folders for g2l.py, at a physical reso
     python prep_tiles.py crop.svs --out tiles/ --mpp-override 0.25   # the header has no mpp: you say what it is
     python prep_tiles.py slide.svs --out /tmp/t --overwrite --block 1 # naive baseline: one read_region per tile
 
-Writes (DESIGN.md "Data contract"): tiles/slides.csv, tiles/<slide_id>/<slide_id>_x<X>_y<Y>.jpg (X, Y = level-0
+Writes: tiles/slides.csv, tiles/tiles.csv (one row per tile: path, slide_id, x, y; g2l.py reads it instead of
+walking the folder), tiles/<slide_id>/<slide_id>_x<X>_y<Y>.jpg (X, Y = level-0
 top-left pixel), tiles/masks/<slide_id>.png (thumbnail, tissue tinted green, kept tiles in blue). A slide folder
 appears only when complete (temp folder + rename), so a killed run resumes: finished slides are skipped unless
 --overwrite. Exit status: 0 ok, 1 if any slide failed, 2 on argument errors (found before any work).
 """
-import argparse, csv, math, os, random, shutil, sys, time
+import argparse, csv, math, os, random, re, shutil, sys, time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +80,12 @@ def tile_grid(w0, h0, footprint0, stride0):
 
 def read_rgb(slide, loc, level, size):
     """read_region composited onto white: OpenSlide returns outside-the-scan as transparent, i.e. black in RGB."""
-    region, rgb = slide.read_region(loc, level, size), Image.new("RGB", size, "white")
-    rgb.paste(region, mask=region.getchannel("A"))
+    region = slide.read_region(loc, level, size)
+    alpha = region.getchannel("A")
+    if alpha.getextrema() == (255, 255):  # all inside the scan (nearly every tile): no compositing to pay for
+        return region.convert("RGB")
+    rgb = Image.new("RGB", size, "white")
+    rgb.paste(region, mask=alpha)
     return rgb
 
 def thumbnail(slide, mpp0, mask_mpp):
@@ -94,6 +101,14 @@ def thumbnail(slide, mpp0, mask_mpp):
             strip = read_rgb(slide, (0, round(y * ds)), level, (lw, min(step, lh - y)))
             thumb.paste(strip.resize((thumb.width, y1 - y0), Image.Resampling.BOX), (0, y0))
     return thumb
+
+def shrink(tile, size):
+    """Downsample a square tile to size px: an integer factor (40x -> 20x reads 448 px for 224) is a box
+    average in C (Image.reduce, ~15x cheaper than LANCZOS here), anything else a LANCZOS resize."""
+    f = tile.width // size
+    if f * size == tile.width:
+        return tile.reduce(f)
+    return tile.resize((size, size), Image.Resampling.LANCZOS)
 
 def drop_small(mask, min_px):
     """Remove 8-connected components smaller than min_px: union-find over the horizontal runs of each row."""
@@ -152,69 +167,93 @@ def save_qc(thumb, mask, tiles, footprint0, dims, dest):
 # -----------------------------------------------------------------------------
 # one slide -> one folder
 
-def tile_slide(path, out, slide_id=None, mpp=0.5, tile_size=224, overlap=0, mpp_tolerance=0.05, min_tissue=0.5,
-               max_tiles=0, seed=0, fmt="jpg", quality=90, mpp_override=None, block=8, progress=False):
-    """Tile one slide into out/<slide_id>/ (via a temp folder) and return its slides.csv row as a dict.
+def plan_slide(path, out, slide_id, mpp=0.5, tile_size=224, overlap=0, mpp_tolerance=0.05, min_tissue=0.5,
+               max_tiles=0, seed=0, mpp_override=None):
+    """Open one slide, choose its level, find its tissue tiles, save the QC picture, make its temp folder.
+    Returns (row, plan): plan says how to cut the tiles (cut_tiles), which may then be shared among workers."""
+    row, tmp, t_start = new_row(path, slide_id), out / f".tmp_{slide_id}", time.time()
+    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed run
+    try:
+        slide = openslide.OpenSlide(str(path))
+    except Exception as e:
+        raise ValueError(f"cannot open ({type(e).__name__}: {e}); not a format OpenSlide reads, or a corrupt or "
+                         "partial copy: re-copy or convert it") from None
+    with slide:
+        mpp0, source = slide_mpp(slide, mpp_override)
+        level, lmpp, resize = choose_level(mpp0, slide.level_downsamples, mpp, mpp_tolerance)
+        out_mpp, ds, dims = mpp if resize else lmpp, slide.level_downsamples[level], slide.dimensions
+        row.update(mpp_level0=f"{mpp0:.4f}", mpp_source=source, read_level=level, read_mpp=f"{out_mpp:.4f}")
+        read_px = round(tile_size * out_mpp / lmpp)  # tile side at the read level (= tile_size without resize)
+        fp0, st0 = tile_size * out_mpp / mpp0, (tile_size - overlap) * out_mpp / mpp0  # footprint, stride (lvl 0)
+        thumb = thumbnail(slide, mpp0, max(MASK_MPP, mpp0))
+        mask = tissue_mask(thumb, max(MASK_MPP, mpp0))
+        grid = tile_grid(*dims, fp0, st0)
+        tiles = [t for t, f in zip(grid, tissue_fraction(mask, grid, fp0, dims)) if f >= min_tissue]
+        if max_tiles and len(tiles) > max_tiles:  # seeded per slide: the same sample whatever the worker order
+            tiles = sorted(random.Random(f"{seed}:{slide_id}").sample(tiles, max_tiles), key=lambda t: t[::-1])
+        tmp.mkdir(parents=True)
+        (out / "masks").mkdir(exist_ok=True)
+        save_qc(thumb, mask, tiles, fp0, dims, out / "masks" / f"{slide_id}.png")
+    empty = (f"no tile has >= {min_tissue:.0%} tissue (see masks/{slide_id}.png); lower --min-tissue if the stain is "
+             "faint" if grid else f"slide {dims[0]}x{dims[1]} px is smaller than one {tile_size}-px tile at "
+             f"{out_mpp:.3g} µm/px; use a smaller --tile-size or a coarser --mpp")
+    return row, dict(tiles=tiles, level=level, ds=ds, read_px=read_px, stride=st0, tile_size=tile_size,
+                     resize=resize, empty=empty, t_start=t_start)
+
+def cut_tiles(path, out, slide_id, plan, tiles, fmt="jpg", quality=90, block=8, progress=False):
+    """Read and save `tiles` (all of a slide's, or one worker's share) into its temp folder."""
+    tmp, ds, read_px, st0 = out / f".tmp_{slide_id}", plan["ds"], plan["read_px"], plan["stride"]
+    # One read_region per block of up to block x block tiles, cut in memory: fewer calls, and each JPEG tile
+    # inside the slide file is decoded once instead of once per output tile it touches. block=1: naive.
+    groups = {}
+    for x, y in tiles:
+        groups.setdefault((round(x / st0) // block, round(y / st0) // block), []).append((x, y))
+    with openslide.OpenSlide(str(path)) as slide, \
+            tqdm(total=len(tiles), desc=slide_id[:20], unit="tile", leave=False, disable=not progress) as bar:
+        for group in groups.values():
+            (gx, gy), (mx, my) = np.min(group, 0).tolist(), np.max(group, 0).tolist()
+            size = (round((mx - gx) / ds) + read_px, round((my - gy) / ds) + read_px)
+            region = read_rgb(slide, (gx, gy), plan["level"], size)
+            for x, y in group:
+                ox, oy = round((x - gx) / ds), round((y - gy) / ds)
+                tile = region.crop((ox, oy, ox + read_px, oy + read_px))
+                if plan["resize"]:
+                    tile = shrink(tile, plan["tile_size"])
+                tile.save(tmp / f"{slide_id}_x{x}_y{y}.{fmt}", quality=quality)
+            bar.update(len(group))
+    return len(tiles)
+
+def finish_slide(out, slide_id, row, plan):
+    """Rename the complete temp folder into place (a slide folder appears only when whole) and fill the row."""
+    final, tiles = out / slide_id, plan["tiles"]
+    shutil.rmtree(final, ignore_errors=True)  # only reached with --overwrite (otherwise finished = skipped)
+    os.replace(out / f".tmp_{slide_id}", final)
+    row.update(status="ok" if tiles else "no_tissue", n_tiles=len(tiles), error="" if tiles else plan["empty"],
+               seconds=f"{time.time() - plan['t_start']:.2f}")
+    return row
+
+def new_row(path, slide_id):
+    return dict.fromkeys(COLUMNS, "") | dict(slide_id=slide_id, path=str(path), n_tiles=0)
+
+def failed_row(row, out, e, t_start):
+    """The row of a slide that failed at any stage; its temp folder goes (a dot-folder is never a finished slide)."""
+    shutil.rmtree(out / f".tmp_{row['slide_id']}", ignore_errors=True)
+    msg = (str(e) if isinstance(e, ValueError) else f"read failed ({e}); the file is corrupt or truncated: "
+           "re-copy or re-export it" if isinstance(e, openslide.OpenSlideError) else f"{type(e).__name__}: {e}")
+    return row | dict(status="failed", error=msg.replace("\n", " "), n_tiles=0, seconds=f"{time.time() - t_start:.2f}")
+
+def tile_slide(path, out, slide_id=None, fmt="jpg", quality=90, block=8, progress=False, **plan_opts):
+    """Tile one slide into out/<slide_id>/ (via a temp folder) in this process and return its slides.csv row.
     A bad slide never raises: its row says failed and why."""
     path, out, t_start = Path(path), Path(out), time.time()
     slide_id = slide_id or path.stem
-    row = dict.fromkeys(COLUMNS, "") | dict(slide_id=slide_id, path=str(path), n_tiles=0)
-    final, tmp = out / slide_id, out / f".tmp_{slide_id}"  # a dot-folder is never mistaken for a finished slide
-    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed run
+    row = new_row(path, slide_id)
     try:
-        try:
-            slide = openslide.OpenSlide(str(path))
-        except Exception as e:
-            raise ValueError(f"cannot open ({type(e).__name__}: {e}); not a format OpenSlide reads, or a corrupt or "
-                             "partial copy: re-copy or convert it") from None
-        with slide:
-            mpp0, source = slide_mpp(slide, mpp_override)
-            level, lmpp, resize = choose_level(mpp0, slide.level_downsamples, mpp, mpp_tolerance)
-            out_mpp, ds, dims = mpp if resize else lmpp, slide.level_downsamples[level], slide.dimensions
-            row.update(mpp_level0=f"{mpp0:.4f}", mpp_source=source, read_level=level, read_mpp=f"{out_mpp:.4f}")
-            read_px = round(tile_size * out_mpp / lmpp)  # tile side at the read level (= tile_size without resize)
-            fp0, st0 = tile_size * out_mpp / mpp0, (tile_size - overlap) * out_mpp / mpp0  # footprint, stride (lvl 0)
-            thumb = thumbnail(slide, mpp0, max(MASK_MPP, mpp0))
-            mask = tissue_mask(thumb, max(MASK_MPP, mpp0))
-            grid = tile_grid(*dims, fp0, st0)
-            tiles = [t for t, f in zip(grid, tissue_fraction(mask, grid, fp0, dims)) if f >= min_tissue]
-            if max_tiles and len(tiles) > max_tiles:  # seeded per slide: the same sample whatever the worker order
-                tiles = sorted(random.Random(f"{seed}:{slide_id}").sample(tiles, max_tiles), key=lambda t: t[::-1])
-            tmp.mkdir(parents=True)
-            (out / "masks").mkdir(exist_ok=True)
-            save_qc(thumb, mask, tiles, fp0, dims, out / "masks" / f"{slide_id}.png")
-            # One read_region per block of up to block x block tiles, cut in memory: far fewer calls, and each JPEG
-            # tile inside the slide file is decoded once instead of once per output tile it touches. block=1: naive.
-            groups = {}
-            for x, y in tiles:
-                groups.setdefault((round(x / st0) // block, round(y / st0) // block), []).append((x, y))
-            bar = tqdm(total=len(tiles), desc=slide_id[:20], unit="tile", leave=False, disable=not progress)
-            for group in groups.values():
-                (gx, gy), (mx, my) = np.min(group, 0).tolist(), np.max(group, 0).tolist()
-                size = (round((mx - gx) / ds) + read_px, round((my - gy) / ds) + read_px)
-                region = read_rgb(slide, (gx, gy), level, size)
-                for x, y in group:
-                    ox, oy = round((x - gx) / ds), round((y - gy) / ds)
-                    tile = region.crop((ox, oy, ox + read_px, oy + read_px))
-                    if resize:
-                        tile = tile.resize((tile_size, tile_size), Image.Resampling.LANCZOS)
-                    tile.save(tmp / f"{slide_id}_x{x}_y{y}.{fmt}", quality=quality)
-                bar.update(len(group))
-            bar.close()
-        shutil.rmtree(final, ignore_errors=True)  # only reached with --overwrite (otherwise finished = skipped)
-        os.replace(tmp, final)
-        row.update(status="ok" if tiles else "no_tissue", n_tiles=len(tiles))
-        if not tiles:
-            row["error"] = (f"no tile has >= {min_tissue:.0%} tissue (see masks/{slide_id}.png); lower --min-tissue "
-                            "if the stain is faint" if grid else f"slide {dims[0]}x{dims[1]} px is smaller than one "
-                            f"{tile_size}-px tile at {out_mpp:.3g} µm/px; use a smaller --tile-size or a coarser --mpp")
+        row, plan = plan_slide(path, out, slide_id, **plan_opts)
+        cut_tiles(path, out, slide_id, plan, plan["tiles"], fmt, quality, block, progress)
+        return finish_slide(out, slide_id, row, plan)
     except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        msg = (str(e) if isinstance(e, ValueError) else f"read failed ({e}); the file is corrupt or truncated: "
-               "re-copy or re-export it" if isinstance(e, openslide.OpenSlideError) else f"{type(e).__name__}: {e}")
-        row.update(status="failed", error=msg.replace("\n", " "), n_tiles=0)
-    row["seconds"] = f"{time.time() - t_start:.2f}"
-    return row
+        return failed_row(row, out, e, t_start)
 
 # -----------------------------------------------------------------------------
 # many slides -> tiles/ + slides.csv
@@ -237,6 +276,67 @@ def write_csv(path, rows):
         w = csv.DictWriter(f, COLUMNS)
         w.writeheader(), w.writerows(rows)
     os.replace(path.with_suffix(".csv.tmp"), path)  # atomic: a kill never leaves half a table
+
+CHUNK = 128  # tiles per worker job: every worker takes a share of a large slide's tiles
+
+def run_pool(todo, out, workers, plan_opts, cut_opts, record):
+    """Slides over worker processes. One worker plans a slide (level, mask, QC), then all of them cut its
+    tiles, CHUNK at a time, so one large slide never leaves a core idle; a planned slide's chunks go first,
+    so slides finish (and are recorded) one after another. record(row) returns True to stop (--fail-fast):
+    started slides still finish, new ones never start."""
+    pending, chunks, running, parts, stop = list(reversed(todo)), deque(), {}, {}, False
+    with ProcessPoolExecutor(workers) as ex:
+        while running or chunks or (pending and not stop):
+            while len(running) < 2 * workers and (chunks or (pending and not stop)):
+                if chunks:
+                    sid, share = chunks.popleft()
+                    p, plan = parts[sid][:2]
+                    running[ex.submit(cut_tiles, p, out, sid, plan | dict(tiles=[]), share, **cut_opts)] = sid, p
+                else:
+                    sid, p = pending.pop()
+                    parts[sid] = [p, None, 0, time.time()]  # path, plan, chunks running or queued, start
+                    running[ex.submit(plan_slide, p, out, sid, **plan_opts)] = sid, p
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                sid, p = running.pop(fut)
+                if sid not in parts:
+                    continue  # a chunk of a slide that has already failed
+                try:
+                    if parts[sid][1] is None:
+                        row, plan = fut.result()
+                        share = [plan["tiles"][i:i + CHUNK] for i in range(0, len(plan["tiles"]), CHUNK)]
+                        parts[sid][1:3] = [plan, len(share)]
+                        parts[sid].append(row)
+                        chunks.extend((sid, s) for s in share)
+                    else:
+                        fut.result()
+                        parts[sid][2] -= 1
+                    if parts[sid][2] == 0:
+                        row = finish_slide(out, sid, parts[sid][4], parts.pop(sid)[1])
+                    else:
+                        continue
+                except Exception as e:  # the slide failed, or its worker died (e.g. a crash inside the C library)
+                    if isinstance(e, BrokenProcessPool):
+                        e = RuntimeError(f"worker crashed ({type(e).__name__}: {e})")
+                    row = failed_row(new_row(p, sid), out, e, parts.pop(sid)[3])
+                    chunks = deque(c for c in chunks if c[0] != sid)
+                stop = record(row) or stop
+
+TILE_NAME = re.compile(r"_x(\d+)_y(\d+)\.\w+$")
+
+def write_manifest(out):
+    """tiles.csv: one row per tile of every finished slide folder in out/ (path relative to out, slide_id, x, y),
+    so g2l.py reads one file instead of walking millions. Written last, atomically (temp + rename), and removed
+    when a run starts, so a killed run leaves no stale manifest (g2l.py then walks the folder)."""
+    slides = sorted(e.name for e in os.scandir(out) if e.is_dir() and e.name[0] != "." and e.name != "masks")
+    with open(out / "tiles.csv.tmp", "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["path", "slide_id", "x", "y"])
+        for sid in slides:
+            for name in sorted(os.listdir(out / sid)):
+                if m := TILE_NAME.search(name):
+                    w.writerow([f"{sid}/{name}", sid, m[1], m[2]])
+    os.replace(out / "tiles.csv.tmp", out / "tiles.csv")
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -286,9 +386,9 @@ def main(argv=None):
                 status="skipped", error="", seconds="0.00", n_tiles=sum(1 for _ in (out / sid).iterdir()))
         else:
             todo.append((sid, p))
-    opts = dict(mpp=a.mpp, tile_size=a.tile_size, overlap=a.overlap, mpp_tolerance=a.mpp_tolerance, seed=a.seed,
-                min_tissue=a.min_tissue, max_tiles=a.max_tiles, fmt=a.format, quality=a.quality, block=a.block,
-                mpp_override=a.mpp_override)
+    plan_opts = dict(mpp=a.mpp, tile_size=a.tile_size, overlap=a.overlap, mpp_tolerance=a.mpp_tolerance,
+                     seed=a.seed, min_tissue=a.min_tissue, max_tiles=a.max_tiles, mpp_override=a.mpp_override)
+    cut_opts = dict(fmt=a.format, quality=a.quality, block=a.block)
 
     def record(row):  # rewrite slides.csv after every slide, so a killed run keeps what it finished
         rows[row["slide_id"]] = row
@@ -298,29 +398,18 @@ def main(argv=None):
         return a.fail_fast and row["status"] == "failed"
 
     write_csv(out / "slides.csv", [rows[sid] for sid, _ in slides if sid in rows])  # even when all are skipped
+    (out / "tiles.csv").unlink(missing_ok=True)  # rewritten at the end: never stale while tiles change
     t0 = time.time()
     with tqdm(total=len(todo), desc="slides", unit="slide") as bar:
         if a.workers == 1 or len(todo) <= 1:  # in-process: simplest to debug, and a per-tile progress bar
             for sid, p in todo:
-                stop = record(tile_slide(p, out, sid, progress=True, **opts))
+                stop = record(tile_slide(p, out, sid, progress=True, **cut_opts, **plan_opts))
                 bar.update()
                 if stop:
                     break
         else:
-            with ProcessPoolExecutor(a.workers) as ex:
-                futs = {ex.submit(tile_slide, p, out, sid, **opts): (sid, p) for sid, p in todo}
-                for fut in as_completed(futs):
-                    if fut.cancelled():
-                        continue
-                    try:
-                        row = fut.result()
-                    except Exception as e:  # the worker process died (e.g. a crash inside the C library)
-                        row = dict.fromkeys(COLUMNS, "") | dict(slide_id=futs[fut][0], path=str(futs[fut][1]),
-                              status="failed", n_tiles=0, error=f"worker crashed ({type(e).__name__}: {e})")
-                    bar.update()
-                    if record(row):
-                        for f in futs:  # fail-fast: running slides finish and are recorded, queued ones never start
-                            f.cancel()
+            run_pool(todo, out, a.workers, plan_opts, cut_opts, lambda row: (bar.update(), record(row))[1])
+    write_manifest(out)
     dt, n = time.time() - t0, Counter(r["status"] for r in rows.values())
     made = sum(int(r["n_tiles"]) for r in rows.values() if r["status"] != "skipped")
     print(f"slides: {n['ok']} ok, {n['no_tissue']} no_tissue, {n['failed']} failed, {n['skipped']} skipped, "

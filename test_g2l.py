@@ -432,12 +432,79 @@ def test_memory_options_keep_the_maths(tmp_path, tiles):
 
 def test_balanced_sampling_draws_slides_equally():
     paths = [f"/t/big/{i}.jpg" for i in range(90)] + [f"/t/small/{i}.jpg" for i in range(10)]
-    sampler = g2l.InfiniteSampler(len(paths), g2l.slide_weights(paths), 10, seed=0)
+    sampler = g2l.InfiniteSampler(len(paths), g2l.slide_weights(g2l.tiles_from_paths(paths).slide), 10, seed=0)
     drawn = [paths[i].split("/")[2] for _, i in zip(range(4000), iter(sampler))]
     assert drawn.count("small") / len(drawn) == pytest.approx(0.5, abs=0.03)  # 10 % of the tiles, half the draws
     plain = g2l.InfiniteSampler(len(paths), None, 10, seed=0)
     drawn = [paths[i].split("/")[2] for _, i in zip(range(4000), iter(plain))]
     assert drawn.count("small") / len(drawn) == pytest.approx(0.1, abs=0.01)
+
+def test_balanced_sampling_past_2_24_tiles_is_exact_and_resumable():
+    """--balance on 20M tiles (torch.multinomial refuses more than 2^24 categories): indices only, no files."""
+    n_small = 1000
+    slide = np.repeat(np.array([0, 1], dtype=np.int32), [20_000_000, n_small])  # one huge slide, one small one
+    w = g2l.slide_weights(slide)
+    sampler = g2l.InfiniteSampler(len(slide), w, 1000, seed=0)
+    drawn = np.array([i for _, i in zip(range(20_000), iter(sampler))])
+    assert drawn.max() < len(slide)
+    assert (drawn >= 20_000_000).mean() == pytest.approx(0.5, abs=0.02)  # the small slide: half the draws
+    later = g2l.InfiniteSampler(len(slide), w, 1000, seed=0, start=7000)  # resumed at sample 7000
+    assert [i for _, i in zip(range(3000), iter(later))] == drawn[7000:10_000].tolist()
+
+def touch_tiles(root, slides, n):
+    for s in slides:
+        (root / s).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            (root / s / f"{s}_x{i}_y0.jpg").touch()
+
+def test_find_images_enters_each_real_folder_once(tmp_path):
+    touch_tiles(tmp_path, ["a", "b"], 3)
+    (tmp_path / "a" / "loop").symlink_to(tmp_path)  # a symlink loop back to the root
+    (tmp_path / "c").symlink_to(tmp_path / "b")     # a second name for slide b
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "a.png").touch()           # prep_tiles.py's QC pictures are not tiles
+    found = g2l.find_images([str(tmp_path)])
+    assert len(found) == 6 and len(set(map(os.path.realpath, found))) == 6
+    assert {Path(p).parent.name for p in found} <= {"a", "b", "c"}
+
+def test_manifest_is_read_and_large_scans_are_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(g2l, "CACHE_MIN", 1)
+    data = tmp_path / "tiles"
+    touch_tiles(data, ["s1", "s2"], 4)
+    walk = g2l.walk_images
+    walks = []
+    monkeypatch.setattr(g2l, "walk_images", lambda f: walks.append(f) or walk(f))
+    assert len(g2l.index_tiles([str(data)])) == 8 and len(walks) == 1
+    assert len(g2l.index_tiles([str(data)])) == 8 and len(walks) == 1  # the cached listing, no walk
+    (data / "s2" / "s2_x9_y9.jpg").touch()                             # a new tile changes s2's mtime
+    assert len(g2l.index_tiles([str(data)])) == 9 and len(walks) == 2
+    (data / "tiles.csv").write_text("path,slide_id,x,y\ns1/s1_x0_y0.jpg,s1,0,0\ns2/s2_x1_y0.jpg,s2,1,0\n")
+    tiles = g2l.index_tiles([str(data)])                               # a manifest wins: no walk at all
+    assert [tiles.path(i) for i in range(2)] == [str(data / "s1" / "s1_x0_y0.jpg"), str(data / "s2" / "s2_x1_y0.jpg")]
+    assert len(walks) == 2 and list(tiles.slide) == [0, 1]
+
+def test_only_rank_0_reads_the_disk(tmp_path, monkeypatch):
+    sent = g2l.Tiles(np.array([b"/x/s"]), np.zeros(2, np.int32), np.array([b"a.jpg", b"b.jpg"]))
+    monkeypatch.setattr(g2l, "RANK", 1)
+    monkeypatch.setattr(g2l, "WORLD", 2)
+    monkeypatch.setattr(g2l, "index_folder", lambda f: pytest.fail("rank 1 read the disk"))
+    monkeypatch.setattr(g2l.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, sent))
+    assert g2l.find_images(["/nowhere"]) == ["/x/s/a.jpg", "/x/s/b.jpg"]
+    monkeypatch.setattr(g2l.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, "error: no tiles"))
+    with pytest.raises(SystemExit, match="no tiles"):  # rank 0's error stops every rank
+        g2l.index_tiles(["/nowhere"])
+
+def test_validation_holds_out_whole_slides_sized_to_max_val(tmp_path, capsys):
+    touch_tiles(tmp_path, [f"s{i:02d}" for i in range(20)], 30)
+    cfg = g2l.Config(data=[str(tmp_path)], max_val=64)
+    train, val = g2l.split_data(cfg)
+    held = {Path(val.path(i)).parent.name for i in range(len(val))}
+    assert len(val) == 64 and len(held) == 3 and len(train) == 17 * 30  # 3 slides of 30 tiles cover 64
+    assert not held & {Path(train.path(i)).parent.name for i in range(len(train))}
+    assert "held out 3 of 20 slides (90 tiles" in capsys.readouterr().out
+    train, val = g2l.split_data(g2l.Config(data=[str(tmp_path)], max_val=8))
+    assert len(val) == 8 and len(train) == 18 * 30  # many slides: at least two held out
 
 def test_one_compiled_step_runs(tmp_path, tiles):
     last = run(tmp_path, tiles, "--compile", "on", "--synthetic", steps=1)
@@ -665,6 +732,23 @@ def test_block_reads_match_naive_reads(tmp_path):
         a, b = [np.asarray(Image.open(tmp_path / k / "CMU-1-Small-Region" / n)) for k in ("1", "8")]
         assert np.array_equal(a, b), n
 
+
+def test_workers_share_one_slide_and_the_manifest_lists_every_tile(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep_tiles, "CHUNK", 5)  # 24 tiles -> 5 chunks over 2 workers (forked: they see it)
+    for workers in ("1", "2"):
+        assert prep_tiles.main([str(CMU), str(SYN / "small.svs"), "--out", str(tmp_path / workers), "--mpp", "1.0",
+                                "--min-tissue", "0", "--format", "png", "--workers", workers]) == 0
+    one, two = tmp_path / "1" / "CMU-1-Small-Region", tmp_path / "2" / "CMU-1-Small-Region"
+    names = sorted(p.name for p in one.iterdir())
+    assert len(names) == 24 and names == sorted(p.name for p in two.iterdir())
+    for n in names:
+        assert np.array_equal(np.asarray(Image.open(one / n)), np.asarray(Image.open(two / n))), n
+    with open(tmp_path / "2" / "tiles.csv", newline="") as f:
+        listed = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in listed) == [f"CMU-1-Small-Region/{n}" for n in names]
+    assert {(int(r["x"]), int(r["y"])) for r in listed} == corners(two)
+    tiles = g2l.index_tiles([str(tmp_path / "2")])  # g2l reads the manifest
+    assert sorted(tiles.path(i) for i in range(len(tiles))) == [str(two / n) for n in names]
 
 def test_max_tiles_is_a_seeded_sample(tmp_path):
     run = lambda name, seed: prep_tiles.main([str(CMU), "--out", str(tmp_path / name), "--mpp", "1.0",
