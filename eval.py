@@ -6,7 +6,7 @@
     python eval.py bench --model h-optimus-0 --model uni --random-init --batch-sizes 1 8 --out results/
     python eval.py report --out results/                  # results/report.md + results/report.png
     python eval.py probe --model vit_small_patch14_dinov2 --model-kwargs '{"depth": 1, "global_pool": "avg"}' \\
-        --img-size 56 --data ../shared/datasets/pcam-subset/labels.csv     # any timm model, random init
+        --img-size 56 --data examples/pcam/labels.csv     # any timm model, random init, on the bundled PCam tiles
 
 --data: a CSV with columns path,label and optional split,center,slide (paths relative to the CSV), or an ImageFolder
 root/<split>/<class>/* or root/<class>/*. Models follow g2l.py's naming rules (presets, timm names, hf-hub:,

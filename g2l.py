@@ -358,7 +358,7 @@ def load_weights(model, path, name):
     model.load_state_dict(sd)
 
 def resolve(name):
-    """Model name -> (timm name, kwargs, pretrained, spec). See DESIGN.md 'Model names'."""
+    """Model name -> (timm name, kwargs, pretrained, spec). See README 'Models and offline weights'."""
     p = Path(name)
     if (p / "student" / "config.json").is_file():  # a g2l run folder
         p = p / "student"

@@ -6,7 +6,7 @@ prep_tiles.py: whole-slide images -> tile folders for g2l.py, at a physical reso
     python prep_tiles.py crop.svs --out tiles/ --mpp-override 0.25   # the header has no mpp: you say what it is
     python prep_tiles.py slide.svs --out /tmp/t --overwrite --block 1 # naive baseline: one read_region per tile
 
-Writes (DESIGN.md "Data contract"): tiles/slides.csv, tiles/<slide_id>/<slide_id>_x<X>_y<Y>.jpg (X, Y = level-0
+Writes: tiles/slides.csv, tiles/<slide_id>/<slide_id>_x<X>_y<Y>.jpg (X, Y = level-0
 top-left pixel), tiles/masks/<slide_id>.png (thumbnail, tissue tinted green, kept tiles in blue). A slide folder
 appears only when complete (temp folder + rename), so a killed run resumes: finished slides are skipped unless
 --overwrite. Exit status: 0 ok, 1 if any slide failed, 2 on argument errors (found before any work).
