@@ -213,6 +213,21 @@ def test_resume_is_exact(tmp_path, tiles, monkeypatch):
     b = torch.load(tmp_path / "half" / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+def test_demo_composes_with_flags_and_its_hint_works_as_printed(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a user's working directory: relative paths in the hint must hold from here
+    assert g2l.parse_args([]) == g2l.parse_args(["--demo"]) and g2l.parse_args([]).steps == g2l.DEMO["steps"]
+    assert g2l.parse_args(["--demo", "--steps", "5"]).steps == 5 and g2l.parse_args(["--demo"]).data == g2l.DEMO["data"]
+    with pytest.raises(SystemExit, match="add --demo"):  # not the demo: the default data folder is missing
+        g2l.main(["--steps", "5", "--workers", "0"])
+    # the demo's data and settings, with tiny models and 2 steps
+    g2l.main(["--demo", *TINY_T, *TINY_S, "--steps", "2", "--workers", "0", "--eval-every", "1000", "--out", "demo"])
+    hint = [l for l in capsys.readouterr().out.splitlines() if l.startswith("evaluate: ")][-1]
+    argv = hint[len("evaluate: "):].split()
+    assert argv[:3] == ["python", "eval.py", "probe"], hint
+    ev.main(argv[2:] + ["--seeds", "1", "--C", "1.0"])  # as printed, plus fewer fits (speed only)
+    res = json.loads((tmp_path / "demo" / "eval" / "probe_pcam.json").read_text())
+    assert res[0]["n_train"] > 0 and 0 <= res[0]["linear_bacc"] <= 1
+
 def test_export_reloads_through_timm_with_identical_outputs(tmp_path, tiles):
     run(tmp_path, tiles, steps=2)
     folder = tmp_path / "run" / "student"
@@ -734,6 +749,16 @@ def test_agree_self_is_one_other_lower_and_heads(pcam, tmp_path):
     m, rows = dict(name="vit_small_patch14_dinov2", weights="", kwargs=KW_T, size=42), ev.read_labelled(str(csv_path))
     fresh = ev.features(m, rows, types.SimpleNamespace(**a, out=str(tmp_path / "b")))
     assert torch.equal(fresh, ev.features(m, rows, types.SimpleNamespace(**a, out=str(tmp_path / "a"))))
+
+def test_eval_runs_a_model_at_the_size_its_kwargs_built_it_for(pcam, tmp_path, monkeypatch):
+    # a bare DINOv2 architecture's pretrained config says 518 px; built with img_size 42 it must run at 42
+    csv_path, _ = pcam
+    sizes, real = [], ev.TileDataset
+    monkeypatch.setattr(ev, "TileDataset", lambda paths, size, *a, **k: sizes.append(size) or real(paths, size, *a, **k))
+    kw = '{"depth": 1, "embed_dim": 64, "num_heads": 2, "global_pool": "avg", "img_size": 42}'
+    ev.main(["probe", "--model", "vit_small_patch14_dinov2", "--model-kwargs", kw, "--workers", "0", "--seeds", "1",
+             "--C", "1.0", "--data", str(csv_path), "--out", str(tmp_path)])
+    assert sizes == [42]
 
 # ----------------------------------------------------------------------------- robustness
 def make_case(by, n=10, seed=0):
