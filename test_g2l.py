@@ -4,7 +4,7 @@ Sections: g2l.py (trainer), prep_tiles.py (slides -> tiles), eval.py (evaluation
 
     pytest -q
 """
-import csv, json, math, os, shutil, socket, subprocess, types
+import csv, json, math, os, re, shutil, socket, subprocess, types
 from pathlib import Path
 
 import numpy as np
@@ -754,7 +754,7 @@ def test_eval_runs_a_model_at_the_size_its_kwargs_built_it_for(pcam, tmp_path, m
     # a bare DINOv2 architecture's pretrained config says 518 px; built with img_size 42 it must run at 42
     csv_path, _ = pcam
     sizes, real = [], ev.TileDataset
-    monkeypatch.setattr(ev, "TileDataset", lambda paths, size, *a, **k: sizes.append(size) or real(paths, size, *a, **k))
+    monkeypatch.setattr(ev, "TileDataset", lambda paths, size, *a: sizes.append(size) or real(paths, size, *a))
     kw = '{"depth": 1, "embed_dim": 64, "num_heads": 2, "global_pool": "avg", "img_size": 42}'
     ev.main(["probe", "--model", "vit_small_patch14_dinov2", "--model-kwargs", kw, "--workers", "0", "--seeds", "1",
              "--C", "1.0", "--data", str(csv_path), "--out", str(tmp_path)])
@@ -826,6 +826,20 @@ def test_report_writes_markdown_and_chart(tmp_path):
     # bar areas follow the values: teacher .25 (speed relative to the fastest) + .9 + .95 + .85, student 1 + .8 + .9 + .7
     assert n_blue / n_orange == pytest.approx(2.95 / 3.4, rel=0.03)
 
+def test_every_eval_option_is_described_with_its_default(capsys):
+    for cmd in ("probe", "agree", "robustness", "bench", "report"):
+        with pytest.raises(SystemExit) as e:
+            ev.main([cmd, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out.split("options:", 1)[1]
+        for block in re.split(r"\n(?=  -)", text.strip("\n")):
+            first, *rest = block.splitlines()
+            opt, _, said = first.strip().partition("  ")  # the help starts 2+ spaces after the option's name
+            said = " ".join([said, *rest]).split()
+            assert said, f"{cmd} {opt}: no description"
+            if opt.split()[0] not in ("-h,", "--model", "--teacher", "--student", "--data"):  # required: no default
+                assert "(default:" in " ".join(said), f"{cmd} {opt}: no default shown"
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("case, message", [
     ("missing_column", "has no column label"),
@@ -878,5 +892,6 @@ def test_no_tracked_file_points_outside_the_repository():
         files = [f for f in ROOT.rglob("*") if f.is_file() and not {".git", ".venv"} & set(f.parts)]
     assert ROOT / "test_g2l.py" in files
     needles = [b"../" + b"shared", b"/shared/" + b"datasets", b"DESIGN" + b".md", b"STYLE" + b".md"]
-    hits = [f"{f.relative_to(ROOT)}: {n.decode()}" for f in files if f.is_file() for n in needles if n in f.read_bytes()]
+    hits = [f"{f.relative_to(ROOT)}: {n.decode()}" for f in files if f.is_file()
+            for n in needles if n in f.read_bytes()]
     assert not hits, hits

@@ -133,7 +133,7 @@ def main(argv=None):
     try:
         import onnx  # noqa: F401
     except ImportError:
-        raise SystemExit("error: this script needs the onnx package, which g2l does not install; run `pip install onnx`")
+        raise SystemExit("error: this script needs the onnx package (not a g2l dependency); run `pip install onnx`")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         sd = convert(a.onnx or fetch_onnx(tmp), a.img_size)
