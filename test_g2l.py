@@ -558,6 +558,24 @@ def test_resume_skips_finished_slides_and_overwrite_redoes_them(tmp_path):
     assert rows(tmp_path)["CMU-1-Small-Region"]["status"] == "ok"
 
 
+def test_resume_only_with_the_same_settings_and_csv_line_ends(tmp_path, capsys):
+    args = [str(CMU), "--out", str(tmp_path), "--mpp", "1.0"]
+    assert prep_tiles.main(args) == 0
+    assert b"\r" not in (tmp_path / "slides.csv").read_bytes()  # plain \n line ends, not csv's default \r\n
+    folder = tmp_path / "CMU-1-Small-Region"
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(SystemExit) as e:  # 256-px tiles would be skipped as "done" among 224-px ones
+        prep_tiles.main(args + ["--tile-size", "256"])
+    assert e.value.code == 2 and "--tile-size 224 (now 256)" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert prep_tiles.main(args + ["--block", "1"]) == 0  # the read strategy is not a setting of the output
+    assert rows(tmp_path)["CMU-1-Small-Region"]["status"] == "skipped"
+    assert prep_tiles.main(args + ["--tile-size", "256", "--overwrite"]) == 0
+    assert {Image.open(p).size for p in folder.iterdir()} == {(256, 256)}
+    assert prep_tiles.main(args + ["--tile-size", "256"]) == 0  # the new settings resume
+    assert rows(tmp_path)["CMU-1-Small-Region"]["status"] == "skipped"
+
+
 def test_block_reads_match_naive_reads(tmp_path):
     # the fast path (one read_region per 8x8 block) must give the same pixels as one read_region per tile
     for block in ("1", "8"):
@@ -610,8 +628,9 @@ def test_find_slides_and_dicom(tmp_path):
     args = [str(SYN / "boxes_0.dcm"), "--out", str(tmp_path), "--tile-size", "8", "--min-tissue", "0"]
     assert prep_tiles.main(args) == 0 and rows(tmp_path)["boxes_0"]["n_tiles"] == "4"
     assert corners(tmp_path / "boxes_0") == {(0, 0), (8, 0), (0, 8), (8, 8)}
-    assert prep_tiles.main([str(SYN / "small.svs"), "--out", str(tmp_path)]) == 0  # no_tissue is not a failure
-    assert "smaller than one 224-px tile" in rows(tmp_path)["small"]["error"]
+    out = tmp_path / "b"  # other settings: another --out (one folder, one set of settings)
+    assert prep_tiles.main([str(SYN / "small.svs"), "--out", str(out)]) == 0  # no_tissue is not a failure
+    assert "smaller than one 224-px tile" in rows(out)["small"]["error"]
 
 
 def test_tissue_mask_on_a_drawn_slide():
