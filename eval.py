@@ -6,7 +6,7 @@
     python eval.py bench --model h-optimus-0 --model uni --random-init --batch-sizes 1 8 --out results/
     python eval.py report --out results/                  # results/report.md + results/report.png
     python eval.py probe --model vit_small_patch14_dinov2 --model-kwargs '{"depth": 1, "global_pool": "avg"}' \\
-        --img-size 56 --data ../shared/datasets/pcam-subset/labels.csv     # any timm model, random init
+        --img-size 56 --data examples/pcam/labels.csv     # any timm model, random init, on the bundled PCam tiles
 
 --data: a CSV with columns path,label and optional split,center,slide (paths relative to the CSV), or an ImageFolder
 root/<split>/<class>/* or root/<class>/*. Models follow g2l.py's naming rules (presets, timm names, hf-hub:,
@@ -457,43 +457,63 @@ def cmd_report(a):
     print(f"wrote {out / 'report.md'} and {out / 'report.png'} ({len(bars)} metrics, {len(models)} models)")
 
 # ----------------------------------------------------------------------------- command line
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (required, empty, per-model lists)."""
+    def _get_help_string(self, action):
+        empty = action.required or action.default in (None, "", [], argparse.SUPPRESS)
+        return action.help if empty else super()._get_help_string(action)
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub, par = p.add_subparsers(dest="cmd", required=True), lambda: argparse.ArgumentParser(add_help=False)
+    cmd = lambda name, parents, text: sub.add_parser(name, parents=parents, help=text, description=text,
+                                                      formatter_class=HelpFormatter)
     out, dev, data, group = par(), par(), par(), {}
-    out.add_argument("--out", default="results")
-    dev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    out.add_argument("--out", default="results", help="results folder: NAME.json + .csv per command, features/ cache")
+    dev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     for r in ("model", "teacher", "student"):  # repeat for several models, with their options in the same order
         g, many = group.setdefault(r, par()), dict(action="append", default=[]) if r != "teacher" else {}
         g.add_argument(f"--{r}", required=True, **many,
-                       help="preset, timm name, hf-hub:, local-dir:, a transformers DINOv2 folder or a g2l run folder")
-        g.add_argument(f"--{r}-weights", **(many or dict(default="")), help="local weights for its architecture")
-        g.add_argument(f"--{r}-kwargs", **(many or dict(default="")), help="JSON architecture kwargs")
+                       help="preset, timm name, hf-hub:, local-dir:, a transformers DINOv2 folder or a g2l run folder"
+                       + ("" if r == "teacher" else f"; repeat --{r} for several, each followed by its own options"))
+        g.add_argument(f"--{r}-weights", **(many or dict(default="")),
+                       help="local .safetensors/.pth/.bin weights for its architecture (default: none)")
+        g.add_argument(f"--{r}-kwargs", **(many or dict(default="")),
+                       help="JSON architecture kwargs, e.g. '{\"depth\": 2}' (default: none)")
         if r != "model":
-            g.add_argument(f"--{r}-img-size", type=int, **(many or dict(default=0)), help="0 = its own size")
+            g.add_argument(f"--{r}-img-size", type=int, **(many or dict(default=0)),
+                           help="input px; 0 = the size the model was built or trained for"
+                           + (" (default: 0)" if many else ""))
     data.add_argument("--data", required=True, help="labels CSV (path,label[,split,center,slide]) or ImageFolder root")
     data.add_argument("--task", default="", help="name in the results (default: the data folder's name)")
-    data.add_argument("--pooling", default="cls", choices=["cls", "mean", "cls+mean"])
-    data.add_argument("--batch-size", type=int, default=64)
-    data.add_argument("--workers", type=int, default=2)
-    pr = sub.add_parser("probe", parents=[out, dev, group["model"], data])
+    data.add_argument("--pooling", default="cls", choices=["cls", "mean", "cls+mean"],
+                      help="feature: the model's global output (cls), the mean patch token, or both concatenated")
+    data.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass")
+    data.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding tiles (0 = in-process)")
+    pr = cmd("probe", [out, dev, group["model"], data], "linear probe and kNN on frozen features, per model")
     pr.add_argument("--seeds", type=int, default=3, help="seeded splits (with the data's own split: seeded val carve-outs)")
-    pr.add_argument("--k", type=int, default=20)
-    pr.add_argument("--C", type=float, nargs="+", default=[1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0], help="tried on val; one = fixed")
-    sub.add_parser("agree", parents=[out, dev, group["teacher"], group["student"], data])
-    ro = sub.add_parser("robustness", parents=[out, dev, group["model"], data])
-    ro.add_argument("--ks", type=int, nargs="+", default=[3, 5, 10, 20])
-    ro.add_argument("--boot", type=int, default=200)
+    pr.add_argument("--k", type=int, default=20, help="neighbours for the kNN vote")
+    pr.add_argument("--C", type=float, nargs="+", default=[1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0],
+                    help="inverse L2 strengths tried on val; one value = fixed")
+    cmd("agree", [out, dev, group["teacher"], group["student"], data],
+        "teacher-student agreement: linear CKA, and centred cosine through a run's heads")
+    ro = cmd("robustness", [out, dev, group["model"], data],
+             "PathoROB robustness index and de Jong ratio (needs center and slide columns)")
+    ro.add_argument("--ks", type=int, nargs="+", default=[3, 5, 10, 20], help="neighbour counts to report")
+    ro.add_argument("--boot", type=int, default=200, help="bootstrap resamples for the std")
     for s in (pr, ro):
-        s.add_argument("--img-size", type=int, action="append", default=[], help="0 = the model's own size")
-    be = sub.add_parser("bench", parents=[out, dev, group["model"]])
+        s.add_argument("--img-size", type=int, action="append", default=[],
+                       help="input px, once for all models or once per --model; 0 = the size it was built or trained "
+                            "for (default: 0)")
+    be = cmd("bench", [out, dev, group["model"]], "inference speed and memory per model, in a fresh process each")
     be.add_argument("--img-size", type=int, default=224, help="the same input size for every model")
-    be.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    be.add_argument("--iters", type=int, default=5)
-    be.add_argument("--warmup", type=int, default=2)
-    be.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    be.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to time")
+    be.add_argument("--iters", type=int, default=5, help="timed forward passes per batch size")
+    be.add_argument("--warmup", type=int, default=2, help="untimed passes first")
+    be.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="auto = bf16 on GPUs that support it, else fp32")
     be.add_argument("--random-init", action="store_true", help="presets' bare architectures, random weights: no download")
-    sub.add_parser("report", parents=[out])
+    cmd("report", [out], "report.md + report.png from the results in --out")
     a = p.parse_args(argv)
     return globals()[f"cmd_{a.cmd}"](a)
 

@@ -6,6 +6,7 @@ log-sum of |BN(student) - BN(teacher)|^4 (Miles & Mikolajczyk, AAAI 2024). g2l a
 local loss on patch tokens (RADIO / GPFM style: 0.9 cosine + 0.1 smooth-L1).
 
     python g2l.py                                    # demo: bundled CC0 tiles, small ViTs, < 5 min on CPU
+    python g2l.py --demo --steps 5                   # the demo's settings, any option changed
     python g2l.py --teacher h-optimus-0 --student uni --data tiles/ --out runs/luad
     python g2l.py --teacher h-optimus-0 --student hibou-l --w-local 0 --data tiles/   # the paper's pair and loss
     torchrun --standalone --nproc_per_node=8 g2l.py --teacher h-optimus-0 --student uni --data tiles/
@@ -80,6 +81,7 @@ class Config:
     max_bad_frac: float = 0.01          # stop when more than this fraction of tiles cannot be read
     synthetic: bool = False             # random tensors instead of tiles: measures the step alone
     bench_data: bool = False            # measure the loader (tiles/s) and exit
+    demo: bool = False                  # start from the demo's settings (what `python g2l.py` alone runs)
 
 # the no-argument demo: real CC0 tiles shipped in examples/, a small real teacher when the hub is reachable
 DEMO = dict(teacher="vit_small_patch14_dinov2.lvd142m", student="vit_tiny_patch16_224",
@@ -96,6 +98,7 @@ def parse_args(argv=None):
     helps = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))
     fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
     p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    demo = not argv or "--demo" in argv  # no arguments at all is the demo too
     for f in dataclasses.fields(Config):
         name, kw = "--" + f.name.replace("_", "-"), dict(help=helps.get(f.name, " "), choices=CHOICES.get(f.name))
         if f.type is bool:
@@ -104,11 +107,9 @@ def parse_args(argv=None):
             p.add_argument(name, nargs="+", default=f.default_factory(), **kw)
         else:
             p.add_argument(name, type=f.type, default=f.default, **kw)
-    args = p.parse_args(argv)
-    cfg = Config(**vars(args))
-    if not argv:  # no arguments at all: the demo
-        cfg = dataclasses.replace(cfg, **DEMO)
-    return cfg
+    if demo:  # the demo's values become the defaults, so any flag given still wins
+        p.set_defaults(**DEMO, demo=True)
+    return Config(**vars(p.parse_args(argv)))
 
 # ----------------------------------------------------------------------------- compute init
 def init_distributed():
@@ -251,7 +252,7 @@ def index_folder(folder):
     """One --data folder: its manifest (written by prep_tiles.py) if it has one, else a (cached) walk."""
     if not os.path.isdir(folder):
         raise SystemExit(f"error: data folder {folder} does not exist; pass --data with folders of tiles "
-                         "(e.g. the --out of prep_tiles.py)")
+                         "(e.g. the --out of prep_tiles.py), or add --demo to use the bundled demo tiles")
     has_manifest = os.path.isfile(os.path.join(folder, MANIFEST))
     tiles = group_tiles(read_manifest(folder)) if has_manifest else walk_cached(folder)
     if not len(tiles):
@@ -574,7 +575,7 @@ def dinov2_spec(where):
                 mean=tuple(pre.get("image_mean", IN["mean"])), std=tuple(pre.get("image_std", IN["std"])))
 
 def resolve(name):
-    """Model name -> (timm name, kwargs, pretrained, spec). See DESIGN.md 'Model names'."""
+    """Model name -> (timm name, kwargs, pretrained, spec). See README 'Models and offline weights'."""
     p = Path(name)
     if (p / "student" / "config.json").is_file():  # a g2l run folder
         p = p / "student"
@@ -657,7 +658,8 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
     spec = dict(spec, kwargs=kw, source=source, name=name, arch=pc.get("architecture") or spec["arch"],
                 mean=tuple(spec.get("mean") or pc.get("mean", IN["mean"])),
                 std=tuple(spec.get("std") or pc.get("std", IN["std"])),
-                size=img_size or spec.get("size") or pc.get("input_size", (3, 224, 224))[-1])
+                # the size it was built for: a kwargs img_size beats the pretrained config (DINOv2's is 518 px)
+                size=img_size or kw.get("img_size") or spec.get("size") or pc.get("input_size", (3, 224, 224))[-1])
     pe = getattr(model, "patch_embed", None)
     spec["patch"] = int(pe.patch_size[0]) if pe is not None else 0
     spec["tdim"] = model.num_features
@@ -1134,8 +1136,12 @@ def summary(cfg, reason, first, last, out):
              ("val_cka", "val cka")) if k in first and k in last]
     print0(" | ".join([reason, *parts, f"{last.get('img_per_s', 0):.1f} img/s", f"mfu {last.get('mfu', 0):.1f}%"]))
     if not cfg.synthetic:
+        # the demo's hint must work as printed, offline: the student on the 200 labelled PCam tiles bundled in examples/
+        labels = os.path.relpath(Path(__file__).resolve().parent / "examples" / "pcam" / "labels.csv")
+        evaluate = (f"python eval.py probe --model {out} --data {labels} --out {out / 'eval'}" if cfg.demo else
+                    f"python eval.py probe --model {cfg.teacher} --model {out} --data LABELS.csv  (a CSV: path,label)")
         print0(f"student: {out / 'student'}  ->  timm.create_model('local-dir:{out / 'student'}', pretrained=True)\n"
-               f"evaluate: python eval.py probe --model {cfg.teacher} --model {out} --data labels.csv\n"
+               f"evaluate: {evaluate}\n"
                f"a real run: python g2l.py --teacher h-optimus-0 --student uni --data tiles/ --out runs/NAME")
 
 def bench_data(cfg, paths, batches=20):

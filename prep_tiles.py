@@ -12,7 +12,7 @@ top-left pixel), tiles/masks/<slide_id>.png (thumbnail, tissue tinted green, kep
 appears only when complete (temp folder + rename), so a killed run resumes: finished slides are skipped unless
 --overwrite. Exit status: 0 ok, 1 if any slide failed, 2 on argument errors (found before any work).
 """
-import argparse, csv, math, os, random, re, shutil, sys, time
+import argparse, csv, json, math, os, random, re, shutil, sys, time
 from collections import Counter
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -273,7 +273,7 @@ def find_slides(inputs):
 
 def write_csv(path, rows):
     with open(path.with_suffix(".csv.tmp"), "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS)
+        w = csv.DictWriter(f, COLUMNS, lineterminator="\n")  # csv's default is \r\n
         w.writeheader(), w.writerows(rows)
     os.replace(path.with_suffix(".csv.tmp"), path)  # atomic: a kill never leaves half a table
 
@@ -338,8 +338,24 @@ def write_manifest(out):
                     w.writerow([f"{sid}/{name}", sid, m[1], m[2]])
     os.replace(out / "tiles.csv.tmp", out / "tiles.csv")
 
+def check_settings(out, opts, resuming):
+    """Resume only with the settings the finished slides were cut with: out/prep_tiles.json records them.
+    Returns the problem as one line (None when fine); writes the settings once nothing contradicts them."""
+    want = {k: v for k, v in opts.items() if k != "block"}  # block changes speed, never pixels
+    path = out / "prep_tiles.json"
+    old = json.loads(path.read_text()) if path.exists() else None
+    if resuming and old is not None and old != want:
+        diff = ", ".join(f"--{k.replace('_', '-').replace('fmt', 'format')} {old.get(k)} (now {want.get(k)})"
+                         for k in sorted(set(old) | set(want)) if old.get(k) != want.get(k))
+        return (f"{out} holds slides tiled with other settings: {diff}; rerun with those settings to resume, add "
+                "--overwrite to redo every slide, or choose another --out")
+    with open(path.with_suffix(".json.tmp"), "w") as f:
+        json.dump(want, f, indent=1)
+    os.replace(path.with_suffix(".json.tmp"), path)
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)  # the docstring as written, and defaults
     ap.add_argument("inputs", nargs="+", help="slide files and/or folders (searched recursively)")
     ap.add_argument("--out", default="tiles", help="output folder")
     ap.add_argument("--mpp", type=float, default=0.5, help="target µm/px (0.5 = the teachers' native 20x)")
@@ -348,13 +364,15 @@ def main(argv=None):
     ap.add_argument("--mpp-tolerance", type=float, default=0.05, help="use a level as is when this close (fraction)")
     ap.add_argument("--min-tissue", type=float, default=0.5, help="min tissue fraction of a tile's footprint")
     ap.add_argument("--max-tiles", type=int, default=0, help="max tiles per slide, random seeded sample (0 = all)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--format", choices=["jpg", "png"], default="jpg")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the --max-tiles sample")
+    ap.add_argument("--format", choices=["jpg", "png"], default="jpg", help="tile file format")
     ap.add_argument("--quality", type=int, default=90, help="JPEG quality")
     ap.add_argument("--workers", type=int, default=1, help="processes over slides, each with its own OpenSlide")
-    ap.add_argument("--mpp-override", type=float, help="level-0 µm/px for slides whose header has no usable mpp")
+    ap.add_argument("--mpp-override", type=float,
+                    help="level-0 µm/px for slides whose header has no usable mpp (without it they fail)")
     ap.add_argument("--block", type=int, default=8, help="read block x block tiles per read_region (1 = naive)")
-    ap.add_argument("--overwrite", action="store_true", help="redo finished slides (default: skip them, resume)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="redo finished slides; without it they are skipped (resume, with the same settings only)")
     ap.add_argument("--fail-fast", action="store_true", help="stop at the first failed slide")
     a = ap.parse_args(argv)
     if a.tile_size < 1 or not 0 <= a.overlap < a.tile_size:
@@ -389,6 +407,9 @@ def main(argv=None):
     plan_opts = dict(mpp=a.mpp, tile_size=a.tile_size, overlap=a.overlap, mpp_tolerance=a.mpp_tolerance,
                      seed=a.seed, min_tissue=a.min_tissue, max_tiles=a.max_tiles, mpp_override=a.mpp_override)
     cut_opts = dict(fmt=a.format, quality=a.quality, block=a.block)
+    finished = [d for d in out.iterdir() if d.is_dir() and d.name != "masks" and not d.name.startswith(".")]
+    if problem := check_settings(out, plan_opts | cut_opts, resuming=bool(finished) and not a.overwrite):
+        ap.error(problem)
 
     def record(row):  # rewrite slides.csv after every slide, so a killed run keeps what it finished
         rows[row["slide_id"]] = row

@@ -1,9 +1,10 @@
-"""g2l test suite: CPU only, tiny timm ViTs with random weights, real slides and tiles from ../shared/datasets.
+"""g2l test suite: CPU only, tiny timm ViTs with random weights, real slides and tiles bundled in the repository
+(examples/, testdata/: licences in examples/LICENSE-data.md and testdata/README.md).
 Sections: g2l.py (trainer), prep_tiles.py (slides -> tiles), eval.py (evaluation).
 
     pytest -q
 """
-import csv, json, math, os, shutil, socket, types
+import csv, json, math, os, re, shutil, socket, subprocess, types
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,8 @@ import eval as ev
 import g2l
 import prep_tiles
 
-DATA = Path(__file__).resolve().parent.parent / "shared" / "datasets"
-PCAM = DATA / "pcam-subset"
+ROOT = Path(__file__).resolve().parent
+PCAM = ROOT / "examples" / "pcam"    # 100 + 100 real PCam tiles (CC0), labels.csv: path,label,pcam_index
 # a random-init ViT's CLS output barely depends on the image (its centred spread is ~1e-5 of its norm), so the
 # tiny random teacher pools its patch tokens: that gives features a student can actually learn
 TINY_T = ["--teacher", "vit_small_patch14_dinov2", "--teacher-kwargs",
@@ -27,12 +28,8 @@ TINY_T = ["--teacher", "vit_small_patch14_dinov2", "--teacher-kwargs",
 TINY_S = ["--student", "vit_tiny_patch16_224", "--student-kwargs", '{"depth": 1, "embed_dim": 48, "num_heads": 2}']
 
 def pcam_tiles(n_per_class=40):
-    rows = [l.split(",") for l in (PCAM / "labels.csv").read_text().splitlines()[1:]]
-    by = {"0": [], "1": []}
-    for r in rows:
-        if len(by[r[1]]) < n_per_class:
-            by[r[1]].append(PCAM / r[0])
-    return by
+    """The trainer's tiles: 48 + 48 real PCam tiles (CC0) in testdata/pcam/<label>/, first by file name."""
+    return {c: sorted((ROOT / "testdata" / "pcam" / c).glob("*.jpg"))[:n_per_class] for c in ("0", "1")}
 
 @pytest.fixture(scope="session")
 def tiles(tmp_path_factory):
@@ -326,6 +323,21 @@ def test_resume_is_exact(tmp_path, tiles, monkeypatch):
     b = torch.load(tmp_path / "half" / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+def test_demo_composes_with_flags_and_its_hint_works_as_printed(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a user's working directory: relative paths in the hint must hold from here
+    assert g2l.parse_args([]) == g2l.parse_args(["--demo"]) and g2l.parse_args([]).steps == g2l.DEMO["steps"]
+    assert g2l.parse_args(["--demo", "--steps", "5"]).steps == 5 and g2l.parse_args(["--demo"]).data == g2l.DEMO["data"]
+    with pytest.raises(SystemExit, match="add --demo"):  # not the demo: the default data folder is missing
+        g2l.main(["--steps", "5", "--workers", "0"])
+    # the demo's data and settings, with tiny models and 2 steps
+    g2l.main(["--demo", *TINY_T, *TINY_S, "--steps", "2", "--workers", "0", "--eval-every", "1000", "--out", "demo"])
+    hint = [l for l in capsys.readouterr().out.splitlines() if l.startswith("evaluate: ")][-1]
+    argv = hint[len("evaluate: "):].split()
+    assert argv[:3] == ["python", "eval.py", "probe"], hint
+    ev.main(argv[2:] + ["--seeds", "1", "--C", "1.0"])  # as printed, plus fewer fits (speed only)
+    res = json.loads((tmp_path / "demo" / "eval" / "probe_pcam.json").read_text())
+    assert res[0]["n_train"] > 0 and 0 <= res[0]["linear_bacc"] <= 1
+
 def test_export_reloads_through_timm_with_identical_outputs(tmp_path, tiles):
     run(tmp_path, tiles, steps=2)
     folder = tmp_path / "run" / "student"
@@ -568,9 +580,8 @@ def same_weights(a, b):
     assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-4)
 
 # =============================================================================== prep_tiles.py
-CMU = DATA / "wsi-real" / "CMU-1-Small-Region.svs"            # 1 level, 2220 x 2967, 0.499 µm/px
-TCGA = DATA / "wsi-real" / "tcga-cr-7395-01a-01-ts1.svs"      # 4443 x 3567 / 2221 x 1783, no mpp in the header
-SYN = DATA / "wsi-synthetic-openslide-python"                   # boxes.tiff: 300x250 / 150x125 / 75x62 / 37x31
+CMU = ROOT / "examples" / "CMU-1-Small-Region.svs"            # 1 level, 2220 x 2967, 0.499 µm/px
+SYN = ROOT / "testdata" / "openslide"                         # boxes.tiff: 300x250 / 150x125 / 75x62 / 37x31, no mpp
 COLUMNS = "slide_id,path,status,error,n_tiles,mpp_level0,mpp_source,read_level,read_mpp,seconds"
 
 
@@ -643,23 +654,26 @@ def test_read_rgb_composites_outside_the_scan_onto_white():
     assert a.shape == (334, 448, 3) and (a[:, 300:] == 255).all() and (a[200:] == 255).all()
 
 
-def test_tcga_without_mpp_fails_clearly_with_override_reads_level1(tmp_path, capsys):
-    assert prep_tiles.main([str(TCGA), "--out", str(tmp_path / "a")]) == 1
-    r = rows(tmp_path / "a")["tcga-cr-7395-01a-01-ts1"]
+def test_slide_without_mpp_fails_clearly_with_override_reads_level1(tmp_path, capsys):
+    boxes = SYN / "boxes.tiff"  # a real 4-level pyramid whose header has no usable mpp (a 72-dpi placeholder)
+    assert prep_tiles.main([str(boxes), "--out", str(tmp_path / "a"), "--tile-size", "16"]) == 1
+    r = rows(tmp_path / "a")["boxes"]
     assert r["status"] == "failed" and "--mpp-override" in r["error"] and "aperio.MPP" in r["error"]
-    assert str(TCGA) in capsys.readouterr().err and not (tmp_path / "a" / "tcga-cr-7395-01a-01-ts1").exists()
-    # override 0.25: level 1 is 0.25 * 2.0005 = 0.5001 µm/px, within tolerance of 0.5 -> read as is.
-    # footprint = 224 * 2.0005 = 448.11 level-0 px -> floor((4443-448.1)/448.1)+1 = 9 cols, (3567-448.1)/448.1 -> 7 rows
+    assert str(boxes) in capsys.readouterr().err and not (tmp_path / "a" / "boxes").exists()
+    # override 0.25: level 1 is 0.25 * 2 = 0.5 µm/px, the target -> read as is.
+    # footprint = 16 * 2 = 32 level-0 px -> floor((300-32)/32)+1 = 9 cols, floor((250-32)/32)+1 = 7 rows
     out = tmp_path / "b"
-    assert prep_tiles.main([str(TCGA), "--out", str(out), "--mpp-override", "0.25", "--min-tissue", "0"]) == 0
-    r = rows(out)["tcga-cr-7395-01a-01-ts1"]
+    args = [str(boxes), "--out", str(out), "--mpp-override", "0.25", "--mpp", "0.5", "--tile-size", "16",
+            "--min-tissue", "0"]
+    assert prep_tiles.main(args) == 0
+    r = rows(out)["boxes"]
     assert (r["status"], r["n_tiles"], r["read_level"], r["read_mpp"], r["mpp_source"]) == \
-        ("ok", "63", "1", "0.5001", "override")
-    with openslide.OpenSlide(str(TCGA)) as s:
+        ("ok", "63", "1", "0.5000", "override")
+    with openslide.OpenSlide(str(boxes)) as s:
         ds = s.level_downsamples[1]
-    assert corners(out / "tcga-cr-7395-01a-01-ts1") == {
-        (round(i * 224 * ds), round(j * 224 * ds)) for i in range(9) for j in range(7)}
-    assert corners(out / "tcga-cr-7395-01a-01-ts1") >= {(0, 0), (448, 448), (3585, 2689)}
+    assert corners(out / "boxes") == {
+        (round(i * 16 * ds), round(j * 16 * ds)) for i in range(9) for j in range(7)}
+    assert corners(out / "boxes") >= {(0, 0), (32, 32), (256, 192)}
 
 
 def test_choose_level_on_the_boxes_pyramid():
@@ -719,6 +733,24 @@ def test_resume_skips_finished_slides_and_overwrite_redoes_them(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before  # untouched
     assert prep_tiles.main(args + ["--overwrite"]) == 0
     assert rows(tmp_path)["CMU-1-Small-Region"]["status"] == "ok"
+
+
+def test_resume_only_with_the_same_settings_and_csv_line_ends(tmp_path, capsys):
+    args = [str(CMU), "--out", str(tmp_path), "--mpp", "1.0"]
+    assert prep_tiles.main(args) == 0
+    assert b"\r" not in (tmp_path / "slides.csv").read_bytes()  # plain \n line ends, not csv's default \r\n
+    folder = tmp_path / "CMU-1-Small-Region"
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(SystemExit) as e:  # 256-px tiles would be skipped as "done" among 224-px ones
+        prep_tiles.main(args + ["--tile-size", "256"])
+    assert e.value.code == 2 and "--tile-size 224 (now 256)" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert prep_tiles.main(args + ["--block", "1"]) == 0  # the read strategy is not a setting of the output
+    assert rows(tmp_path)["CMU-1-Small-Region"]["status"] == "skipped"
+    assert prep_tiles.main(args + ["--tile-size", "256", "--overwrite"]) == 0
+    assert {Image.open(p).size for p in folder.iterdir()} == {(256, 256)}
+    assert prep_tiles.main(args + ["--tile-size", "256"]) == 0  # the new settings resume
+    assert rows(tmp_path)["CMU-1-Small-Region"]["status"] == "skipped"
 
 
 def test_block_reads_match_naive_reads(tmp_path):
@@ -785,13 +817,14 @@ def test_mpp_header_wins_over_override_and_upsampling_is_refused(tmp_path):
 def test_find_slides_and_dicom(tmp_path):
     ids = [sid for sid, _ in prep_tiles.find_slides([str(SYN)])]
     # boxes_0.dcm + boxes_1.dcm are one DICOM slide, named after their folder; boxes.png is not a slide
-    assert sorted(ids) == ["boxes", "small", "unopenable", "unreadable", "wsi-synthetic-openslide-python"]
+    assert sorted(ids) == ["boxes", "openslide", "small", "unopenable", "unreadable"]
     # 16x16 at 0.499 µm/px with 8-px tiles -> 2 x 2 tiles
     args = [str(SYN / "boxes_0.dcm"), "--out", str(tmp_path), "--tile-size", "8", "--min-tissue", "0"]
     assert prep_tiles.main(args) == 0 and rows(tmp_path)["boxes_0"]["n_tiles"] == "4"
     assert corners(tmp_path / "boxes_0") == {(0, 0), (8, 0), (0, 8), (8, 8)}
-    assert prep_tiles.main([str(SYN / "small.svs"), "--out", str(tmp_path)]) == 0  # no_tissue is not a failure
-    assert "smaller than one 224-px tile" in rows(tmp_path)["small"]["error"]
+    out = tmp_path / "b"  # other settings: another --out (one folder, one set of settings)
+    assert prep_tiles.main([str(SYN / "small.svs"), "--out", str(out)]) == 0  # no_tissue is not a failure
+    assert "smaller than one 224-px tile" in rows(out)["small"]["error"]
 
 
 def test_tissue_mask_on_a_drawn_slide():
@@ -843,11 +876,11 @@ def write_csv(path, rows):
 
 @pytest.fixture(scope="module")
 def pcam(tmp_path_factory):
-    """300 real PCam tiles (150 per class, seeded pick) listed in a CSV whose paths are relative to the CSV."""
+    """The 200 bundled PCam tiles (100 per class, seeded order) listed in a CSV whose paths are relative to the CSV."""
     root = tmp_path_factory.mktemp("pcam")
     rows = list(csv.DictReader(open(PCAM / "labels.csv")))
     np.random.default_rng(0).shuffle(rows)
-    pick = [r for r in rows if r["label"] == "0"][:150] + [r for r in rows if r["label"] == "1"][:150]
+    pick = [r for r in rows if r["label"] == "0"] + [r for r in rows if r["label"] == "1"]  # class 1 from pick[100]
     rel = lambda r: os.path.relpath(PCAM / r["path"], root)
     return write_csv(root / "labels.csv", [dict(path=rel(r), label=r["label"]) for r in pick]), pick
 
@@ -898,7 +931,7 @@ def test_probe_and_knn_beat_chance_on_real_tiles_and_cache(pcam, tmp_path, monke
     out = tmp_path / "res"
     ev.main(["probe", *TINY, "--data", str(csv_path), "--out", str(out), "--seeds", "2", "--task", "pcam"])
     row = json.loads((out / "probe_pcam.json").read_text())[0]
-    assert row["n_train"] + row["n_test"] < 300 and row["seeds"] == 2
+    assert row["n_train"] + row["n_test"] < 200 and row["seeds"] == 2
     assert row["linear_bacc"] > 0.6 and row["knn_bacc"] > 0.6 and row["linear_auroc"] > 0.6, row
     assert row["linear_bacc_std"] > 0  # two different seeded splits
     assert "knn_f1_weighted" in (out / "probe_pcam.csv").read_text().splitlines()[0]
@@ -929,6 +962,16 @@ def test_agree_self_is_one_other_lower_and_heads(pcam, tmp_path):
     m, rows = dict(name="vit_small_patch14_dinov2", weights="", kwargs=KW_T, size=42), ev.read_labelled(str(csv_path))
     fresh = ev.features(m, rows, types.SimpleNamespace(**a, out=str(tmp_path / "b")))
     assert torch.equal(fresh, ev.features(m, rows, types.SimpleNamespace(**a, out=str(tmp_path / "a"))))
+
+def test_eval_runs_a_model_at_the_size_its_kwargs_built_it_for(pcam, tmp_path, monkeypatch):
+    # a bare DINOv2 architecture's pretrained config says 518 px; built with img_size 42 it must run at 42
+    csv_path, _ = pcam
+    sizes, real = [], ev.TileDataset
+    monkeypatch.setattr(ev, "TileDataset", lambda paths, size, *a: sizes.append(size) or real(paths, size, *a))
+    kw = '{"depth": 1, "embed_dim": 64, "num_heads": 2, "global_pool": "avg", "img_size": 42}'
+    ev.main(["probe", "--model", "vit_small_patch14_dinov2", "--model-kwargs", kw, "--workers", "0", "--seeds", "1",
+             "--C", "1.0", "--data", str(csv_path), "--out", str(tmp_path)])
+    assert sizes == [42]
 
 # ----------------------------------------------------------------------------- robustness
 def make_case(by, n=10, seed=0):
@@ -962,7 +1005,7 @@ def test_robustness_index_on_constructed_features():
 def test_robustness_command_on_real_tiles(pcam, tmp_path):
     _, pick = pcam
     rows = [dict(path=str(PCAM / r["path"]), label=r["label"], center="AB"[i % 2], slide=f"s{i % 8}")
-            for i, r in enumerate(pick[:40] + pick[150:190])]
+            for i, r in enumerate(pick[:40] + pick[100:140])]
     data = write_csv(tmp_path / "multi.csv", rows)
     ev.main(["robustness", *TINY, "--data", str(data), "--out", str(tmp_path / "r"), "--ks", "3", "5", "--boot", "20",
              "--task", "multi"])
@@ -996,6 +1039,20 @@ def test_report_writes_markdown_and_chart(tmp_path):
     # bar areas follow the values: teacher .25 (speed relative to the fastest) + .9 + .95 + .85, student 1 + .8 + .9 + .7
     assert n_blue / n_orange == pytest.approx(2.95 / 3.4, rel=0.03)
 
+def test_every_eval_option_is_described_with_its_default(capsys):
+    for cmd in ("probe", "agree", "robustness", "bench", "report"):
+        with pytest.raises(SystemExit) as e:
+            ev.main([cmd, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out.split("options:", 1)[1]
+        for block in re.split(r"\n(?=  -)", text.strip("\n")):
+            first, *rest = block.splitlines()
+            opt, _, said = first.strip().partition("  ")  # the help starts 2+ spaces after the option's name
+            said = " ".join([said, *rest]).split()
+            assert said, f"{cmd} {opt}: no description"
+            if opt.split()[0] not in ("-h,", "--model", "--teacher", "--student", "--data"):  # required: no default
+                assert "(default:" in " ".join(said), f"{cmd} {opt}: no default shown"
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("case, message", [
     ("missing_column", "has no column label"),
@@ -1011,7 +1068,7 @@ def test_report_writes_markdown_and_chart(tmp_path):
 def test_eval_bad_inputs_give_clear_errors(pcam, tmp_path, case, message):
     _, pick = pcam
     p = lambda r: str(PCAM / r["path"])
-    good = [dict(path=p(r), label=r["label"]) for r in pick[:20] + pick[150:170]]
+    good = [dict(path=p(r), label=r["label"]) for r in pick[:20] + pick[100:120]]
     data = tmp_path / "d.csv"
     rows = {"missing_column": [dict(path=r["path"], cls=r["label"]) for r in good],
             "single_class": [dict(r, label="0") for r in good],
@@ -1036,3 +1093,18 @@ def test_eval_bad_inputs_give_clear_errors(pcam, tmp_path, case, message):
         ev.main(argv)
     assert message in str(e.value), str(e.value)
     assert str(e.value).startswith("error:") and "\n" not in str(e.value)
+
+
+# =============================================================================== the repository stands alone
+def test_no_tracked_file_points_outside_the_repository():
+    # a user's clone has nothing beside it: tests, demo, docs and scripts may only use what the repository holds
+    try:
+        files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+        files = [ROOT / f for f in files.decode().split("\0") if f]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout (e.g. an unpacked archive)
+        files = [f for f in ROOT.rglob("*") if f.is_file() and not {".git", ".venv"} & set(f.parts)]
+    assert ROOT / "test_g2l.py" in files
+    needles = [b"../" + b"shared", b"/shared/" + b"datasets", b"DESIGN" + b".md", b"STYLE" + b".md"]
+    hits = [f"{f.relative_to(ROOT)}: {n.decode()}" for f in files if f.is_file()
+            for n in needles if n in f.read_bytes()]
+    assert not hits, hits

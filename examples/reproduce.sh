@@ -1,34 +1,49 @@
 #!/usr/bin/env bash
 # Small-scale G2L reproduction on 2 CPU cores: a real pretrained teacher (DINOv2 ViT-S/14, natural images),
 # real pathology tiles, ablations, evaluation. Every number in the README's "Does it work?" table comes from
-# one run of this script.       bash examples/reproduce.sh [distil|eval|all]     (from the repository root)
-# Needs `pip install onnx` for the teacher conversion (not a project dependency) and ../shared/ beside the repo.
+# one run of this script. From the repository root:
+#
+#     PCAM=path/to/pcam SLIDES=path/to/slides bash examples/reproduce.sh [data|distil|eval|all]
+#
+# PCAM: a folder 0/ + 1/ of PatchCamelyon JPEGs named patch<INDEX>.jpg (the README says where to get the 3,000
+#       used for the table; examples/pcam, the 200 bundled tiles, is a quick smoke run).
+# SLIDES: a folder of whole-slide images (the table used examples/CMU-1-Small-Region.svs and the TCGA crop
+#       tcga-cr-7395-01a-01-ts1.svs; slides without an mpp in their header are read as 0.25 µm/px).
+# Needs `pip install onnx` for the teacher conversion (examples/make_dinov2_teacher.py; not a project dependency).
 set -euo pipefail
 OUT=${OUT:-repro}
-SHARED=${SHARED:-../shared}
 STAGE=${1:-all}
 IMG=${IMG:-112}                 # teacher px (IMG=224 on a GPU); students run on the same patch grid
 STU=$((IMG / 14 * 16))
+fail() { echo "error: $*" >&2; exit 2; }
+case "$STAGE" in data|distil|eval|all) ;; *) fail "unknown stage '$STAGE'; use data, distil, eval or all";; esac
+if [ "$STAGE" != eval ] || [ ! -f "$OUT/eval/labels.csv" ]; then  # eval alone reuses the data already prepared
+  [ -n "${PCAM:-}" ] || fail "set PCAM to a folder of PatchCamelyon tiles (0/*.jpg, 1/*.jpg); see the README's \"Does it work?\" for where to get them, or PCAM=examples/pcam for a smoke run"
+  ls "$PCAM"/0/*.jpg "$PCAM"/1/*.jpg > /dev/null 2>&1 || fail "PCAM=$PCAM has no 0/*.jpg and 1/*.jpg tiles; point it at the folder that holds the class folders 0/ and 1/"
+  [ -n "${SLIDES:-}" ] || fail "set SLIDES to a folder of whole-slide images (e.g. SLIDES=examples, which holds the CC0 slide CMU-1-Small-Region.svs)"
+  [ -d "$SLIDES" ] || fail "SLIDES=$SLIDES is not a folder; point it at a folder of whole-slide images"
+fi
+[ "$STAGE" = data ] || [ -f "$OUT/teacher$IMG/config.json" ] || python -c "import onnx" 2> /dev/null \
+  || fail "the teacher conversion needs the onnx package, which g2l does not install; run: pip install onnx"
 mkdir -p "$OUT"
 
 # ---- data: PCam split by contiguous index blocks (a stand-in for slides: PCam ships no slide ids), so the
 # distillation tiles, the probe's train tiles and its test tiles never share a block
 if [ ! -f "$OUT/eval/labels.csv" ]; then
-python - "$SHARED/datasets/pcam-subset" "$OUT" <<'PY'
-import csv, sys, shutil
+python - "$PCAM" "$OUT" <<'PY'
+import csv, re, sys, shutil
 from pathlib import Path
 import numpy as np
 from PIL import Image
 src, out = Path(sys.argv[1]), Path(sys.argv[2])
-rows = list(csv.DictReader(open(src / "labels.csv")))
 ev, rob = [], []
-for r in rows:
-    i = int(r["pcam_index"]); block = i // 50
+for label, p in [(c, p) for c in "01" for p in sorted((src / c).glob("*.jpg"))]:
+    i = int(re.sub(r"\D", "", p.stem)); block = i // 50   # patch<INDEX>.jpg: PCam's row index in its split
     if block % 3 == 0:   # a third of the blocks: unlabelled distillation data
         d = out / "distil" / f"block{block}"; d.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src / r["path"], d / Path(r["path"]).name)
+        shutil.copy(p, d / p.name)
     else:                # the rest: labelled evaluation data, grouped by block
-        ev.append(dict(path=str((src / r["path"]).resolve()), label=r["label"], slide=f"block{block}"))
+        ev.append(dict(path=str(p.resolve()), label=label, slide=f"block{block}"))
 # synthetic centres for the robustness index: blocks alternate between centre A (as scanned) and centre B
 # (a stain/scanner-like shift in optical density: more haematoxylin, less eosin, a warmer, darker scan)
 (out / "eval" / "B").mkdir(parents=True, exist_ok=True)
@@ -53,9 +68,10 @@ for r in ev[::8][:256]:
 print(f"distil {sum(1 for _ in (out / 'distil').rglob('*.jpg'))} tiles, eval {len(ev)} tiles, val {len(list(vd.iterdir()))}")
 PY
 fi
-[ -f "$OUT/teacher$IMG/config.json" ] || python "$SHARED/tools/make_offline_teacher.py" --out "$OUT/teacher$IMG" --img-size $IMG
-[ -f "$OUT/slide_tiles/slides.csv" ] || python prep_tiles.py "$SHARED/datasets/wsi-real" --out "$OUT/slide_tiles" \
+[ "$STAGE" = eval ] || [ -f "$OUT/slide_tiles/slides.csv" ] || python prep_tiles.py "$SLIDES" --out "$OUT/slide_tiles" \
     --mpp 0.5 --mpp-override 0.25   # CMU-1-Small-Region has its mpp; the TCGA crop has none (0.25 is assumed)
+[ "$STAGE" = data ] && exit 0
+[ -f "$OUT/teacher$IMG/config.json" ] || python examples/make_dinov2_teacher.py --out "$OUT/teacher$IMG" --img-size $IMG
 
 T="$OUT/teacher$IMG"
 COMMON=(--teacher "$T" --data "$OUT/distil" "$OUT/slide_tiles" --val-data "$OUT/val" --img-size $IMG
