@@ -281,8 +281,9 @@ def test_sigterm_saves_exports_and_resumes(tmp_path, tiles, monkeypatch, capsys)
             os.kill(os.getpid(), signal.SIGTERM)
         return real(step, cfg)
     monkeypatch.setattr(g2l, "lr_factor", pre_empt)
-    last = run(tmp_path, tiles, steps=8)
-    assert last["step"] == 4 and "stopped by SIGTERM at step 4" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # saved and exported, but not done: 128 + SIGTERM, as a shell reports it
+        run(tmp_path, tiles, steps=8)
+    assert e.value.code == 143 and "stopped by SIGTERM at step 4" in capsys.readouterr().out
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 4
     assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
     monkeypatch.setattr(g2l, "lr_factor", real)
@@ -291,12 +292,14 @@ def test_sigterm_saves_exports_and_resumes(tmp_path, tiles, monkeypatch, capsys)
 
 def test_non_finite_losses_stop_the_run_with_finite_weights(tmp_path, tiles, monkeypatch, capsys):
     monkeypatch.setattr(g2l, "pair_loss", lambda kind, zs, zt, alpha=4.0: zs.float().sum() * float("nan"))
-    last = run(tmp_path, tiles, steps=5)
+    with pytest.raises(SystemExit) as e:  # an abnormal stop is not a success
+        run(tmp_path, tiles, steps=5)
+    assert e.value.code == 1
     out = capsys.readouterr().out
     assert out.count("non-finite loss at step 0") == 3 and "stopped: 3 non-finite losses in a row" in out
     ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     assert ck["step"] == 0 and all(torch.isfinite(v).all() for v in ck["model"].values())
-    assert last == {}  # nothing was logged: no step completed
+    assert not metrics(tmp_path / "run")  # nothing was logged: no step completed
 
 def test_early_stop_rule(tmp_path, tiles, monkeypatch, capsys):
     """G2L: stop when the loss exceeds the mean of the last 100 steps more than 10 times in a row."""
