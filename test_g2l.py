@@ -597,6 +597,22 @@ def test_16_bit_png_tile_keeps_its_values(tmp_path):
     assert x.shape == (3, 64, 64) and x.dtype == torch.uint8
     assert torch.equal(x[0], x[2]) and abs(int(x[0, 32, 0]) - round(a[32, 0] / 257)) <= 1 and x.float().std() > 50
 
+def test_eval_refuses_a_header_only_csv_and_an_image_as_data(tmp_path):
+    tile = next((Path(__file__).resolve().parent / "examples" / "tiles").rglob("*.jpg"))
+    (tmp_path / "empty.csv").write_text("path,label\n")
+    for data, message in ((tmp_path / "empty.csv", "lists no images"), (tile, "is not a labels CSV")):
+        with pytest.raises(SystemExit) as e:
+            ev.main(["probe", "--model", "vit_tiny_patch16_224", "--data", str(data), "--out", str(tmp_path / "o")])
+        assert str(e.value).startswith(f"error: --data {data}") and message in str(e.value), str(e.value)
+
+def test_prep_tiles_unwritable_out_is_an_argument_error(tmp_path, capsys):
+    slide = Path(__file__).resolve().parent / "examples" / "CMU-1-Small-Region.svs"
+    (tmp_path / "file").write_text("not a folder")
+    for out in (tmp_path / "file", tmp_path / "file" / "tiles"):
+        assert prep_tiles.main([str(slide), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"error: --out {out} is not a writable folder" in err, err
+
 # =============================================================================== prep_tiles.py
 CMU = DATA / "wsi-real" / "CMU-1-Small-Region.svs"            # 1 level, 2220 x 2967, 0.499 µm/px
 TCGA = DATA / "wsi-real" / "tcga-cr-7395-01a-01-ts1.svs"      # 4443 x 3567 / 2221 x 1783, no mpp in the header
