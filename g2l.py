@@ -17,7 +17,8 @@ local loss on patch tokens (RADIO / GPFM style: 0.9 cosine + 0.1 smooth-L1).
 The student lands in OUT/student/ as a timm local-dir:
     timm.create_model("local-dir:runs/NAME/student", pretrained=True)
 """
-import argparse, contextlib, dataclasses, errno, fcntl, functools, glob, hashlib, inspect, json, math, os, random, re, resource, shutil, signal, socket, sys, time
+import argparse, contextlib, dataclasses, functools, glob, inspect, json, math, os, random, re, resource, shutil, signal, socket, sys, time
+import errno, fcntl, hashlib
 from collections import deque
 from pathlib import Path
 
@@ -590,8 +591,9 @@ def writing(what, *tmps):
             with contextlib.suppress(OSError):
                 shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
         full = getattr(e, "errno", None) == errno.ENOSPC or "iostream" in str(e) or "failed writing" in str(e)
-        raise SystemExit(f"error: cannot write {what} ({'disk full' if full else type(e).__name__ + ': ' + str(e)[:200]}); "
-                         "free space or fix the folder's permissions, then --resume auto (the last good copy is kept)")
+        why = "disk full" if full else f"{type(e).__name__}: {str(e)[:200]}"
+        raise SystemExit(f"error: cannot write {what} ({why}); free space or fix the folder's permissions, "
+                         "then --resume auto (the last good copy is kept)")
 
 def atomic_save(obj, path):
     """torch.save to path.tmp with the state digest, flushed to disk, then renamed over path."""
@@ -803,7 +805,8 @@ def make_batches(cfg, paths, start, device):
     return iter(torch.utils.data.DataLoader(
         TileDataset(paths, cfg.load_size), batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
         num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-        prefetch_factor=4 if cfg.workers else None, worker_init_fn=quiet_worker, generator=torch.Generator().manual_seed(cfg.seed)))
+        prefetch_factor=4 if cfg.workers else None, worker_init_fn=quiet_worker,
+        generator=torch.Generator().manual_seed(cfg.seed)))
 
 def check_args(cfg):
     """Every option checked before any model is built or any file written: one clear line per problem."""

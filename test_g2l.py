@@ -440,8 +440,9 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tmp
             "--batch-size", "8", "--warmup-steps", "100000", "--log-every", "1", "--eval-every", "100000",
             "--ckpt-every", "100000", "--seed", "2", "--lr", "10"]  # lr x step / 1e5: ~1e-4
     out = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, g2l.__file__, *argv, "--steps", "100000", "--workers", "2", "--out", str(out)],
-                         start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen([sys.executable, g2l.__file__, *argv, "--steps", "100000", "--workers", "2",
+                          "--out", str(out)], start_new_session=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and metrics(out)):
         time.sleep(0.05)
