@@ -347,7 +347,7 @@ def test_two_process_ddp_matches_one_process_and_resumes(tmp_path, tiles, monkey
     import torch.multiprocessing as mp
     common = [*TINY_T, *TINY_S, "--data", str(tiles / "train"), "--val-data", str(tiles / "val"), "--img-size", "28",
               "--steps", "4", "--warmup-steps", "1", "--workers", "1", "--log-every", "1", "--eval-every", "1000",
-              "--lr", "1e-3", "--ckpt-every", "2"]
+              "--lr", "1e-4", "--ckpt-every", "2"]  # a small lr: Adam turns rounding into ~lr steps (same_weights)
     request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))  # for later tests
     torch.set_num_threads(1)  # the same thread count as each of the two processes
     g2l.main(common + ["--batch-size", "8", "--out", str(tmp_path / "one")])
@@ -395,7 +395,7 @@ def test_ddp_with_grad_accum_matches_one_process(tmp_path, tiles, request):
     import torch.multiprocessing as mp
     common = [*TINY_T, *TINY_S, "--data", str(tiles / "train"), "--val-data", str(tiles / "val"), "--img-size", "28",
               "--steps", "2", "--warmup-steps", "1", "--workers", "0", "--log-every", "1", "--eval-every", "1000",
-              "--lr", "1e-3", "--grad-accum", "2"]
+              "--lr", "1e-4", "--grad-accum", "2"]
     request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))
     torch.set_num_threads(1)
     g2l.main(common + ["--batch-size", "4", "--out", str(tmp_path / "one")])
@@ -406,11 +406,7 @@ def test_ddp_with_grad_accum_matches_one_process(tmp_path, tiles, request):
     for a, b in zip(one, two):  # Adam hides a wrongly scaled gradient; the logged gradient norm does not
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    wa, wb = (torch.load(tmp_path / n / "ckpt.pt", weights_only=False)["model"] for n in ("one", "two"))
-    for k in wa:  # Adam turns rounding in near-zero gradients into steps of ~lr: a handful of elements, not more
-        if not k.endswith(("global_head.bias", "attn.qkv.bias")):  # inert, see same_weights
-            close = torch.isclose(wa[k], wb[k], atol=1e-5, rtol=1e-4)
-            assert close.float().mean() > 0.999 and (wa[k] - wb[k]).abs().max() <= 2 * 2 * 1e-3, k
+    same_weights(*(torch.load(tmp_path / n / "ckpt.pt", weights_only=False)["model"] for n in ("one", "two")))
 
 def test_fp16_skipped_step_goes_on_and_resumes_at_the_right_tiles(tmp_path, tiles, monkeypatch, capsys):
     """A non-finite loss under fp16 skips the update (closing the GradScaler's step) and the run goes on; the
