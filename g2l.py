@@ -591,7 +591,7 @@ def writing(what, *tmps):
             with contextlib.suppress(OSError):
                 shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
         full = getattr(e, "errno", None) == errno.ENOSPC or "iostream" in str(e) or "failed writing" in str(e)
-        why = "disk full" if full else f"{type(e).__name__}: {str(e)[:200]}"
+        why = "disk full" if full else f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
         raise SystemExit(f"error: cannot write {what} ({why}); free space or fix the folder's permissions, "
                          "then --resume auto (the last good copy is kept)")
 
@@ -611,7 +611,8 @@ def load_checkpoint(path, raw, opt, scaler):
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated, not a zip, unpicklable
-        raise SystemExit(f"error: checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:120]}); {fix}")
+        msg = " ".join(str(e).split())[:120]  # one line, whatever the reader said
+        raise SystemExit(f"error: checkpoint {path} cannot be read ({type(e).__name__}: {msg}); {fix}")
     if not isinstance(ck, dict) or "model" not in ck:
         raise SystemExit(f"error: {path} is not a g2l checkpoint (no model state); {fix}")
     if "digest" not in ck:
@@ -826,6 +827,7 @@ def check_args(cfg):
     for flag in ("min-lr-frac", "max-bad-frac"):
         need(0 <= getattr(cfg, flag.replace("-", "_")) <= 1, flag, "must be in [0, 1]")
     need(0 < cfg.val_frac < 1, "val-frac", "must be in (0, 1)")
+    need(not (cfg.load_size and cfg.img_size) or cfg.load_size >= cfg.img_size, "load-size", "must be >= --img-size")
     for flag in ("teacher-kwargs", "student-kwargs"):
         text = getattr(cfg, flag.replace("-", "_"))
         try:
@@ -855,15 +857,23 @@ def run_lock(cfg):
     if int(os.environ.get("RANK", 0)) != 0 or cfg.bench_data:
         yield
         return
-    with open(Path(cfg.out) / ".lock", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+    fh = open(Path(cfg.out) / ".lock", "a")  # not "w": a refused run must not blank the holder's pid
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            fh.close()
             raise SystemExit(f"error: --out {cfg.out} is in use by another running g2l.py; wait for it, stop it, "
                              "or give another --out")
+        print(f"note: cannot lock {cfg.out} ({e.strerror}); make sure no other run uses this --out", flush=True)
+    else:
+        fh.truncate(0)
         fh.write(f"{os.getpid()}\n")
         fh.flush()
+    try:
         yield
+    finally:
+        fh.close()
 
 def main(argv=None):
     cfg = parse_args(argv)
@@ -1042,8 +1052,9 @@ def train(cfg):
                 last.update(evaluate(raw, teacher, spec_t, val, cfg, device, amp))
             first.setdefault("loss", last["loss"])
             if RANK == 0:
-                metrics.write(json.dumps(last) + "\n")
-                metrics.flush()
+                with writing(metrics.name):  # a full disk: one line; the checkpoint and export are untouched
+                    metrics.write(json.dumps(last) + "\n")
+                    metrics.flush()
                 tqdm.write(f"step {step:06d} | loss {loss_v:.4f} (g {lg_v:.4f} l {ll_v:.4f}) | lr {cfg.lr * f:.2e} | "
                            f"gnorm {gnorm:.2f} | {last['img_per_s']:.1f} img/s | mfu {pct(last['mfu'])} | {mem:.2f} GB"
                            + (f" | val cos {last['val_cos']:.4f} cka {last['val_cka']:.4f}" if "val_cos" in last else ""))
@@ -1057,14 +1068,14 @@ def train(cfg):
             code = 128 + stop["by"]
             break
     bar.close()
-    for s, h in handlers.items():
-        signal.signal(s, h)
     save()
     if RANK == 0:
         metrics.close()
         if not cfg.synthetic:
             with writing(out / "student", out / "student.tmp", out / "heads.safetensors.tmp"):
                 export(raw, spec_s, cfg, out)
+    for s, h in handlers.items():  # only now: a signal during the last save or export must not cut it short
+        signal.signal(s, h)
     if WORLD > 1:
         dist.barrier()
         dist.destroy_process_group()

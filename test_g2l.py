@@ -550,6 +550,8 @@ def test_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_path
     (["--out", "FILE"], "is a file"),
     (["--out", "FILE/run"], "is not writable"),
     (["--resume", "/nonexistent/ckpt.pt"], "no such checkpoint"),
+    (["--load-size", "20"], "--load-size 20: must be >= --img-size"),
+    (["--w-global", "0", "--local-loss", "none"], "--w-global 0.0: and --w-local leave no loss"),
     (["--data", "BROKEN"], "none of 3 tiles tried in --data could be read"),
 ])
 def test_bad_arguments_fail_before_any_model_is_built(tmp_path, tiles, argv, message, monkeypatch):
