@@ -197,11 +197,24 @@ class TileDataset(torch.utils.data.Dataset):
                 print(f"warning: skipping unreadable tile {self.paths[j]}: {type(e).__name__}: {e}", flush=True)
         raise RuntimeError("no readable tile in the dataset")
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
 def quiet_worker(_):
     """DataLoader workers ignore SIGINT/SIGTERM: a scheduler signals the whole process group, and the main process,
-    not its workers, decides when to stop (after saving). Forked workers already inherit the main's handler."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    not its workers, decides when to stop (after saving). They start with both blocked (held_signals), so one sent
+    while torch installs its own worker handlers stays pending, and is dropped once ignored here."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+@contextlib.contextmanager
+def held_signals():
+    """Block SIGINT/SIGTERM while DataLoader workers start (they inherit the mask); delivered right after."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 class InfiniteSampler(torch.utils.data.Sampler):
     """Seeded epoch permutations (or slide-balanced draws), sliced per rank, starting at any position:
@@ -713,6 +726,8 @@ def evaluate(raw, teacher, spec_t, val, cfg, device, amp):
     """Agreement on validation tiles: centred cosine and linear CKA of projected student vs teacher globals."""
     raw.eval()
     zs, zt = [], []
+    with held_signals():  # its workers start here
+        val = iter(val)
     for x, _ in val:
         x = x.to(device).float() / 255
         with amp():
@@ -878,10 +893,10 @@ def run_lock(cfg):
 def main(argv=None):
     cfg = parse_args(argv)
     check_args(cfg)
-    with run_lock(cfg):
-        return train(cfg)
+    with run_lock(cfg), contextlib.ExitStack() as cleanup:
+        return train(cfg, cleanup)
 
-def train(cfg):
+def train(cfg, cleanup):
     global RANK, WORLD
     RANK, WORLD, device = init_distributed()
     torch.manual_seed(cfg.seed)
@@ -961,7 +976,10 @@ def train(cfg):
     stop = {}  # SIGINT / SIGTERM (a pre-empted cluster job): finish the step, save, export, exit cleanly
     handlers = {s: signal.signal(s, lambda sig, frame: stop.setdefault("by", signal.Signals(sig)))
                 for s in (signal.SIGINT, signal.SIGTERM)}  # before the loaders, so workers start with it
-    batches = make_batches(cfg, paths, samples, device)
+    with held_signals():
+        batches = make_batches(cfg, paths, samples, device)
+    # its workers ignore SIGTERM (quiet_worker), so a terminate() at exit would not end them: stop them ourselves
+    cleanup.callback(getattr(batches, "_shutdown_workers", lambda: None))
     val = torch.utils.data.DataLoader(TileDataset(val_paths, cfg.img_size), batch_size=cfg.batch_size,
                                       num_workers=min(cfg.workers, 2), worker_init_fn=quiet_worker) \
         if RANK == 0 and val_paths else None
