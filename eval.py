@@ -45,14 +45,21 @@ def read_labelled(data, need=("path", "label")):
                 for f, q in parts]
         cols = ["path", "label"] + ["split"] * has_split
     elif p.is_file():
-        with open(p, newline="") as fh:
-            reader = csv.DictReader(fh)
-            rows, cols = list(reader), [c.strip().replace("centre", "center") for c in reader.fieldnames or []]
+        try:  # an image or other binary file given as --data is not a CSV
+            with open(p, newline="") as fh:
+                reader = csv.DictReader(fh)
+                rows, cols = list(reader), [c.strip().replace("centre", "center") for c in reader.fieldnames or []]
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise SystemExit(f"error: --data {data} is not a labels CSV ({type(e).__name__}); pass a CSV with columns "
+                             "path,label[,split,center,slide] or an ImageFolder root/<split>/<class>/*")
         rows = [{c: (v or "").strip() for c, v in zip(cols, r.values())} for r in rows]
         rows = [dict(r, path=os.path.normpath(p.parent / r.get("path", ""))) for r in rows]
     else:
         raise SystemExit(f"error: --data {data} does not exist; pass a labels CSV (path,label[,split,center,slide]) "
                          "or an ImageFolder root/<split>/<class>/*")
+    if not rows:
+        raise SystemExit(f"error: --data {data} lists no images; add rows (path,label, paths relative to the CSV) "
+                         "or point at an ImageFolder with images")
     missing = [c for c in need if c not in cols]
     if missing:
         raise SystemExit(f"error: {data} has no column {', '.join(missing)} (it has {', '.join(cols)}); add it to the CSV "

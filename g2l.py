@@ -19,7 +19,8 @@ local loss on patch tokens (RADIO / GPFM style: 0.9 cosine + 0.1 smooth-L1).
 The student lands in OUT/student/ as a timm local-dir:
     timm.create_model("local-dir:runs/NAME/student", pretrained=True)
 """
-import argparse, contextlib, csv, dataclasses, functools, gc, hashlib, inspect, json, math, os, random, re, resource, shutil, signal, socket, sys, time
+import argparse, contextlib, csv, dataclasses, functools, gc, inspect, json, math, os, random, re, resource, shutil
+import errno, fcntl, hashlib, signal, socket, sys, time
 from collections import deque
 from pathlib import Path
 
@@ -285,6 +286,10 @@ def load_tile(path, size):
     scale when the stored tile is much larger than needed, which is most of the decode cost."""
     with Image.open(path) as im:
         im.draft("RGB", (size, size))
+        if im.mode.startswith("I"):  # 16/32-bit grey (16-bit PNG): convert("RGB") would clip it to white
+            a = np.asarray(im).astype(np.float64)
+            a = a / 257 if im.mode.startswith("I;16") or a.max() > 255 else a
+            im = Image.fromarray(a.round().clip(0, 255).astype(np.uint8))
         im = im.convert("RGB")
         if im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR, reducing_gap=2.0)
@@ -307,6 +312,25 @@ class TileDataset(torch.utils.data.Dataset):
             except Exception as e:  # corrupt / truncated / not an image
                 print(f"warning: skipping unreadable tile {path}: {type(e).__name__}: {e}", flush=True)
         raise RuntimeError("no readable tile in the dataset")
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+def quiet_worker(_):
+    """DataLoader workers ignore SIGINT/SIGTERM: a scheduler signals the whole process group, and the main process,
+    not its workers, decides when to stop (after saving). They start with both blocked (held_signals), so one sent
+    while torch installs its own worker handlers stays pending, and is dropped once ignored here."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+@contextlib.contextmanager
+def held_signals():
+    """Block SIGINT/SIGTERM while DataLoader workers start (they inherit the mask); delivered right after."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 class InfiniteSampler(torch.utils.data.Sampler):
     """Seeded epoch permutations (or slide-balanced draws), sliced per rank, starting at any position:
@@ -333,7 +357,8 @@ class InfiniteSampler(torch.utils.data.Sampler):
 def aug_params(n, seed, step, micro):
     """Random parameters for one global batch, drawn from (seed, step, micro-step) alone: independent of
     the number of ranks and of resumption, so 1 x B and 2 x B/2 processes see identical views."""
-    g = torch.Generator().manual_seed(hash((seed, step, micro)) % 2**62)
+    key = hashlib.sha256(f"{seed},{step},{micro}".encode()).digest()  # stable: Python's hash() is not promised to be
+    g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
     u = lambda *s: torch.rand(*s, generator=g)
     return dict(crop=u(n, 2), hflip=u(n) < 0.5, vflip=u(n) < 0.5,
                 jitter=u(n) < 0.5, bcsh=u(n, 4) * 2 - 1,  # brightness, contrast, saturation, hue in [-1, 1]
@@ -744,23 +769,33 @@ def centred_cosine(a, b):
     return float(F.cosine_similarity(a - a.mean(0), b - b.mean(0), dim=1).mean())
 
 # ----------------------------------------------------------------------------- speed accounting
-PEAK_TFLOPS = {"H200": (989, 494), "H100": (989, 494), "A100": (312, 156), "L40S": (362, 183), "L4": (121, 60),
+# dense TFLOPS (bf16/fp16 tensor cores, TF32) from NVIDIA's datasheets; keys are whole words of the device name
+PEAK_TFLOPS = {"H200": (989, 494), "H200 NVL": (835, 418), "H100": (989, 494), "H100 PCIe": (756, 378),
+               "H100 NVL": (835, 418), "A100": (312, 156), "L40S": (362, 183), "L40": (181, 90), "L4": (121, 60),
                "A10": (125, 62), "4090": (165, 82), "3090": (71, 35), "A6000": (155, 77), "V100": (125, 15)}
 
-def peak_flops(device, precision):
-    """Dense peak of the device (bf16/fp16 tensor cores, else TF32/fp32); on CPU a measured matmul."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for k, (half, single) in PEAK_TFLOPS.items():
-            if k in name:
-                return (half if precision in ("bf16", "fp16") else single) * 1e12
+def gpu_peak(name, precision):
+    """Peak FLOP/s of a GPU by name: the longest table key whose words all appear, in order, as whole words of the
+    name ("NVIDIA L40" is not an L4; "NVIDIA H100 PCIe" is not the SXM part); NaN for a GPU not in the table."""
+    words = re.split(r"[^a-z0-9]+", name.lower())
+    found = [k for k in PEAK_TFLOPS if any(words[i:i + len(k.split())] == k.lower().split() for i in range(len(words)))]
+    if not found:
         return float("nan")
-    a, b, best = torch.randn(2048, 2048), torch.randn(2048, 2048), float("inf")
-    for _ in range(8):  # best of a few 2048^3 fp32 matmuls
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * 2048 ** 3 / best
+    half, single = PEAK_TFLOPS[max(found, key=lambda k: len(k.split()))]
+    return (half if precision in ("bf16", "fp16") else single) * 1e12
+
+def peak_flops(device, precision):
+    """Peak of the device, or NaN (MFU unavailable): on CPU there is no honest peak to divide by (a matmul probe
+    costs seconds and measures whatever else the cores are doing)."""
+    return gpu_peak(torch.cuda.get_device_name(device), precision) if device.type == "cuda" else float("nan")
+
+def mfu(flops_per_s, peak):
+    """Model FLOPs utilisation in %, or None (JSON null) when the peak or the FLOP count is unknown."""
+    v = 100 * flops_per_s / peak
+    return round(v, 2) if math.isfinite(v) else None
+
+def pct(v):
+    return "n/a" if v is None else f"{v:.1f}%"
 
 def forward_flops(model, img):
     """Forward FLOPs per image at img px: 2 x tokens x (linear weights) + attention (QK^T and AV)."""
@@ -773,10 +808,90 @@ def forward_flops(model, img):
     return 2 * tokens * lin + 4 * len(model.blocks) * tokens ** 2 * model.embed_dim + 2 * embed
 
 # ----------------------------------------------------------------------------- checkpoints and export
+def state_digest(obj, h=None):
+    """SHA-256 over every tensor's bytes and every other value of a checkpoint: a zip with flipped bytes inside a
+    tensor still loads, so the checkpoint carries this digest and a resume refuses one that does not match."""
+    h = h or hashlib.sha256()
+    if isinstance(obj, torch.Tensor):
+        h.update(obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, np.ndarray):
+        h.update(obj.tobytes())
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode())
+            state_digest(obj[k], h)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            state_digest(v, h)
+    else:
+        h.update(repr(obj).encode())
+    return h.hexdigest()
+
+@contextlib.contextmanager
+def writing(what, *tmps):
+    """Around writes of temp files renamed over `what`: a full disk or a read-only folder gives one clear line, and no
+    temp file stays behind (the previous good file is only replaced after its new version was written)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError ("iostream error")
+        for tmp in tmps:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
+        full = getattr(e, "errno", None) == errno.ENOSPC or "iostream" in str(e) or "failed writing" in str(e)
+        why = "disk full" if full else f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        raise SystemExit(f"error: cannot write {what} ({why}); free space or fix the folder's permissions, "
+                         "then --resume auto (the last good copy is kept)")
+
 def atomic_save(obj, path):
+    """torch.save to path.tmp with the state digest, flushed to disk, then renamed over path."""
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        with open(tmp, "wb") as f:
+            torch.save(dict(obj, digest=state_digest(obj)), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+def load_checkpoint(path, raw, opt, scaler):
+    """Load a checkpoint into the model, optimizer and scaler, or stop with one line if it is damaged or foreign."""
+    fix = f"resume from an earlier copy (--resume PATH), or move {path} away to start afresh"
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, not a zip, unpicklable
+        msg = " ".join(str(e).split())[:120]  # one line, whatever the reader said
+        raise SystemExit(f"error: checkpoint {path} cannot be read ({type(e).__name__}: {msg}); {fix}")
+    if not isinstance(ck, dict) or "model" not in ck:
+        raise SystemExit(f"error: {path} is not a g2l checkpoint (no model state); {fix}")
+    if "digest" not in ck:
+        print0(f"note: {path} has no checksum (written by an older g2l); loading it unverified")
+    elif ck.pop("digest") != state_digest(ck):
+        raise SystemExit(f"error: checkpoint {path} is damaged (its contents do not match their checksum); {fix}")
+    try:
+        raw.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        msg = str(e).splitlines()[0][:200]
+        raise SystemExit(f"error: checkpoint {path} does not fit this run's models ({type(e).__name__}: {msg}); resume "
+                         "with the --teacher/--student/--*-kwargs/--local-loss it was made with, or use a new --out")
+    return ck
+
+def open_metrics(path, step):
+    """metrics.jsonl for appending; a resumed run keeps the rows up to its checkpoint, rewritten atomically
+    (a kill at any moment leaves the old file or the new one), and skips lines it cannot parse."""
+    keep, bad = [], 0
+    for line in (path.read_text().splitlines() if step and path.exists() else []):
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+    if bad:
+        print0(f"warning: {path}: skipped {bad} line(s) that are not metrics rows (a damaged file?)")
+    with writing(path, f"{path}.tmp"):
+        Path(f"{path}.tmp").write_text("".join(keep))
+        os.replace(f"{path}.tmp", path)
+    return open(path, "a")
 
 def timm_args(model, spec):
     """(architecture, model_args) that plain timm rebuilds from JSON. A layer class cannot go in JSON, so a SwiGLU
@@ -862,6 +977,8 @@ def evaluate(raw, teacher, spec_t, val, cfg, device, amp):
     """Agreement on validation tiles: centred cosine and linear CKA of projected student vs teacher globals."""
     raw.eval()
     zs, zt = [], []
+    with held_signals():  # its workers start here
+        val = iter(val)
     for x, _ in val:
         x = x.to(device).float() / 255
         with amp():
@@ -927,6 +1044,21 @@ def build_models(cfg, device, dtype, amp):
            f"patch {spec_s['patch'] or '-'}, dim {spec_s['dim']}")
     return teacher, spec_t, raw, spec_s, grid
 
+def check_readable(tiles, flag, tries=50):
+    """Decode up to `tries` tiles spread over the Tiles: if none can be read, stop now with the first error,
+    rather than skip every tile during training (one unreadable tile here and there is skipped and counted)."""
+    errors = []
+    for i in range(0, len(tiles), max(1, len(tiles) // tries))[:tries]:
+        p = tiles.path(i)
+        try:
+            load_tile(p, 8)
+            return
+        except Exception as e:  # corrupt / truncated / not an image
+            errors.append(f"{p}: {type(e).__name__}: {str(e)[:100]}")
+    if errors:
+        raise SystemExit(f"error: none of {len(errors)} tiles tried in {flag} could be read (e.g. {errors[0]}); "
+                         "re-make the tiles (prep_tiles.py) or point at the right folder")
+
 def slide_weights(slide):
     """Per-tile sampling weights that make each slide equally likely, whatever its tile count (--balance);
     `slide` holds each tile's slide index (Tiles.slide)."""
@@ -945,11 +1077,83 @@ def make_batches(cfg, paths, start, device):
     return iter(torch.utils.data.DataLoader(
         TileDataset(paths, cfg.load_size), batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
         num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
-        prefetch_factor=4 if cfg.workers else None, generator=torch.Generator().manual_seed(cfg.seed)))
+        prefetch_factor=4 if cfg.workers else None, worker_init_fn=quiet_worker,
+        generator=torch.Generator().manual_seed(cfg.seed)))
+
+def check_args(cfg):
+    """Every option checked before any model is built or any file written: one clear line per problem."""
+    def need(ok, flag, what):
+        if not ok:
+            raise SystemExit(f"error: --{flag} {getattr(cfg, flag.replace('-', '_'))}: {what}")
+    for flag in ("batch-size", "grad-accum", "log-every", "eval-every", "ckpt-every", "max-val"):
+        need(getattr(cfg, flag.replace("-", "_")) >= 1, flag, "must be >= 1")
+    for flag in ("steps", "warmup-steps", "workers", "img-size", "student-img-size", "load-size", "teacher-chunk"):
+        need(getattr(cfg, flag.replace("-", "_")) >= 0, flag, "must be >= 0")
+    for flag in ("lr", "alpha"):
+        need(math.isfinite(getattr(cfg, flag)) and getattr(cfg, flag) > 0, flag, "must be a finite number > 0")
+    for flag in ("weight-decay", "clip-grad", "w-global", "w-local"):
+        need(0 <= getattr(cfg, flag.replace("-", "_")) < math.inf, flag, "must be a finite number >= 0")
+    need(cfg.steps or (0 < cfg.epochs < math.inf), "epochs", "must be > 0 (or give --steps)")
+    need(cfg.w_global > 0 or (cfg.w_local > 0 and cfg.local_loss != "none"), "w-global", "and --w-local leave no loss")
+    for flag in ("min-lr-frac", "max-bad-frac"):
+        need(0 <= getattr(cfg, flag.replace("-", "_")) <= 1, flag, "must be in [0, 1]")
+    need(0 < cfg.val_frac < 1, "val-frac", "must be in (0, 1)")
+    need(not (cfg.load_size and cfg.img_size) or cfg.load_size >= cfg.img_size, "load-size", "must be >= --img-size")
+    for flag in ("teacher-kwargs", "student-kwargs"):
+        text = getattr(cfg, flag.replace("-", "_"))
+        try:
+            ok = not text or isinstance(json.loads(text), dict)
+        except ValueError:
+            ok = False
+        need(ok, flag, 'must be a JSON object, e.g. \'{"depth": 2}\'')
+    out = Path(cfg.out)
+    if cfg.bench_data:  # measures the loader and writes nothing
+        return
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file; give a folder for the run (config, checkpoint, student)")
+    try:  # rank 0 writes everything; creating the folder now finds a read-only place before any model is built
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ".write_test", "w"):
+            pass
+        os.remove(out / ".write_test")
+    except OSError as e:
+        raise SystemExit(f"error: --out {out} is not writable ({e.strerror}); choose a folder you can write to")
+    if cfg.resume not in ("", "auto") and not os.path.isfile(cfg.resume):
+        raise SystemExit(f"error: --resume {cfg.resume}: no such checkpoint; pass a ckpt.pt, auto, or nothing")
+
+@contextlib.contextmanager
+def run_lock(cfg):
+    """One run per --out at a time (rank 0 holds an flock; the kernel releases it when the process dies, so a killed
+    run never blocks the next one): two runs in one folder would mix checkpoints, config and metrics."""
+    if int(os.environ.get("RANK", 0)) != 0 or cfg.bench_data:
+        yield
+        return
+    fh = open(Path(cfg.out) / ".lock", "a")  # not "w": a refused run must not blank the holder's pid
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            fh.close()
+            raise SystemExit(f"error: --out {cfg.out} is in use by another running g2l.py; wait for it, stop it, "
+                             "or give another --out")
+        print(f"note: cannot lock {cfg.out} ({e.strerror}); make sure no other run uses this --out", flush=True)
+    else:
+        fh.truncate(0)
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+    try:
+        yield
+    finally:
+        fh.close()
 
 def main(argv=None):
-    global RANK, WORLD
     cfg = parse_args(argv)
+    check_args(cfg)
+    with run_lock(cfg), contextlib.ExitStack() as cleanup:
+        return train(cfg, cleanup)
+
+def train(cfg, cleanup):
+    global RANK, WORLD
     RANK, WORLD, device = init_distributed()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -963,6 +1167,15 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     paths, val_paths = split_data(cfg) if not cfg.synthetic else ([], [])  # a bad --data fails before any model
+    check_readable(paths, "--data")
+    check_readable(val_paths, "--val-data (or the held-out slides)")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cfg.workers > cores:  # more decoders than cores only adds contention and memory
+        print0(f"note: --workers {cfg.workers} is more than the {cores} CPU cores available; using {cores}")
+        cfg.workers = cores
+    if 0 < len(val_paths) < 64:
+        print0(f"warning: only {len(val_paths)} validation tiles; agreement (val cos, cka) on so few means little "
+               "(give --val-data or more slides)")
     if cfg.bench_data:  # the loader alone: no model needed
         cfg.img_size = cfg.img_size or 224
         cfg.load_size = cfg.load_size or cfg.img_size
@@ -973,6 +1186,9 @@ def main(argv=None):
         raise SystemExit(f"error: {len(paths)} training tiles is fewer than one batch over all processes "
                          f"({cfg.batch_size * WORLD}); lower --batch-size")
     cfg.steps = cfg.steps or max(1, int(cfg.epochs * len(paths) / gb))
+    if cfg.warmup_steps > cfg.steps:
+        print0(f"warning: --warmup-steps {cfg.warmup_steps} is more than the run's {cfg.steps} steps: the learning "
+               f"rate never reaches --lr {cfg.lr:g} (it ends at {cfg.lr * cfg.steps / cfg.warmup_steps:.2g})")
 
     # optimizer: AdamW (fused on CUDA); no weight decay on biases, norms, tokens and position embeddings
     decays = lambda n, p: p.ndim >= 2 and "pos_embed" not in n and "token" not in n
@@ -982,14 +1198,11 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # bf16 needs no scaler
 
     # resume: weights, optimizer, scaler, RNG; the data position and augmentations follow from the step
-    out, step, first = Path(cfg.out), 0, {}
+    out, step, first, samples = Path(cfg.out), 0, {}, 0
     ckpt_path = out / "ckpt.pt" if cfg.resume in ("auto", "") else Path(cfg.resume)
     if cfg.resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        raw.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        step, first = ck["step"], ck["first"]
+        ck = load_checkpoint(ckpt_path, raw, opt, scaler)
+        step, first, samples = ck["step"], ck["first"], ck.get("samples", ck["step"] * gb)
         torch.set_rng_state(ck["rng"]["torch"])
         np.random.set_state(ck["rng"]["numpy"])
         random.setstate(ck["rng"]["python"])
@@ -1003,12 +1216,11 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         conf = dict(dataclasses.asdict(cfg), world_size=WORLD, torch=torch.__version__, timm=timm.__version__,
                     teacher_source=spec_t["source"], student_source=spec_s["source"], n_train=len(paths), n_val=len(val_paths))
-        (out / "config.tmp").write_text(json.dumps(conf, indent=2))
-        os.replace(out / "config.tmp", out / "config.json")
+        with writing(out / "config.json", out / "config.tmp"):
+            (out / "config.tmp").write_text(json.dumps(conf, indent=2))
+            os.replace(out / "config.tmp", out / "config.json")
         print0(json.dumps(conf))
-        old = (out / "metrics.jsonl").read_text().splitlines() if step and (out / "metrics.jsonl").exists() else []
-        metrics = open(out / "metrics.jsonl", "w")  # a resumed run keeps the lines up to its checkpoint
-        metrics.writelines(l + "\n" for l in old if json.loads(l)["step"] <= step)
+        metrics = open_metrics(out / "metrics.jsonl", step)
 
     # compile / wrap: only student + heads go into DDP; raw stays uncompiled for saving and evaluation
     model = raw
@@ -1017,23 +1229,28 @@ def main(argv=None):
     teacher_fwd = lambda x: encode(teacher, spec_t, x)  # compiled as a whole: forward_features is not `forward`
     if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
         model, teacher_fwd = torch.compile(model), torch.compile(teacher_fwd)
-    batches = make_batches(cfg, paths, step * gb, device)
+    stop = {}  # SIGINT / SIGTERM (a pre-empted cluster job): finish the step, save, export, exit cleanly
+    handlers = {s: signal.signal(s, lambda sig, frame: stop.setdefault("by", signal.Signals(sig)))
+                for s in (signal.SIGINT, signal.SIGTERM)}  # before the loaders, so workers start with it
+    with held_signals():
+        batches = make_batches(cfg, paths, samples, device)
+    # its workers ignore SIGTERM (quiet_worker), so a terminate() at exit would not end them: stop them ourselves
+    cleanup.callback(getattr(batches, "_shutdown_workers", lambda: None))
     val = torch.utils.data.DataLoader(TileDataset(val_paths, cfg.img_size), batch_size=cfg.batch_size,
-                                      num_workers=min(cfg.workers, 2)) if RANK == 0 and val_paths else None
+                                      num_workers=min(cfg.workers, 2), worker_init_fn=quiet_worker) \
+        if RANK == 0 and val_paths else None
 
     def save():
         if RANK == 0 and not cfg.synthetic:  # a --synthetic run is a measurement: nothing worth keeping
             rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                        cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
             atomic_save(dict(model=raw.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step,
-                             first=first, samples=step * gb, config=dataclasses.asdict(cfg), rng=rng), out / "ckpt.pt")
+                             first=first, samples=samples, config=dataclasses.asdict(cfg), rng=rng), out / "ckpt.pt")
 
-    stop = {}  # SIGINT / SIGTERM (a pre-empted cluster job): finish the step, save, export, exit cleanly
-    handlers = {s: signal.signal(s, lambda sig, frame: stop.setdefault("by", signal.Signals(sig).name))
-                for s in (signal.SIGINT, signal.SIGTERM)}
     flops = (forward_flops(teacher, cfg.img_size) + 3 * forward_flops(raw.student, cfg.student_img_size)) * gb
     peak = peak_flops(device, cfg.precision) * WORLD
     n_bad, seen, bad_steps, recent, above, last, reason = 0, 0, 0, deque(maxlen=100), 0, {}, "done"  # this session
+    code = 0  # exit status: 0 done (or G2L early stop), 1 abnormal stop, 128 + signal number when stopped by one
     if val is not None and step == 0:
         first = evaluate(raw, teacher, spec_t, val, cfg, device, amp)
         print0(f"step {step:06d} | val cos {first['val_cos']:.4f} (raw {first['val_cos_raw']:.4f}) | cka {first['val_cka']:.4f}")
@@ -1048,11 +1265,12 @@ def main(argv=None):
         parts = torch.zeros(3, device=device)
         for micro in range(cfg.grad_accum):
             x, skipped = next(batches)
+            samples += cfg.batch_size * WORLD  # all ranks' tiles: where a resumed sampler starts
             n_bad, seen = n_bad + int((skipped > 0).sum()), seen + cfg.batch_size * WORLD  # this rank's bad tiles
             xt, xs = make_views(x, cfg, step, micro, device)  # G2L: the same augmented view for both models
             xs = student_view(xs, cfg)
-            sync = contextlib.nullcontext() if WORLD == 1 or micro == cfg.grad_accum - 1 else model.no_sync()
-            with amp(), sync:
+            sync = contextlib.nullcontext if WORLD == 1 or micro == cfg.grad_accum - 1 else model.no_sync
+            with amp(), sync():
                 with torch.no_grad():  # not inference_mode: these tensors enter the loss
                     outs = [teacher_fwd(c) for c in xt.split(cfg.teacher_chunk or len(xt))]
                     gt, pt = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
@@ -1061,18 +1279,20 @@ def main(argv=None):
             l_l = pair_loss(cfg.local_loss, ls.flatten(0, 1), pt.flatten(2).transpose(1, 2).flatten(0, 1), cfg.alpha) \
                 if ls is not None else torch.zeros((), device=device)
             loss = cfg.w_global * l_g + cfg.w_local * l_l
-            with sync:
+            with sync():
                 scaler.scale(loss / cfg.grad_accum).backward()
             parts += torch.stack([loss.detach(), l_g.detach(), l_l.detach()]) / cfg.grad_accum
         scaler.unscale_(opt)
         gnorm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else math.inf))
         loss_v, lg_v, ll_v = parts.tolist()  # the same on every rank: the loss is global
         if not math.isfinite(loss_v):  # skip this update; three in a row means the run has diverged
+            scaler.update()  # fp16: ends this step's unscale_ (and lowers the scale); a no-op otherwise
             opt.zero_grad(set_to_none=True)
             bad_steps += 1
             print0(f"warning: non-finite loss at step {step} ({bad_steps} in a row); update skipped")
             if bad_steps == 3:
                 reason = "stopped: 3 non-finite losses in a row; the weights are the last finite ones (lower --lr?)"
+                code = 1
                 break
             continue
         bad_steps = 0
@@ -1087,10 +1307,12 @@ def main(argv=None):
             if above > 10:
                 reason = f"early stop at step {step}: loss above its last-100 running mean {above} steps in a row"
                 break
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        evaluating = val is not None and (step % cfg.eval_every == 0 or step == cfg.steps)
+        if step % cfg.log_every == 0 or step == cfg.steps or evaluating:
             bad = int(all_sum(torch.tensor(float(n_bad), device=device)))
             if bad > cfg.max_bad_frac * seen and bad > 10:
                 reason = f"stopped: {bad} of {seen} tiles were unreadable (over --max-bad-frac); see the warnings"
+                code = 1
                 break
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -1099,42 +1321,47 @@ def main(argv=None):
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # peak RSS (KB on Linux)
             last = dict(step=step, loss=round(loss_v, 5), l_global=round(lg_v, 5), l_local=round(ll_v, 5),
                         lr=cfg.lr * f, grad_norm=round(gnorm, 4), img_per_s=round(n_timed * gb / dt, 2),
-                        mfu=round(100 * flops * n_timed / dt / peak, 2), mem_gb=round(mem, 2), bad_tiles=bad)
-            if val is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                        mfu=mfu(flops * n_timed / dt, peak), mem_gb=round(mem, 2), bad_tiles=bad)
+            if evaluating:
                 last.update(evaluate(raw, teacher, spec_t, val, cfg, device, amp))
             first.setdefault("loss", last["loss"])
             if RANK == 0:
-                metrics.write(json.dumps(last) + "\n")
-                metrics.flush()
+                with writing(metrics.name):  # a full disk: one line; the checkpoint and export are untouched
+                    metrics.write(json.dumps(last) + "\n")
+                    metrics.flush()
                 tqdm.write(f"step {step:06d} | loss {loss_v:.4f} (g {lg_v:.4f} l {ll_v:.4f}) | lr {cfg.lr * f:.2e} | "
-                           f"gnorm {gnorm:.2f} | {last['img_per_s']:.1f} img/s | mfu {last['mfu']:.1f}% | {mem:.2f} GB"
+                           f"gnorm {gnorm:.2f} | {last['img_per_s']:.1f} img/s | mfu {pct(last['mfu'])} | {mem:.2f} GB"
                            + (f" | val cos {last['val_cos']:.4f} cka {last['val_cka']:.4f}" if "val_cos" in last else ""))
             t0, n_timed = time.perf_counter(), 0
         if step % cfg.ckpt_every == 0 and step < cfg.steps:
             save()
         if WORLD > 1 and all_sum(torch.tensor(float(bool(stop)), device=device)) > 0:
-            stop.setdefault("by", "a signal on another rank")  # signals reach ranks at different steps: stop together
+            stop.setdefault("by", signal.SIGTERM)  # signals reach ranks at different steps: stop together
         if stop:
-            reason = f"stopped by {stop['by']} at step {step}; continue with --resume auto"
+            reason = f"stopped by {stop['by'].name} at step {step}; continue with --resume auto"
+            code = 128 + stop["by"]
             break
     bar.close()
-    for s, h in handlers.items():
-        signal.signal(s, h)
     save()
     if RANK == 0:
         metrics.close()
         if not cfg.synthetic:
-            export(raw, spec_s, cfg, out)
+            with writing(out / "student", out / "student.tmp", out / "heads.safetensors.tmp"):
+                export(raw, spec_s, cfg, out)
+    for s, h in handlers.items():  # only now: a signal during the last save or export must not cut it short
+        signal.signal(s, h)
     if WORLD > 1:
         dist.barrier()
         dist.destroy_process_group()
     summary(cfg, reason, first, last, out)
+    if code:  # the job was not done: a scheduler or script must see it (after saving and exporting)
+        raise SystemExit(code)
     return last
 
 def summary(cfg, reason, first, last, out):
     parts = [f"{name} {first[k]:.4f} -> {last[k]:.4f}" for k, name in (("loss", "loss"), ("val_cos", "val cos"),
              ("val_cka", "val cka")) if k in first and k in last]
-    print0(" | ".join([reason, *parts, f"{last.get('img_per_s', 0):.1f} img/s", f"mfu {last.get('mfu', 0):.1f}%"]))
+    print0(" | ".join([reason, *parts, f"{last.get('img_per_s', 0):.1f} img/s", f"mfu {pct(last.get('mfu'))}"]))
     if not cfg.synthetic:
         # the demo's hint must work as printed, offline: the student on the 200 labelled PCam tiles bundled in examples/
         labels = os.path.relpath(Path(__file__).resolve().parent / "examples" / "pcam" / "labels.csv")

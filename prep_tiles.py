@@ -395,7 +395,14 @@ def main(argv=None):
                  "--out folders")
 
     out, rows, todo = Path(a.out), {}, []
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # a file or read-only --out is an argument error: found before any slide is read
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write_test").touch()
+        (out / ".write_test").unlink()
+    except OSError as e:
+        print(f"error: --out {out} is not a writable folder ({e.strerror}); choose a folder you can write to",
+              file=sys.stderr)
+        return 2
     old = (out / "slides.csv").read_text().splitlines() if (out / "slides.csv").exists() else []
     old = {r["slide_id"]: r for r in csv.DictReader(old)}  # resumed rows keep their mpp details
     for sid, p in slides:

@@ -407,8 +407,9 @@ def test_sigterm_saves_exports_and_resumes(tmp_path, tiles, monkeypatch, capsys)
             os.kill(os.getpid(), signal.SIGTERM)
         return real(step, cfg)
     monkeypatch.setattr(g2l, "lr_factor", pre_empt)
-    last = run(tmp_path, tiles, steps=8)
-    assert last["step"] == 4 and "stopped by SIGTERM at step 4" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # saved and exported, but not done: 128 + SIGTERM, as a shell reports it
+        run(tmp_path, tiles, steps=8)
+    assert e.value.code == 143 and "stopped by SIGTERM at step 4" in capsys.readouterr().out
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 4
     assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
     monkeypatch.setattr(g2l, "lr_factor", real)
@@ -417,12 +418,14 @@ def test_sigterm_saves_exports_and_resumes(tmp_path, tiles, monkeypatch, capsys)
 
 def test_non_finite_losses_stop_the_run_with_finite_weights(tmp_path, tiles, monkeypatch, capsys):
     monkeypatch.setattr(g2l, "pair_loss", lambda kind, zs, zt, alpha=4.0: zs.float().sum() * float("nan"))
-    last = run(tmp_path, tiles, steps=5)
+    with pytest.raises(SystemExit) as e:  # an abnormal stop is not a success
+        run(tmp_path, tiles, steps=5)
+    assert e.value.code == 1
     out = capsys.readouterr().out
     assert out.count("non-finite loss at step 0") == 3 and "stopped: 3 non-finite losses in a row" in out
     ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     assert ck["step"] == 0 and all(torch.isfinite(v).all() for v in ck["model"].values())
-    assert last == {}  # nothing was logged: no step completed
+    assert not metrics(tmp_path / "run")  # nothing was logged: no step completed
 
 def test_early_stop_rule(tmp_path, tiles, monkeypatch, capsys):
     """G2L: stop when the loss exceeds the mean of the last 100 steps more than 10 times in a row."""
@@ -537,7 +540,7 @@ def test_two_process_ddp_matches_one_process_and_resumes(tmp_path, tiles, monkey
     import torch.multiprocessing as mp
     common = [*TINY_T, *TINY_S, "--data", str(tiles / "train"), "--val-data", str(tiles / "val"), "--img-size", "28",
               "--steps", "4", "--warmup-steps", "1", "--workers", "1", "--log-every", "1", "--eval-every", "1000",
-              "--lr", "1e-3", "--ckpt-every", "2"]
+              "--lr", "1e-4", "--ckpt-every", "2"]  # a small lr: Adam turns rounding into ~lr steps (same_weights)
     request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))  # for later tests
     torch.set_num_threads(1)  # the same thread count as each of the two processes
     g2l.main(common + ["--batch-size", "8", "--out", str(tmp_path / "one")])
@@ -578,6 +581,229 @@ def same_weights(a, b):
         with torch.no_grad():
             outs.append(s.eval()(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))))
     assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+
+# ----------------------------------------------------------------------------- trainer: a cluster run's safety
+def test_ddp_with_grad_accum_matches_one_process(tmp_path, tiles, request):
+    """2 gloo processes x batch 2 x 2 micro-steps take the same steps as 1 process x batch 4 x 2 micro-steps."""
+    import torch.multiprocessing as mp
+    common = [*TINY_T, *TINY_S, "--data", str(tiles / "train"), "--val-data", str(tiles / "val"), "--img-size", "28",
+              "--steps", "2", "--warmup-steps", "1", "--workers", "0", "--log-every", "1", "--eval-every", "1000",
+              "--lr", "1e-4", "--grad-accum", "2"]
+    request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))
+    torch.set_num_threads(1)
+    g2l.main(common + ["--batch-size", "4", "--out", str(tmp_path / "one")])
+    mp.spawn(_ddp_worker, args=(2, _free_port(), common + ["--batch-size", "2", "--out", str(tmp_path / "two")],
+                                None), nprocs=2)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):  # Adam hides a wrongly scaled gradient; the logged gradient norm does not
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    same_weights(*(torch.load(tmp_path / n / "ckpt.pt", weights_only=False)["model"] for n in ("one", "two")))
+
+def test_fp16_skipped_step_goes_on_and_resumes_at_the_right_tiles(tmp_path, tiles, monkeypatch, capsys):
+    """A non-finite loss under fp16 skips the update (closing the GradScaler's step) and the run goes on; the
+    skipped step drew a batch, so a resume after it must continue from the tiles actually drawn."""
+    keep_checkpoints(monkeypatch)
+    real, calls = g2l.pair_loss, []
+    def one_nan(kind, zs, zt, alpha=4.0):  # the 3rd and 4th calls: step 1's global and local losses
+        calls.append(1)
+        return real(kind, zs, zt, alpha) * (float("nan") if len(calls) in (3, 4) else 1)
+    monkeypatch.setattr(g2l, "pair_loss", one_nan)
+    args = ("--precision", "fp16", "--ckpt-every", "2", "--seed", "3")
+    run(tmp_path, tiles, *args, steps=4, name="full")
+    assert "non-finite loss at step 1 (1 in a row)" in capsys.readouterr().out
+    ck = torch.load(tmp_path / "full" / "ckpt.pt.2", weights_only=False)
+    assert ck["samples"] == 3 * 8 and ck["scaler"]["scale"] < 2.0 ** 16  # 3 batches drawn; the scale backed off
+    monkeypatch.setattr(g2l, "pair_loss", real)
+    os.makedirs(tmp_path / "half")
+    shutil.copy(tmp_path / "full" / "ckpt.pt.2", tmp_path / "half" / "ckpt.pt")
+    run(tmp_path, tiles, *args, "--resume", "auto", steps=4, name="half")
+    assert [r["loss"] for r in metrics(tmp_path / "full")[2:]] == [r["loss"] for r in metrics(tmp_path / "half")]
+
+def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tmp_path, tiles):
+    """What Slurm, `timeout` and systemd do: SIGTERM to every process of the job, DataLoader workers included."""
+    import signal, subprocess, sys, time
+    # the learning rate is still warming up at every step these runs reach, so runs of different --steps agree
+    argv = [*TINY_T, *TINY_S, "--data", str(tiles / "train"), "--val-data", str(tiles / "val"), "--img-size", "28",
+            "--batch-size", "8", "--warmup-steps", "100000", "--log-every", "1", "--eval-every", "100000",
+            "--ckpt-every", "100000", "--seed", "2", "--lr", "10"]  # lr x step / 1e5: ~1e-4
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, g2l.__file__, *argv, "--steps", "100000", "--workers", "2",
+                          "--out", str(out)], start_new_session=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and metrics(out)):
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGTERM)
+    log = p.communicate(timeout=120)[0]
+    assert p.returncode == 143, log  # not done: 128 + SIGTERM
+    assert "stopped by SIGTERM" in log and "Traceback" not in log, log
+    k = torch.load(out / "ckpt.pt", weights_only=False)["step"]
+    assert k >= 1 and (out / "student" / "model.safetensors").is_file() and metrics(out)[-1]["step"] == k
+    g2l.main(argv + ["--steps", str(k + 2), "--workers", "0", "--out", str(out), "--resume", "auto"])
+    g2l.main(argv + ["--steps", str(k + 2), "--workers", "0", "--out", str(tmp_path / "whole")])
+    assert [r["step"] for r in metrics(out)] == list(range(1, k + 3))
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(tmp_path / "whole")]
+    a, b = (torch.load(tmp_path / n / "ckpt.pt", weights_only=False)["model"] for n in ("killed", "whole"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+def flip_inside_largest_member(path):
+    """Flip bytes inside the largest tensor record of a torch zip checkpoint: still a valid zip."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        big = max(z.infolist(), key=lambda i: i.file_size)
+    data = bytearray(Path(path).read_bytes())
+    at = big.header_offset + 30 + len(big.filename) + 64 + big.file_size // 2
+    data[at:at + 8] = bytes(255 - b for b in data[at:at + 8])
+    Path(path).write_bytes(bytes(data))
+
+def test_damaged_or_foreign_checkpoints_are_refused_and_exports_kept(tmp_path, tiles, capsys):
+    run(tmp_path, tiles, steps=2)
+    out = tmp_path / "run"
+    good = {f: (out / f).read_bytes() for f in ("ckpt.pt", "heads.safetensors", "student/model.safetensors")}
+    damage = {"flipped": flip_inside_largest_member, "truncated": lambda p: p.write_bytes(good["ckpt.pt"][:5000])}
+    for name, how in damage.items():
+        (out / "ckpt.pt").write_bytes(good["ckpt.pt"])
+        how(out / "ckpt.pt")
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, tiles, "--resume", "auto", steps=4)
+        said = str(e.value)
+        assert said.startswith(f"error: checkpoint {out / 'ckpt.pt'}") and "\n" not in said, (name, said)
+        assert ("damaged" if name == "flipped" else "cannot be read") in said, (name, said)
+        assert all((out / f).read_bytes() == b for f, b in good.items() if f != "ckpt.pt"), name
+    (out / "ckpt.pt").write_bytes(good["ckpt.pt"])  # intact, but made for another student
+    with pytest.raises(SystemExit, match="does not fit this run's models"):
+        run(tmp_path, tiles, "--resume", "auto", "--student-kwargs", '{"depth": 2, "embed_dim": 48, "num_heads": 2}',
+            steps=4)
+    assert (out / "heads.safetensors").read_bytes() == good["heads.safetensors"]
+
+def test_disk_full_while_saving_keeps_the_last_good_checkpoint(tmp_path, tiles, monkeypatch):
+    run(tmp_path, tiles, "--ckpt-every", "2", steps=2)
+    out, real = tmp_path / "run", torch.save
+    good = (out / "ckpt.pt").read_bytes(), (out / "heads.safetensors").read_bytes()
+    def full_disk(obj, f):  # a few bytes land, then the real torch.save meets a real ENOSPC (/dev/full)
+        f.write(b"PK partial")
+        with open("/dev/full", "wb") as full:
+            real(obj, full)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, tiles, "--ckpt-every", "2", "--resume", "auto", steps=4)
+    assert "cannot write" in str(e.value) and "disk full" in str(e.value), str(e.value)
+    assert not (out / "ckpt.pt.tmp").exists()
+    assert ((out / "ckpt.pt").read_bytes(), (out / "heads.safetensors").read_bytes()) == good
+
+def test_metrics_rewrite_is_atomic_and_skips_damaged_lines(tmp_path, tiles, monkeypatch, capsys):
+    run(tmp_path, tiles, steps=3)
+    path = tmp_path / "run" / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"step": 4, "loss": 1.\n\x00\x00garbage\n')  # a kill mid-line, then junk
+    before = path.read_text()
+    real = os.replace
+    def killed(src, dst):  # the process dies just before the new metrics file is renamed into place
+        if str(dst) == str(path):
+            raise KeyboardInterrupt
+        real(src, dst)
+    monkeypatch.setattr(g2l.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, tiles, "--resume", "auto", steps=5)
+    assert path.read_text() == before  # the old file is whole until the new one replaces it
+    monkeypatch.setattr(g2l.os, "replace", real)
+    run(tmp_path, tiles, "--resume", "auto", steps=5)
+    assert "skipped 2 line(s)" in capsys.readouterr().out
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3, 4, 5]
+
+def test_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_path, tiles):
+    import signal, subprocess, sys
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)",
+                               str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    with pytest.raises(SystemExit, match="in use by another running g2l.py"):
+        run(tmp_path, tiles, steps=1)
+    assert not (out / "config.json").exists()  # refused before writing anything
+    holder.send_signal(signal.SIGKILL)  # a killed run leaves its lock file behind, but not its lock
+    holder.wait()
+    assert run(tmp_path, tiles, steps=1)["step"] == 1
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "-5"], "--steps -5: must be >= 0"),
+    (["--grad-accum", "0"], "--grad-accum 0: must be >= 1"),
+    (["--steps", "0", "--epochs", "-1"], "--epochs -1.0: must be > 0"),
+    (["--lr", "0"], "--lr 0.0: must be a finite number > 0"),
+    (["--lr", "-1"], "--lr -1.0: must be"),
+    (["--lr", "nan"], "--lr nan: must be"),
+    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["--workers", "-1"], "--workers -1: must be >= 0"),
+    (["--log-every", "0"], "--log-every 0: must be >= 1"),
+    (["--max-bad-frac", "2"], "--max-bad-frac 2.0: must be in [0, 1]"),
+    (["--student-kwargs", "{depth: 1}"], "--student-kwargs {depth: 1}: must be a JSON object"),
+    (["--teacher-kwargs", "[1, 2]"], "--teacher-kwargs [1, 2]: must be a JSON object"),
+    (["--out", "FILE"], "is a file"),
+    (["--out", "FILE/run"], "is not writable"),
+    (["--resume", "/nonexistent/ckpt.pt"], "no such checkpoint"),
+    (["--load-size", "20"], "--load-size 20: must be >= --img-size"),
+    (["--w-global", "0", "--local-loss", "none"], "--w-global 0.0: and --w-local leave no loss"),
+    (["--data", "BROKEN"], "none of 3 tiles tried in --data could be read"),
+])
+def test_bad_arguments_fail_before_any_model_is_built(tmp_path, tiles, argv, message, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "broken" / "s").mkdir(parents=True)
+    for i in range(3):
+        (tmp_path / "broken" / "s" / f"t{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    argv = [a.replace("FILE", str(tmp_path / "file")).replace("BROKEN", str(tmp_path / "broken")) for a in argv]
+    def no_models(*a, **k):
+        raise AssertionError("a model was built before the arguments were checked")
+    monkeypatch.setattr(g2l, "load_model", no_models)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, tiles, *argv, steps=2)
+    assert str(e.value).startswith("error: ") and message in str(e.value), str(e.value)
+
+def test_too_many_unreadable_tiles_exit_non_zero(tmp_path, tiles, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiles / "train", data)
+    for i in range(16):
+        (data / f"slide{i % 4}" / f"broken{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(SystemExit) as e:
+        g2l.main([*TINY_T, *TINY_S, "--data", str(data), "--val-data", str(tiles / "val"), "--img-size", "28",
+                  "--batch-size", "8", "--steps", "12", "--workers", "0", "--out", str(tmp_path / "r")])
+    assert e.value.code == 1 and "tiles were unreadable (over --max-bad-frac)" in capsys.readouterr().out
+
+def test_evaluation_follows_eval_every_whatever_log_every(tmp_path, tiles):
+    run(tmp_path, tiles, "--log-every", "4", "--eval-every", "3", steps=6)
+    assert [r["step"] for r in metrics(tmp_path / "run") if "val_cos" in r] == [3, 6]
+
+def test_gpu_peak_matches_whole_names_and_cpu_has_no_mfu():
+    tf = lambda name: g2l.gpu_peak(name, "bf16") / 1e12
+    assert tf("NVIDIA L40") == 181 and tf("NVIDIA L40S") == 362 and tf("NVIDIA L4") == 121
+    assert tf("NVIDIA H100 PCIe") == 756 and tf("NVIDIA H100 NVL") == 835 and tf("NVIDIA H100 80GB HBM3") == 989
+    assert tf("NVIDIA A100-SXM4-80GB") == 312 and tf("NVIDIA GeForce RTX 4090") == 165
+    assert math.isnan(tf("NVIDIA A10G")) and math.isnan(tf("NVIDIA B200"))  # unknown: no MFU rather than a wrong one
+    assert math.isnan(g2l.peak_flops(torch.device("cpu"), "fp32")) and g2l.mfu(1e9, float("nan")) is None
+
+def test_16_bit_png_tile_keeps_its_values(tmp_path):
+    a = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(a).save(tmp_path / "t16.png")
+    x = g2l.load_tile(tmp_path / "t16.png", 64)
+    assert x.shape == (3, 64, 64) and x.dtype == torch.uint8
+    assert torch.equal(x[0], x[2]) and abs(int(x[0, 32, 0]) - round(a[32, 0] / 257)) <= 1 and x.float().std() > 50
+
+def test_eval_refuses_a_header_only_csv_and_an_image_as_data(tmp_path):
+    tile = next((Path(__file__).resolve().parent / "examples" / "tiles").rglob("*.jpg"))
+    (tmp_path / "empty.csv").write_text("path,label\n")
+    for data, message in ((tmp_path / "empty.csv", "lists no images"), (tile, "is not a labels CSV")):
+        with pytest.raises(SystemExit) as e:
+            ev.main(["probe", "--model", "vit_tiny_patch16_224", "--data", str(data), "--out", str(tmp_path / "o")])
+        assert str(e.value).startswith(f"error: --data {data}") and message in str(e.value), str(e.value)
+
+def test_prep_tiles_unwritable_out_is_an_argument_error(tmp_path, capsys):
+    slide = Path(__file__).resolve().parent / "examples" / "CMU-1-Small-Region.svs"
+    (tmp_path / "file").write_text("not a folder")
+    for out in (tmp_path / "file", tmp_path / "file" / "tiles"):
+        assert prep_tiles.main([str(slide), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"error: --out {out} is not a writable folder" in err, err
 
 # =============================================================================== prep_tiles.py
 CMU = ROOT / "examples" / "CMU-1-Small-Region.svs"            # 1 level, 2220 x 2967, 0.499 µm/px
