@@ -20,7 +20,7 @@ The student lands in OUT/student/ as a timm local-dir:
     timm.create_model("local-dir:runs/NAME/student", pretrained=True)
 """
 import argparse, contextlib, csv, dataclasses, functools, gc, inspect, json, math, os, random, re, resource, shutil
-import errno, fcntl, hashlib, signal, socket, sys, time
+import errno, fcntl, hashlib, signal, socket, sys, time, types
 from collections import deque
 from pathlib import Path
 
@@ -39,11 +39,11 @@ import timm
 class Config:
     teacher: str = "h-optimus-0"        # preset, timm name, hf-hub:ORG/NAME, local-dir:PATH or a g2l run folder
     student: str = "uni"                # the same naming rules as --teacher
-    teacher_weights: str = ""           # local .safetensors/.pth/.bin for the teacher's architecture ("random": random init)
+    teacher_weights: str = ""           # local .safetensors/.pth/.bin for the teacher's architecture ("random": none)
     student_weights: str = ""           # local weights for the student's architecture ("random": random init)
     teacher_kwargs: str = ""            # JSON architecture kwargs, e.g. '{"depth": 2}'
     student_kwargs: str = ""            # JSON architecture kwargs for the student
-    data: list = dataclasses.field(default_factory=lambda: ["tiles"])  # folders of tiles (recursive; parent folder = slide)
+    data: list = dataclasses.field(default_factory=lambda: ["tiles"])  # tile folders (recursive; parent folder = slide)
     val_data: list = dataclasses.field(default_factory=list)  # validation tile folders (default: held-out slides)
     val_frac: float = 0.05              # held-out fraction of the tiles when --data has only one slide
     max_val: int = 512                  # validation tiles used at each evaluation
@@ -90,7 +90,8 @@ DEMO = dict(teacher="vit_small_patch14_dinov2.lvd142m", student="vit_tiny_patch1
             img_size=112, batch_size=16, steps=120, warmup_steps=10, lr=5e-4, eval_every=40, log_every=10,
             ckpt_every=60, workers=2, val_frac=0.15, max_val=64)
 
-CHOICES = dict(global_loss=["logsum", "cosine", "smoothl1", "mse"], local_loss=["cosine-smoothl1", "logsum", "mse", "none"],
+CHOICES = dict(global_loss=["logsum", "cosine", "smoothl1", "mse"],
+               local_loss=["cosine-smoothl1", "logsum", "mse", "none"],
                views=["same", "independent"], precision=["auto", "bf16", "fp16", "fp32"], compile=["auto", "on", "off"])
 
 def parse_args(argv=None):
@@ -372,7 +373,8 @@ def crop_flip(x, p, size):
         ox = (p["crop"][:, 1] * (W - size + 1)).long().clamp(max=W - size)
         ar = torch.arange(size, device=x.device)
         rows, cols = (oy[:, None] + ar)[:, None, :, None], (ox[:, None] + ar)[:, None, None, :]
-        x = x[torch.arange(B, device=x.device)[:, None, None, None], torch.arange(3, device=x.device)[None, :, None, None], rows, cols]
+        ar_b, ar_c = torch.arange(B, device=x.device), torch.arange(3, device=x.device)
+        x = x[ar_b[:, None, None, None], ar_c[None, :, None, None], rows, cols]
     x = torch.where(p["hflip"][:, None, None, None], x.flip(-1), x)
     return torch.where(p["vflip"][:, None, None, None], x.flip(-2), x)
 
@@ -558,10 +560,13 @@ def load_weights(model, path, name):
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in sd and sd[k].shape != own[k].shape]
     if missing or unexpected or wrong:
-        raise SystemExit(f"error: weights file {path} does not fit {name}: {len(missing)} missing (e.g. {missing[:3]}), "
-                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} wrong shapes (e.g. {wrong[:2]}); "
+        raise SystemExit(f"error: weights file {path} does not fit {name}: "
+                         f"{len(missing)} missing (e.g. {missing[:3]}), "
+                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+                         f"{len(wrong)} wrong shapes (e.g. {wrong[:2]}); "
                          "pass the matching architecture/preset or fix --*-kwargs")
     model.load_state_dict(sd)
 
@@ -613,11 +618,13 @@ def resolve(name):
     if name.startswith("local-dir:"):
         path = Path(name[len("local-dir:"):])
         if not (path / "config.json").is_file():
-            raise SystemExit(f"error: {path} has no config.json; a local-dir model needs config.json + model.safetensors")
+            raise SystemExit(f"error: {path} has no config.json; "
+                             "a local-dir model needs config.json + model.safetensors")
         cfg = json.loads((path / "config.json").read_text())
         pc = cfg.get("pretrained_cfg", cfg)
         kw = dict(cfg.get("model_args", {}))
-        return name, kw, True, dict(embed=cfg.get("g2l", {}).get("embed", "pool"), mean=pc.get("mean"), std=pc.get("std"),
+        return name, kw, True, dict(embed=cfg.get("g2l", {}).get("embed", "pool"),
+                                    mean=pc.get("mean"), std=pc.get("std"),
                                     size=pc.get("input_size", [3, 0, 0])[-1], arch=cfg["architecture"], kwargs=kw)
     if name in PRESETS:
         pr = PRESETS[name]
@@ -636,7 +643,7 @@ def offline_help(spec):
 def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False):
     """Build a model by the naming rules and return (model, spec). spec: arch, kwargs, mean, std, size,
     embed, patch, dim (global feature dim), tdim (token dim), source."""
-    hub, kw, pretrained, spec = resolve(name)
+    timm_name, kw, pretrained, spec = resolve(name)
     extra = json.loads(kwargs) if kwargs else {}
     if extra and not isinstance(extra, dict):
         raise SystemExit(f"error: --*-kwargs must be a JSON object, got {kwargs!r}")
@@ -656,7 +663,7 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
     if weights or extra or meta or random_init:  # local weights / changed architecture: the bare architecture
         target, pretrained = spec["arch"].split("hf-hub:")[-1], False
     else:
-        target = hub
+        target = timm_name
     if pretrained and not target.startswith("local-dir:"):
         hub_reachable()  # weights come from the hub (or its cache)
     source = f"weights file {weights}" if weights else ("pretrained " + target if pretrained else "random init")
@@ -673,7 +680,8 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
             model = create(**{k: v for k, v in build.items() if k != "img_size"})
     except (OSError, RuntimeError, ValueError, TypeError, AssertionError) as e:
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        if target.startswith("hf-hub:") or "huggingface" in msg.lower() or "hub" in msg.lower() or isinstance(e, OSError):
+        from_hub = target.startswith("hf-hub:") or "huggingface" in msg.lower() or "hub" in msg.lower()
+        if from_hub or isinstance(e, OSError):
             raise SystemExit(f"error: could not load {name} from the Hugging Face hub ({type(e).__name__}: {msg}). "
                              + offline_help(spec))
         raise SystemExit(f"error: cannot build {name} with kwargs {kw}: {msg}")
@@ -690,6 +698,8 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
     spec["tdim"] = model.num_features
     spec["dim"] = model.num_features * (2 if spec["embed"] == "cls+mean" else 1)
     return model.to(device) if not meta else model, spec
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --precision
 
 def encode(model, spec, x):
     """Normalise a float [0,1] batch with the model's own mean/std, run it, and split the tokens:
@@ -794,6 +804,12 @@ def mfu(flops_per_s, peak):
     v = 100 * flops_per_s / peak
     return round(v, 2) if math.isfinite(v) else None
 
+def peak_memory_gb(device):
+    """Peak memory of this process: allocated on the GPU, or the peak RSS on CPU (ru_maxrss is in KB on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
 def pct(v):
     return "n/a" if v is None else f"{v:.1f}%"
 
@@ -841,6 +857,18 @@ def writing(what, *tmps):
         why = "disk full" if full else f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
         raise SystemExit(f"error: cannot write {what} ({why}); free space or fix the folder's permissions, "
                          "then --resume auto (the last good copy is kept)")
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w", **kw):
+    """open() for writing, to path.tmp, renamed over path once the block is done: a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, mode, **kw) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):  # a failed write leaves no temp file behind
+            os.remove(tmp)
 
 def atomic_save(obj, path):
     """torch.save to path.tmp with the state digest, flushed to disk, then renamed over path."""
@@ -930,7 +958,8 @@ def export(raw, spec, cfg, out):
         os.replace(final, out / "student.old")
     os.replace(tmp, final)
     shutil.rmtree(out / "student.old", ignore_errors=True)
-    heads = {k: v.detach().float().cpu().contiguous() for k, v in raw.state_dict().items() if not k.startswith("student.")}
+    heads = {k: v.detach().float().cpu().contiguous() for k, v in raw.state_dict().items()
+             if not k.startswith("student.")}
     save_file(heads, str(out / "heads.safetensors.tmp"))
     os.replace(out / "heads.safetensors.tmp", out / "heads.safetensors")
 
@@ -950,7 +979,8 @@ def setup_sizes(cfg, spec_t, spec_s):
     if not spec_t["patch"]:
         raise SystemExit(f"error: the teacher {cfg.teacher} has no patch embedding; g2l distils from ViT teachers")
     if cfg.img_size % spec_t["patch"]:
-        raise SystemExit(f"error: --img-size {cfg.img_size} is not a multiple of the teacher's patch size {spec_t['patch']}")
+        raise SystemExit(f"error: --img-size {cfg.img_size} is not a multiple of the teacher's patch size "
+                         f"{spec_t['patch']}")
     grid = cfg.img_size // spec_t["patch"]
     if not cfg.student_img_size:
         cfg.student_img_size = grid * spec_s["patch"] if spec_s["patch"] else cfg.img_size
@@ -1147,12 +1177,55 @@ def run_lock(cfg):
         fh.close()
 
 def main(argv=None):
+    """set up -> data -> models -> optimizer -> resume -> loop -> export."""
     cfg = parse_args(argv)
     check_args(cfg)
     with run_lock(cfg), contextlib.ExitStack() as cleanup:
-        return train(cfg, cleanup)
+        device, dtype, amp = set_up(cfg)
+        paths, val_paths = load_data(cfg)  # a bad --data fails before any model
+        if cfg.bench_data:  # the loader alone: no model needed
+            cfg.img_size = cfg.img_size or 224
+            cfg.load_size = cfg.load_size or cfg.img_size
+            return bench_data(cfg, paths)
+        teacher, spec_t, raw, spec_s, grid = build_models(cfg, device, dtype, amp)
+        gb = plan_steps(cfg, len(paths))
+        opt, scaler = make_optimizer(cfg, raw, device)
+        state = resume(cfg, raw, opt, scaler, device, gb)
+        metrics = start_run_folder(cfg, spec_t, spec_s, len(paths), len(val_paths), state["step"])
+        model, teacher_fwd = wrap(cfg, raw, teacher, spec_t, device)
+        stop = {}  # SIGINT / SIGTERM (a pre-empted cluster job): finish the step, save, export, exit cleanly
+        handlers = {s: signal.signal(s, lambda sig, frame: stop.setdefault("by", signal.Signals(sig)))
+                    for s in (signal.SIGINT, signal.SIGTERM)}  # before the loaders, so workers start with it
+        with held_signals():
+            batches = make_batches(cfg, paths, state["samples"], device)
+        # its workers ignore SIGTERM (quiet_worker), so a terminate() at exit would not end them: stop them ourselves
+        cleanup.callback(getattr(batches, "_shutdown_workers", lambda: None))
+        val = torch.utils.data.DataLoader(TileDataset(val_paths, cfg.img_size), batch_size=cfg.batch_size,
+                                          num_workers=min(cfg.workers, 2), worker_init_fn=quiet_worker) \
+            if RANK == 0 and val_paths else None
+        run = types.SimpleNamespace(cfg=cfg, device=device, amp=amp, teacher=teacher, spec_t=spec_t, raw=raw,
+                                    model=model, teacher_fwd=teacher_fwd, opt=opt, scaler=scaler, grid=grid, gb=gb,
+                                    batches=batches, val=val, metrics=metrics, stop=stop, **state)
+        reason, code, last = train_loop(run)
+        save_checkpoint(run)
+        if RANK == 0:
+            metrics.close()
+            if not cfg.synthetic:
+                out = Path(cfg.out)
+                with writing(out / "student", out / "student.tmp", out / "heads.safetensors.tmp"):
+                    export(raw, spec_s, cfg, out)
+        for s, h in handlers.items():  # only now: a signal during the last save or export must not cut it short
+            signal.signal(s, h)
+        if WORLD > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        summary(cfg, reason, run.first, last, Path(cfg.out))
+        if code:  # the job was not done: a scheduler or script must see it (after saving and exporting)
+            raise SystemExit(code)
+        return last
 
-def train(cfg, cleanup):
+def set_up(cfg):
+    """Processes, seeds and precision: (device, dtype, amp context factory)."""
     global RANK, WORLD
     RANK, WORLD, device = init_distributed()
     torch.manual_seed(cfg.seed)
@@ -1161,12 +1234,15 @@ def train(cfg, cleanup):
     # precision is one line of policy: bf16 autocast where supported, fp32 on CPU, a GradScaler only for fp16
     if cfg.precision == "auto":
         cfg.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
+    dtype = DTYPES[cfg.precision]
     amp = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device, dtype, amp
 
-    paths, val_paths = split_data(cfg) if not cfg.synthetic else ([], [])  # a bad --data fails before any model
+def load_data(cfg):
+    """Training and validation Tiles, checked readable; --workers capped at the cores there are."""
+    paths, val_paths = split_data(cfg) if not cfg.synthetic else ([], [])
     check_readable(paths, "--data")
     check_readable(val_paths, "--val-data (or the held-out slides)")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -1176,186 +1252,185 @@ def train(cfg, cleanup):
     if 0 < len(val_paths) < 64:
         print0(f"warning: only {len(val_paths)} validation tiles; agreement (val cos, cka) on so few means little "
                "(give --val-data or more slides)")
-    if cfg.bench_data:  # the loader alone: no model needed
-        cfg.img_size = cfg.img_size or 224
-        cfg.load_size = cfg.load_size or cfg.img_size
-        return bench_data(cfg, paths)
-    teacher, spec_t, raw, spec_s, grid = build_models(cfg, device, dtype, amp)
-    gb = cfg.batch_size * WORLD * cfg.grad_accum  # tiles per optimizer step, all ranks
-    if not cfg.synthetic and len(paths) < cfg.batch_size * WORLD:
-        raise SystemExit(f"error: {len(paths)} training tiles is fewer than one batch over all processes "
+    return paths, val_paths
+
+def plan_steps(cfg, n_train):
+    """The run's length in optimizer steps (from --epochs when --steps is 0); returns tiles per step, all ranks."""
+    gb = cfg.batch_size * WORLD * cfg.grad_accum
+    if not cfg.synthetic and n_train < cfg.batch_size * WORLD:
+        raise SystemExit(f"error: {n_train} training tiles is fewer than one batch over all processes "
                          f"({cfg.batch_size * WORLD}); lower --batch-size")
-    cfg.steps = cfg.steps or max(1, int(cfg.epochs * len(paths) / gb))
+    cfg.steps = cfg.steps or max(1, int(cfg.epochs * n_train / gb))
     if cfg.warmup_steps > cfg.steps:
         print0(f"warning: --warmup-steps {cfg.warmup_steps} is more than the run's {cfg.steps} steps: the learning "
                f"rate never reaches --lr {cfg.lr:g} (it ends at {cfg.lr * cfg.steps / cfg.warmup_steps:.2g})")
+    return gb
 
-    # optimizer: AdamW (fused on CUDA); no weight decay on biases, norms, tokens and position embeddings
+def make_optimizer(cfg, raw, device):
+    """AdamW (fused on CUDA); no weight decay on biases, norms, tokens and position embeddings."""
     decays = lambda n, p: p.ndim >= 2 and "pos_embed" not in n and "token" not in n
     groups = [[p for n, p in raw.named_parameters() if decays(n, p) == d] for d in (True, False)]
     opt = torch.optim.AdamW([{"params": groups[0], "weight_decay": cfg.weight_decay},
                              {"params": groups[1], "weight_decay": 0.0}], lr=cfg.lr, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # bf16 needs no scaler
+    return opt, torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # bf16 needs no scaler
 
-    # resume: weights, optimizer, scaler, RNG; the data position and augmentations follow from the step
-    out, step, first, samples = Path(cfg.out), 0, {}, 0
-    ckpt_path = out / "ckpt.pt" if cfg.resume in ("auto", "") else Path(cfg.resume)
-    if cfg.resume and ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path, raw, opt, scaler)
-        step, first, samples = ck["step"], ck["first"], ck.get("samples", ck["step"] * gb)
-        torch.set_rng_state(ck["rng"]["torch"])
-        np.random.set_state(ck["rng"]["numpy"])
-        random.setstate(ck["rng"]["python"])
-        if device.type == "cuda" and ck["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ck["rng"]["cuda"])
-        print0(f"resumed from {ckpt_path} at step {step}")
-    elif cfg.resume and cfg.resume != "auto":
-        raise SystemExit(f"error: --resume {cfg.resume}: no such checkpoint")
-    metrics = None
-    if RANK == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        conf = dict(dataclasses.asdict(cfg), world_size=WORLD, torch=torch.__version__, timm=timm.__version__,
-                    teacher_source=spec_t["source"], student_source=spec_s["source"], n_train=len(paths), n_val=len(val_paths))
-        with writing(out / "config.json", out / "config.tmp"):
-            (out / "config.tmp").write_text(json.dumps(conf, indent=2))
-            os.replace(out / "config.tmp", out / "config.json")
-        print0(json.dumps(conf))
-        metrics = open_metrics(out / "metrics.jsonl", step)
+def resume(cfg, raw, opt, scaler, device, gb):
+    """Weights, optimizer, scaler, RNG; the data position and augmentations follow from the step."""
+    ckpt_path = Path(cfg.out) / "ckpt.pt" if cfg.resume in ("auto", "") else Path(cfg.resume)
+    if not (cfg.resume and ckpt_path.is_file()):
+        if cfg.resume and cfg.resume != "auto":
+            raise SystemExit(f"error: --resume {cfg.resume}: no such checkpoint")
+        return dict(step=0, first={}, samples=0)
+    ck = load_checkpoint(ckpt_path, raw, opt, scaler)
+    torch.set_rng_state(ck["rng"]["torch"])
+    np.random.set_state(ck["rng"]["numpy"])
+    random.setstate(ck["rng"]["python"])
+    if device.type == "cuda" and ck["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(ck["rng"]["cuda"])
+    print0(f"resumed from {ckpt_path} at step {ck['step']}")
+    return dict(step=ck["step"], first=ck["first"], samples=ck.get("samples", ck["step"] * gb))
 
-    # compile / wrap: only student + heads go into DDP; raw stays uncompiled for saving and evaluation
+def start_run_folder(cfg, spec_t, spec_s, n_train, n_val, step):
+    """config.json (every resolved option) and metrics.jsonl, opened for appending (rank 0 only)."""
+    if RANK != 0:
+        return None
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    conf = dict(dataclasses.asdict(cfg), world_size=WORLD, torch=torch.__version__, timm=timm.__version__,
+                teacher_source=spec_t["source"], student_source=spec_s["source"], n_train=n_train, n_val=n_val)
+    with writing(out / "config.json", out / "config.json.tmp"), atomic_open(out / "config.json") as f:
+        f.write(json.dumps(conf, indent=2))
+    print0(json.dumps(conf))
+    return open_metrics(out / "metrics.jsonl", step)
+
+def wrap(cfg, raw, teacher, spec_t, device):
+    """Only student + heads go into DDP; raw stays uncompiled for saving and evaluation."""
     model = raw
     if WORLD > 1:
         model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
     teacher_fwd = lambda x: encode(teacher, spec_t, x)  # compiled as a whole: forward_features is not `forward`
     if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
         model, teacher_fwd = torch.compile(model), torch.compile(teacher_fwd)
-    stop = {}  # SIGINT / SIGTERM (a pre-empted cluster job): finish the step, save, export, exit cleanly
-    handlers = {s: signal.signal(s, lambda sig, frame: stop.setdefault("by", signal.Signals(sig)))
-                for s in (signal.SIGINT, signal.SIGTERM)}  # before the loaders, so workers start with it
-    with held_signals():
-        batches = make_batches(cfg, paths, samples, device)
-    # its workers ignore SIGTERM (quiet_worker), so a terminate() at exit would not end them: stop them ourselves
-    cleanup.callback(getattr(batches, "_shutdown_workers", lambda: None))
-    val = torch.utils.data.DataLoader(TileDataset(val_paths, cfg.img_size), batch_size=cfg.batch_size,
-                                      num_workers=min(cfg.workers, 2), worker_init_fn=quiet_worker) \
-        if RANK == 0 and val_paths else None
+    return model, teacher_fwd
 
-    def save():
-        if RANK == 0 and not cfg.synthetic:  # a --synthetic run is a measurement: nothing worth keeping
-            rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                       cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-            atomic_save(dict(model=raw.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step,
-                             first=first, samples=samples, config=dataclasses.asdict(cfg), rng=rng), out / "ckpt.pt")
+def save_checkpoint(run):
+    if RANK == 0 and not run.cfg.synthetic:  # a --synthetic run is a measurement: nothing worth keeping
+        cuda = run.device.type == "cuda"
+        rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                   cuda=torch.cuda.get_rng_state(run.device) if cuda else None)
+        atomic_save(dict(model=run.raw.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict(),
+                         step=run.step, first=run.first, samples=run.samples, config=dataclasses.asdict(run.cfg),
+                         rng=rng), Path(run.cfg.out) / "ckpt.pt")
 
-    flops = (forward_flops(teacher, cfg.img_size) + 3 * forward_flops(raw.student, cfg.student_img_size)) * gb
-    peak = peak_flops(device, cfg.precision) * WORLD
-    n_bad, seen, bad_steps, recent, above, last, reason = 0, 0, 0, deque(maxlen=100), 0, {}, "done"  # this session
-    code = 0  # exit status: 0 done (or G2L early stop), 1 abnormal stop, 128 + signal number when stopped by one
-    if val is not None and step == 0:
-        first = evaluate(raw, teacher, spec_t, val, cfg, device, amp)
-        print0(f"step {step:06d} | val cos {first['val_cos']:.4f} (raw {first['val_cos_raw']:.4f}) | cka {first['val_cka']:.4f}")
-    bar = tqdm(total=cfg.steps, initial=step, disable=RANK != 0, desc="distil", dynamic_ncols=True)
-    t0, n_timed = time.perf_counter(), 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    while step < cfg.steps:
-        f = lr_factor(step, cfg)
-        for g, wd in zip(opt.param_groups, (cfg.weight_decay * f, 0.0)):  # lr and weight decay decay together
-            g["lr"], g["weight_decay"] = cfg.lr * f, wd
-        parts = torch.zeros(3, device=device)
-        for micro in range(cfg.grad_accum):
-            x, skipped = next(batches)
-            samples += cfg.batch_size * WORLD  # all ranks' tiles: where a resumed sampler starts
-            n_bad, seen = n_bad + int((skipped > 0).sum()), seen + cfg.batch_size * WORLD  # this rank's bad tiles
-            xt, xs = make_views(x, cfg, step, micro, device)  # G2L: the same augmented view for both models
-            xs = student_view(xs, cfg)
-            sync = contextlib.nullcontext if WORLD == 1 or micro == cfg.grad_accum - 1 else model.no_sync
-            with amp(), sync():
-                with torch.no_grad():  # not inference_mode: these tensors enter the loss
-                    outs = [teacher_fwd(c) for c in xt.split(cfg.teacher_chunk or len(xt))]
-                    gt, pt = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-                gs, ls = model(xs, grid)
-            l_g = pair_loss(cfg.global_loss, gs, gt, cfg.alpha)  # losses in fp32
-            l_l = pair_loss(cfg.local_loss, ls.flatten(0, 1), pt.flatten(2).transpose(1, 2).flatten(0, 1), cfg.alpha) \
-                if ls is not None else torch.zeros((), device=device)
-            loss = cfg.w_global * l_g + cfg.w_local * l_l
-            with sync():
-                scaler.scale(loss / cfg.grad_accum).backward()
-            parts += torch.stack([loss.detach(), l_g.detach(), l_l.detach()]) / cfg.grad_accum
-        scaler.unscale_(opt)
-        gnorm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else math.inf))
-        loss_v, lg_v, ll_v = parts.tolist()  # the same on every rank: the loss is global
-        if not math.isfinite(loss_v):  # skip this update; three in a row means the run has diverged
-            scaler.update()  # fp16: ends this step's unscale_ (and lowers the scale); a no-op otherwise
-            opt.zero_grad(set_to_none=True)
-            bad_steps += 1
-            print0(f"warning: non-finite loss at step {step} ({bad_steps} in a row); update skipped")
-            if bad_steps == 3:
-                reason = "stopped: 3 non-finite losses in a row; the weights are the last finite ones (lower --lr?)"
-                code = 1
-                break
-            continue
-        bad_steps = 0
+# ----------------------------------------------------------------------------- the distillation step
+def distil_step(cfg, step, batches, model, teacher_fwd, opt, scaler, grid, device, amp):
+    """One optimizer step over --grad-accum micro-batches: views -> teacher -> student -> losses -> update.
+    Returns ([loss, l_global, l_local], grad norm or None when the loss was not finite and the update skipped,
+    tiles this rank skipped as unreadable)."""
+    f = lr_factor(step, cfg)
+    for g, wd in zip(opt.param_groups, (cfg.weight_decay * f, 0.0)):  # lr and weight decay decay together
+        g["lr"], g["weight_decay"] = cfg.lr * f, wd
+    parts, n_bad = torch.zeros(3, device=device), 0
+    for micro in range(cfg.grad_accum):
+        x, skipped = next(batches)
+        n_bad += int((skipped > 0).sum())
+        xt, xs = make_views(x, cfg, step, micro, device)  # G2L: the same augmented view for both models
+        xs = student_view(xs, cfg)
+        sync = contextlib.nullcontext if WORLD == 1 or micro == cfg.grad_accum - 1 else model.no_sync
+        with amp(), sync():
+            with torch.no_grad():  # not inference_mode: these tensors enter the loss
+                outs = [teacher_fwd(c) for c in xt.split(cfg.teacher_chunk or len(xt))]
+                gt, pt = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+            gs, ls = model(xs, grid)
+        l_g = pair_loss(cfg.global_loss, gs, gt, cfg.alpha)  # losses in fp32
+        l_l = torch.zeros((), device=device) if ls is None else \
+            pair_loss(cfg.local_loss, ls.flatten(0, 1), pt.flatten(2).transpose(1, 2).flatten(0, 1), cfg.alpha)
+        loss = cfg.w_global * l_g + cfg.w_local * l_l
+        with sync():
+            scaler.scale(loss / cfg.grad_accum).backward()
+        parts += torch.stack([loss.detach(), l_g.detach(), l_l.detach()]) / cfg.grad_accum
+    scaler.unscale_(opt)
+    gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or math.inf))
+    parts = parts.tolist()  # the same on every rank: the loss is global
+    finite = math.isfinite(parts[0])
+    if finite:  # else skip this update (the caller stops after three in a row)
         scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        step, n_timed = step + 1, n_timed + 1
-        bar.update(1)
-        if cfg.early_stop:  # G2L's rule, read as: more than 10 steps in a row above the mean of the last 100
-            above = above + 1 if len(recent) == 100 and loss_v > sum(recent) / 100 else 0
-            recent.append(loss_v)
-            if above > 10:
-                reason = f"early stop at step {step}: loss above its last-100 running mean {above} steps in a row"
-                break
-        evaluating = val is not None and (step % cfg.eval_every == 0 or step == cfg.steps)
-        if step % cfg.log_every == 0 or step == cfg.steps or evaluating:
-            bad = int(all_sum(torch.tensor(float(n_bad), device=device)))
-            if bad > cfg.max_bad_frac * seen and bad > 10:
-                reason = f"stopped: {bad} of {seen} tiles were unreadable (over --max-bad-frac); see the warnings"
-                code = 1
-                break
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            mem = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else \
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # peak RSS (KB on Linux)
-            last = dict(step=step, loss=round(loss_v, 5), l_global=round(lg_v, 5), l_local=round(ll_v, 5),
-                        lr=cfg.lr * f, grad_norm=round(gnorm, 4), img_per_s=round(n_timed * gb / dt, 2),
-                        mfu=mfu(flops * n_timed / dt, peak), mem_gb=round(mem, 2), bad_tiles=bad)
-            if evaluating:
-                last.update(evaluate(raw, teacher, spec_t, val, cfg, device, amp))
-            first.setdefault("loss", last["loss"])
-            if RANK == 0:
-                with writing(metrics.name):  # a full disk: one line; the checkpoint and export are untouched
-                    metrics.write(json.dumps(last) + "\n")
-                    metrics.flush()
-                tqdm.write(f"step {step:06d} | loss {loss_v:.4f} (g {lg_v:.4f} l {ll_v:.4f}) | lr {cfg.lr * f:.2e} | "
-                           f"gnorm {gnorm:.2f} | {last['img_per_s']:.1f} img/s | mfu {pct(last['mfu'])} | {mem:.2f} GB"
-                           + (f" | val cos {last['val_cos']:.4f} cka {last['val_cka']:.4f}" if "val_cos" in last else ""))
-            t0, n_timed = time.perf_counter(), 0
-        if step % cfg.ckpt_every == 0 and step < cfg.steps:
-            save()
-        if WORLD > 1 and all_sum(torch.tensor(float(bool(stop)), device=device)) > 0:
-            stop.setdefault("by", signal.SIGTERM)  # signals reach ranks at different steps: stop together
-        if stop:
-            reason = f"stopped by {stop['by'].name} at step {step}; continue with --resume auto"
-            code = 128 + stop["by"]
-            break
-    bar.close()
-    save()
+    scaler.update()  # fp16: after a skipped step this ends its unscale_ and lowers the scale
+    opt.zero_grad(set_to_none=True)
+    return parts, gnorm if finite else None, n_bad
+
+# ----------------------------------------------------------------------------- the loop
+def train_loop(run):
+    """Steps until --steps, a stop signal, G2L's early stop or too many bad steps/tiles: (reason, exit code, last)."""
+    cfg = run.cfg
+    student_flops = forward_flops(run.raw.student, cfg.student_img_size)  # forward + backward = 3 forwards
+    run.flops = (forward_flops(run.teacher, cfg.img_size) + 3 * student_flops) * run.gb
+    run.peak = peak_flops(run.device, cfg.precision) * WORLD
+    n_bad, seen, bad_steps, recent, above, last = 0, 0, 0, deque(maxlen=100), 0, {}  # this session
+    if run.val is not None and run.step == 0:
+        run.first = evaluate(run.raw, run.teacher, run.spec_t, run.val, cfg, run.device, run.amp)
+        print0(f"step {run.step:06d} | val cos {run.first['val_cos']:.4f} (raw {run.first['val_cos_raw']:.4f}) | "
+               f"cka {run.first['val_cka']:.4f}")
+    t0, n_timed = time.perf_counter(), 0
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    with tqdm(total=cfg.steps, initial=run.step, disable=RANK != 0, desc="distil", dynamic_ncols=True) as bar:
+        while run.step < cfg.steps:
+            parts, gnorm, skipped = distil_step(cfg, run.step, run.batches, run.model, run.teacher_fwd, run.opt,
+                                                run.scaler, run.grid, run.device, run.amp)
+            run.samples, seen, n_bad = run.samples + run.gb, seen + run.gb, n_bad + skipped  # where a resume starts
+            if gnorm is None:  # three non-finite losses in a row means the run has diverged
+                bad_steps += 1
+                print0(f"warning: non-finite loss at step {run.step} ({bad_steps} in a row); update skipped")
+                if bad_steps == 3:
+                    return "stopped: 3 non-finite losses in a row; the weights are the last finite ones " \
+                        "(lower --lr?)", 1, last
+                continue
+            bad_steps, run.step, n_timed = 0, run.step + 1, n_timed + 1
+            bar.update(1)
+            if cfg.early_stop:  # G2L's rule, read as: more than 10 steps in a row above the mean of the last 100
+                above = above + 1 if len(recent) == 100 and parts[0] > sum(recent) / 100 else 0
+                recent.append(parts[0])
+                if above > 10:
+                    return f"early stop at step {run.step}: loss above its last-100 running mean {above} steps " \
+                        "in a row", 0, last
+            evaluating = run.val is not None and (run.step % cfg.eval_every == 0 or run.step == cfg.steps)
+            if run.step % cfg.log_every == 0 or run.step == cfg.steps or evaluating:
+                bad = int(all_sum(torch.tensor(float(n_bad), device=run.device)))
+                if bad > cfg.max_bad_frac * seen and bad > 10:
+                    return f"stopped: {bad} of {seen} tiles were unreadable (over --max-bad-frac); " \
+                        "see the warnings", 1, last
+                last = log_step(run, parts, gnorm, n_timed, t0, bad, evaluating)
+                t0, n_timed = time.perf_counter(), 0
+            if run.step % cfg.ckpt_every == 0 and run.step < cfg.steps:
+                save_checkpoint(run)
+            if WORLD > 1 and all_sum(torch.tensor(float(bool(run.stop)), device=run.device)) > 0:
+                run.stop.setdefault("by", signal.SIGTERM)  # signals reach ranks at different steps: stop together
+            if run.stop:
+                return f"stopped by {run.stop['by'].name} at step {run.step}; continue with --resume auto", \
+                    128 + run.stop["by"], last
+    return "done", 0, last
+
+def log_step(run, parts, gnorm, n_timed, t0, bad, evaluating):
+    """One metrics.jsonl row and one log line (rank 0); validation agreement at eval steps."""
+    cfg, (loss, l_g, l_l) = run.cfg, parts
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    dt = time.perf_counter() - t0
+    lr, mem = run.opt.param_groups[0]["lr"], peak_memory_gb(run.device)
+    last = dict(step=run.step, loss=round(loss, 5), l_global=round(l_g, 5), l_local=round(l_l, 5), lr=lr,
+                grad_norm=round(gnorm, 4), img_per_s=round(n_timed * run.gb / dt, 2),
+                mfu=mfu(run.flops * n_timed / dt, run.peak), mem_gb=round(mem, 2), bad_tiles=bad)
+    if evaluating:
+        last.update(evaluate(run.raw, run.teacher, run.spec_t, run.val, cfg, run.device, run.amp))
+    run.first.setdefault("loss", last["loss"])
     if RANK == 0:
-        metrics.close()
-        if not cfg.synthetic:
-            with writing(out / "student", out / "student.tmp", out / "heads.safetensors.tmp"):
-                export(raw, spec_s, cfg, out)
-    for s, h in handlers.items():  # only now: a signal during the last save or export must not cut it short
-        signal.signal(s, h)
-    if WORLD > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    summary(cfg, reason, first, last, out)
-    if code:  # the job was not done: a scheduler or script must see it (after saving and exporting)
-        raise SystemExit(code)
+        with writing(run.metrics.name):  # a full disk: one line; the checkpoint and export are untouched
+            run.metrics.write(json.dumps(last) + "\n")
+            run.metrics.flush()
+        tqdm.write(f"step {run.step:06d} | loss {loss:.4f} (g {l_g:.4f} l {l_l:.4f}) | lr {lr:.2e} | "
+                   f"gnorm {gnorm:.2f} | {last['img_per_s']:.1f} img/s | mfu {pct(last['mfu'])} | {mem:.2f} GB"
+                   + (f" | val cos {last['val_cos']:.4f} cka {last['val_cka']:.4f}" if "val_cos" in last else ""))
     return last
 
 def summary(cfg, reason, first, last, out):
