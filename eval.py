@@ -17,7 +17,7 @@ Protocols (UNI / eva style): linear probe = multinomial logistic regression by L
 sklearn's convention (C * sum CE + |W|^2 / 2), C picked on the validation split by balanced accuracy; kNN = majority
 vote of k=20 cosine neighbours after centring by the train mean and L2-normalising; robustness = PathoROB's index.
 """
-import argparse, csv, hashlib, json, math, multiprocessing as mp, os, random, resource, time
+import argparse, csv, hashlib, json, math, multiprocessing as mp, os, random, time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from g2l import TileDataset, centred_cosine, encode, find_images, forward_flops, linear_cka, \
-    load_heads, load_model, resolve
+from g2l import DTYPES, TileDataset, atomic_open, centred_cosine, encode, extract_features, find_images, \
+    forward_flops, linear_cka, load_model, peak_memory_gb, resolve
 
 # ----------------------------------------------------------------------------- data
 SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",
@@ -62,8 +62,8 @@ def read_labelled(data, need=("path", "label")):
                          "or point at an ImageFolder with images")
     missing = [c for c in need if c not in cols]
     if missing:
-        raise SystemExit(f"error: {data} has no column {', '.join(missing)} (it has {', '.join(cols)}); add it to the CSV "
-                         "(path,label[,split,center,slide], paths relative to the CSV)")
+        raise SystemExit(f"error: {data} has no column {', '.join(missing)} (it has {', '.join(cols)}); "
+                         "add it to the CSV (path,label[,split,center,slide], paths relative to the CSV)")
     if "label" in need and any(not r["label"] for r in rows):
         raise SystemExit(f"error: {data} has rows without a label; fill them in or use root/<class>/* folders")
     gone = [r["path"] for r in rows if not os.path.isfile(r["path"])]
@@ -91,7 +91,8 @@ def split_rows(rows, seed, val=0.15, test=0.25):
     names = {r.get("split", "").lower() for r in rows}
     if len(names) >= 2:
         if names - set(SPLITS):
-            raise SystemExit(f"error: unknown split value(s) {sorted(names - set(SPLITS))} in --data; use train/val/test")
+            raise SystemExit(f"error: unknown split value(s) {sorted(names - set(SPLITS))} in --data; "
+                             "use train/val/test")
         idx = {s: [i for i, r in enumerate(rows) if SPLITS[r["split"].lower()] == s] for s in ("train", "val", "test")}
         if not idx["test"]:
             idx["test"], idx["val"] = idx["val"], []
@@ -121,8 +122,9 @@ def model_list(names, weights, kwargs, sizes, flag="--model"):
     for name in names:
         resolve(name)  # an unknown name fails here, before any work
     size_flag = "--img-size" if flag == "--model" else flag + "-img-size"
-    return [dict(name=a, weights=b, kwargs=c, size=d) for a, b, c, d in zip(names, per_model(weights, n, flag + "-weights", ""),
-            per_model(kwargs, n, flag + "-kwargs", ""), per_model(sizes, n, size_flag, 0))]
+    columns = zip(names, per_model(weights, n, flag + "-weights", ""), per_model(kwargs, n, flag + "-kwargs", ""),
+                  per_model(sizes, n, size_flag, 0))
+    return [dict(name=a, weights=b, kwargs=c, size=d) for a, b, c, d in columns]
 
 def open_model(m, device):
     """g2l's loader; seeded, so a random-init architecture is the same model on every call (and in the cache)."""
@@ -134,8 +136,8 @@ def features(m, rows, a):
     """[N, D] frozen features: cls = the model's global feature (g2l.encode), mean = mean patch token, or both.
     Cached in OUT/features/ by model, weights (and their date), kwargs, data, size and pooling; NaN/inf refused."""
     files = [f for f in (m["weights"], Path(m["name"]) / "student" / "model.safetensors") if f and os.path.isfile(f)]
-    key = json.dumps([m["name"], m["weights"], m["kwargs"], str(Path(a.data).resolve()), m["size"], a.pooling, len(rows),
-                      [os.path.getmtime(f) for f in files]])
+    key = json.dumps([m["name"], m["weights"], m["kwargs"], str(Path(a.data).resolve()), m["size"], a.pooling,
+                      len(rows), [os.path.getmtime(f) for f in files]])
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in m["name"].strip("/"))[-60:]
     cache = Path(a.out) / "features" / f"{safe}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
     paths = [r["path"] for r in rows]
@@ -152,20 +154,28 @@ def extract(m, paths, a, cache):
     model, spec = open_model(m, a.device)
     dl = torch.utils.data.DataLoader(TileDataset(paths, m["size"] or spec["size"]), batch_size=a.batch_size,
                                      num_workers=a.workers)
-    feats, dev = [], torch.device(a.device)
-    with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
-        for b, (x, skipped) in enumerate(tqdm(dl, desc=f"features {m['name']}", dynamic_ncols=True)):
-            if skipped.any():  # TileDataset swaps in the next tile: a wrong label here, so stop instead
-                bad = paths[b * a.batch_size + int(skipped.nonzero()[0])]
-                raise SystemExit(f"error: {bad} cannot be read; fix it or drop its row from {a.data}")
-            g, pmap = encode(model, spec, x.to(dev).float() / 255)
-            mean = pmap.flatten(2).mean(2)
-            feats.append({"cls": g, "mean": mean, "cls+mean": torch.cat([g, mean], 1)}[a.pooling].float().cpu())
-    feats = torch.cat(feats)
+    def pooled(x):
+        g, pmap = encode(model, spec, x)
+        mean = pmap.flatten(2).mean(2)
+        return {"cls": g, "mean": mean, "cls+mean": torch.cat([g, mean], 1)}[a.pooling]
+    dev = torch.device(a.device)
+    amp = lambda: torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda")
+    (feats,), skipped = extract_features(dl, [pooled], dev, amp, desc=f"features {m['name']}")
+    if skipped.any():  # TileDataset swaps in the next tile: a wrong label here, so stop instead
+        raise SystemExit(f"error: {paths[int(skipped.nonzero()[0])]} cannot be read; fix it or drop its row "
+                         f"from {a.data}")
     cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(dict(feats=feats, paths=paths), f"{cache}.tmp")
-    os.replace(f"{cache}.tmp", cache)
+    with atomic_open(cache, "wb") as f:
+        torch.save(dict(feats=feats, paths=paths), f)
     return feats
+
+def load_heads(run):
+    """The projection heads of a g2l run: its student's features in the teacher's space."""
+    from safetensors.torch import load_file
+    sd = load_file(str(Path(run) / "heads.safetensors"))
+    head = torch.nn.Linear(sd["global_head.weight"].shape[1], sd["global_head.weight"].shape[0])
+    head.load_state_dict({"weight": sd["global_head.weight"], "bias": sd["global_head.bias"]})
+    return head
 
 # ----------------------------------------------------------------------------- metrics, probe, kNN
 def auroc(pos, score):
@@ -187,13 +197,15 @@ def metrics(y, proba):
     f1 = 2 * tp / np.maximum(ntrue + npred, 1)  # = 2PR/(P+R), 0 where undefined
     aucs = [auroc(y == 1, proba[:, 1])] if proba.shape[1] == 2 else [auroc(y == c, proba[:, c]) for c in present]
     return dict(bacc=float(np.mean([np.mean(pred[y == c] == c) for c in present])), acc=float(np.mean(pred == y)),
-                f1_macro=float(f1.mean()), f1_weighted=float((f1 * ntrue).sum() / len(y)), auroc=float(np.nanmean(aucs)))
+                f1_macro=float(f1.mean()), f1_weighted=float((f1 * ntrue).sum() / len(y)),
+                auroc=float(np.nanmean(aucs)))
 
 def logreg(x, y, K, C, init=None, iters=200):
     """Multinomial logistic regression, sklearn's objective C * sum(CE) + |W|^2 / 2 (bias free), full-batch L-BFGS."""
     W, b = [t.clone().requires_grad_() for t in init] if init else \
         [torch.zeros(*shape, dtype=x.dtype, requires_grad=True) for shape in ((x.shape[1], K), (K,))]
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, tolerance_grad=1e-6, history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, tolerance_grad=1e-6, history_size=20,
+                            line_search_fn="strong_wolfe")
     def closure():
         opt.zero_grad()
         loss = F.cross_entropy(x @ W + b, y) + (W ** 2).sum() / (2 * C * len(x))
@@ -235,9 +247,9 @@ def check_design(labels, centres):
     return labels, centres
 
 def robustness_index(feats, labels, centres, slides=None, ks=(3, 5, 10, 20), n_boot=200, seed=0):
-    """Over each sample's k nearest cosine neighbours (never from its own slide): SS/SO = same label, same/other centre,
-    OS = other label, same centre. PathoROB's RI_k = sum SO / sum(SO + OS) (0.5 neutral, 1 = biology only) and the de Jong
-    ratio sum(SS + SO) / sum(SS + OS) (> 1: biology dominates), with bootstrap std over query samples."""
+    """Over each sample's k nearest cosine neighbours (never from its own slide): SS/SO = same label, same/other
+    centre, OS = other label, same centre. PathoROB's RI_k = sum SO / sum(SO + OS) (0.5 neutral, 1 = biology only)
+    and the de Jong ratio sum(SS + SO) / sum(SS + OS) (> 1: biology dominates), with bootstrap std over queries."""
     labels, centres = check_design(labels, centres)
     slides = np.unique(np.asarray(slides), return_inverse=True)[1] if slides is not None else np.arange(len(labels))
     room = len(labels) - np.bincount(slides).max()  # fewest neighbours any sample can have
@@ -265,14 +277,15 @@ def robustness_index(feats, labels, centres, slides=None, ks=(3, 5, 10, 20), n_b
 
 # ----------------------------------------------------------------------------- bench
 def bench_one(m, a):
-    """One model, run in a fresh process so that peak memory (max RSS on CPU, max allocated on GPU) is its own. Batch
-    sizes run in increasing order, so the CPU high-water mark after each is that batch size's peak (minus the baseline)."""
-    dev, base = torch.device(a.device), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB -> GB (Linux)
+    """One model, run in a fresh process so that peak memory (max RSS on CPU, max allocated on GPU) is its own.
+    Batch sizes run in increasing order, so the CPU high-water mark after each is that batch size's peak (minus the
+    baseline)."""
+    dev = torch.device(a.device)
+    base = 0 if dev.type == "cuda" else peak_memory_gb(dev)  # CPU: this process's baseline RSS before the model
     if a.random_init:  # g2l builds the bare architecture, randomly initialised
         m = dict(m, weights="random")
     model, spec = open_model(dict(m, size=a.img_size), dev)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
-        a.dtype, torch.bfloat16 if dev.type == "cuda" else torch.float32)  # auto: bf16 on GPU, fp32 on CPU
+    dtype = DTYPES.get(a.dtype, torch.bfloat16 if dev.type == "cuda" else torch.float32)  # auto: bf16 on GPU
     sync, rows = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None), []
     for bs in sorted(a.batch_sizes):
         x = torch.rand(bs, 3, a.img_size, a.img_size, device=dev)
@@ -287,8 +300,7 @@ def bench_one(m, a):
                 encode(model, spec, x)
             sync()
             dt = time.perf_counter() - t
-        mem = torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6 - base
+        mem = peak_memory_gb(dev) - base
         rows.append(dict(model=m["name"], source=spec["source"], img_size=a.img_size, dtype=str(dtype)[6:], batch=bs,
                          img_per_s=bs * a.iters / dt, ms_per_batch=1e3 * dt / a.iters, peak_mem_gb=mem,
                          params_m=sum(p.numel() for p in model.parameters()) / 1e6,
@@ -314,13 +326,12 @@ def save_and_print(a, name, rows, cols):
     """OUT/name.json + OUT/name.csv (atomic), then one aligned table."""
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json.tmp").write_text(json.dumps(rows, indent=1))
-    os.replace(out / f"{name}.json.tmp", out / f"{name}.json")
-    with open(out / f"{name}.csv.tmp", "w", newline="") as fh:
+    with atomic_open(out / f"{name}.json") as fh:
+        fh.write(json.dumps(rows, indent=1))
+    with atomic_open(out / f"{name}.csv", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
-    os.replace(out / f"{name}.csv.tmp", out / f"{name}.csv")
     cells = [cols] + [[fmt(r, c) for c in cols] for r in rows]
     widths = [max(len(x[i]) for x in cells) for i in range(len(cols))]
     for x in cells:
@@ -342,14 +353,16 @@ def cmd_probe(a):
         print("note: --data has no usable split column; using seeded train/val/test splits " +
               ("grouped by slide" if rows[0].get("slide") else "of single tiles (no slide column: slides may leak)"))
     splits = [split_rows(rows, seed) for seed in range(a.seeds)]
-    leak = {rows[i].get("slide") for i in splits[0]["train"]} & {rows[i].get("slide") for i in splits[0]["test"]} - {None, ""}
+    slides = lambda split: {rows[i].get("slide") for i in splits[0][split]}
+    leak = slides("train") & slides("test") - {None, ""}
     if leak:
-        print(f"warning: {len(leak)} slide(s) in both the train and the test split of {a.data} (e.g. {min(leak)}): optimistic results")
+        print(f"warning: {len(leak)} slide(s) in both the train and the test split of {a.data} (e.g. {min(leak)}): "
+              "optimistic results")
     for sp in splits:
         absent = set(y[sp["test"]].tolist()) - set(y[sp["train"]].tolist())
         if absent:
-            raise SystemExit(f"error: class(es) {[classes[c] for c in absent]} in the test split of {a.data} have no training "
-                             "rows; add training samples of them or drop them")
+            raise SystemExit(f"error: class(es) {[classes[c] for c in absent]} in the test split of {a.data} have "
+                             "no training rows; add training samples of them or drop them")
     res = []
     for m in model_list(a.model, a.model_weights, a.model_kwargs, a.img_size):
         f = features(m, rows, a)
@@ -357,15 +370,16 @@ def cmd_probe(a):
         for sp in splits:
             lin, C = linear_probe(f, y, sp, len(classes), a.C)
             kn = metrics(y[sp["test"]], knn(f[sp["train"]], y[sp["train"]], f[sp["test"]], len(classes), a.k))
-            per.append(dict(**{f"linear_{k}": v for k, v in lin.items()}, **{f"knn_{k}": v for k, v in kn.items()}, C=C))
+            per.append(dict(**{f"linear_{k}": v for k, v in lin.items()}, **{f"knn_{k}": v for k, v in kn.items()},
+                            C=C))
         row = dict(model=m["name"], task=task_name(a), pooling=a.pooling, n_train=len(splits[0]["train"]),
                    n_test=len(splits[0]["test"]), seeds=a.seeds, C=float(np.median([p["C"] for p in per])))
         for k in per[0]:
             if k != "C":
                 row[k], row[k + "_std"] = float(np.mean([p[k] for p in per])), float(np.std([p[k] for p in per]))
         res.append(row)
-    save_and_print(a, f"probe_{task_name(a)}", res, ["model", "task", "n_train", "n_test", "linear_bacc", "linear_auroc",
-                   "linear_f1_macro", "knn_bacc", "knn_auroc", "knn_f1_macro", "C"])
+    save_and_print(a, f"probe_{task_name(a)}", res, ["model", "task", "n_train", "n_test", "linear_bacc",
+                   "linear_auroc", "linear_f1_macro", "knn_bacc", "knn_auroc", "knn_f1_macro", "C"])
 
 def cmd_agree(a):
     """Teacher vs each student on the same tiles; a g2l run folder is also compared through its heads (give the teacher
@@ -379,14 +393,16 @@ def cmd_agree(a):
         r = dict(teacher=t["name"], student=s["name"], n=len(rows), pooling=a.pooling, cka=linear_cka(fs, ft))
         if fs.shape[1] == ft.shape[1]:
             r.update(cos_centred=centred_cosine(fs, ft), cos_raw=float(F.cosine_similarity(fs, ft).mean()))
-        if (Path(s["name"]) / "heads.safetensors").is_file() and a.pooling == "cls":  # G2L: the student in the teacher's space
+        # G2L: the student in the teacher's space
+        if (Path(s["name"]) / "heads.safetensors").is_file() and a.pooling == "cls":
             with torch.no_grad():
                 z = load_heads(s["name"])(fs)
             if z.shape[1] == ft.shape[1]:
                 r.update(heads_cka=linear_cka(z, ft), heads_cos_centred=centred_cosine(z, ft),
                          heads_cos_raw=float(F.cosine_similarity(z, ft).mean()))
             else:
-                print(f"note: the heads of {s['name']} map to {z.shape[1]} dims, not the teacher's {ft.shape[1]}; skipped")
+                print(f"note: the heads of {s['name']} map to {z.shape[1]} dims, not the teacher's {ft.shape[1]}; "
+                      "skipped")
         res.append(r)
     save_and_print(a, f"agree_{task_name(a)}", res, ["teacher", "student", "n", "cka", "cos_centred", "cos_raw",
                    "heads_cka", "heads_cos_centred", "heads_cos_raw"])
@@ -457,10 +473,10 @@ def cmd_report(a):
             d.rectangle([x0 + j * bw, top + h - int(v * h), x0 + j * bw + bw - 3, top + h], fill=c)
         for j, part in enumerate(label):
             d.text((x0, top + h + 6 + 13 * j), part[:gw // 6], fill="black")
-    img.save(out / "report.png.tmp", format="PNG")
-    os.replace(out / "report.png.tmp", out / "report.png")
-    (out / "report.md.tmp").write_text("\n".join(md + ["![metrics](report.png)", ""]))
-    os.replace(out / "report.md.tmp", out / "report.md")
+    with atomic_open(out / "report.png", "wb") as fh:
+        img.save(fh, format="PNG")
+    with atomic_open(out / "report.md") as fh:
+        fh.write("\n".join(md + ["![metrics](report.png)", ""]))
     print(f"wrote {out / 'report.md'} and {out / 'report.png'} ({len(bars)} metrics, {len(models)} models)")
 
 # ----------------------------------------------------------------------------- command line
@@ -498,7 +514,8 @@ def main(argv=None):
     data.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass")
     data.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding tiles (0 = in-process)")
     pr = cmd("probe", [out, dev, group["model"], data], "linear probe and kNN on frozen features, per model")
-    pr.add_argument("--seeds", type=int, default=3, help="seeded splits (with the data's own split: seeded val carve-outs)")
+    pr.add_argument("--seeds", type=int, default=3,
+                    help="seeded splits (with the data's own split: seeded val carve-outs)")
     pr.add_argument("--k", type=int, default=20, help="neighbours for the kNN vote")
     pr.add_argument("--C", type=float, nargs="+", default=[1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0],
                     help="inverse L2 strengths tried on val; one value = fixed")
@@ -519,7 +536,8 @@ def main(argv=None):
     be.add_argument("--warmup", type=int, default=2, help="untimed passes first")
     be.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="auto = bf16 on GPUs that support it, else fp32")
-    be.add_argument("--random-init", action="store_true", help="presets' bare architectures, random weights: no download")
+    be.add_argument("--random-init", action="store_true",
+                    help="presets' bare architectures, random weights: no download")
     cmd("report", [out], "report.md + report.png from the results in --out")
     a = p.parse_args(argv)
     return globals()[f"cmd_{a.cmd}"](a)

@@ -244,10 +244,9 @@ def walk_cached(folder):
     if len(tiles) >= CACHE_MIN:
         with contextlib.suppress(OSError):  # a read-only home only means no cache
             cache.parent.mkdir(parents=True, exist_ok=True)
-            with open(cache.with_suffix(".tmp"), "wb") as f:
+            with atomic_open(cache, "wb") as f:
                 np.savez(f, dirs=tiles.dirs, slide=tiles.slide, names=tiles.names, mtimes=[m for _, m in stamps],
                          walked=np.array([os.fsencode(d) for d, _ in stamps], dtype="S"))
-            os.replace(cache.with_suffix(".tmp"), cache)
     return tiles
 
 def index_folder(folder):
@@ -872,13 +871,10 @@ def atomic_open(path, mode="w", **kw):
 
 def atomic_save(obj, path):
     """torch.save to path.tmp with the state digest, flushed to disk, then renamed over path."""
-    tmp = f"{path}.tmp"
-    with writing(path, tmp):
-        with open(tmp, "wb") as f:
-            torch.save(dict(obj, digest=state_digest(obj)), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    with writing(path, f"{path}.tmp"), atomic_open(path, "wb") as f:
+        torch.save(dict(obj, digest=state_digest(obj)), f)
+        f.flush()
+        os.fsync(f.fileno())
 
 def load_checkpoint(path, raw, opt, scaler):
     """Load a checkpoint into the model, optimizer and scaler, or stop with one line if it is damaged or foreign."""
@@ -916,9 +912,8 @@ def open_metrics(path, step):
             bad += 1
     if bad:
         print0(f"warning: {path}: skipped {bad} line(s) that are not metrics rows (a damaged file?)")
-    with writing(path, f"{path}.tmp"):
-        Path(f"{path}.tmp").write_text("".join(keep))
-        os.replace(f"{path}.tmp", path)
+    with writing(path, f"{path}.tmp"), atomic_open(path) as f:
+        f.write("".join(keep))
     return open(path, "a")
 
 def timm_args(model, spec):
@@ -939,7 +934,7 @@ def timm_args(model, spec):
 
 def export(raw, spec, cfg, out):
     """student/ as a timm local-dir (config.json + model.safetensors) and heads.safetensors, atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save, save_file
     out, tmp = Path(out), Path(out) / "student.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().float().cpu().contiguous() for k, v in raw.student.state_dict().items()}
@@ -960,16 +955,8 @@ def export(raw, spec, cfg, out):
     shutil.rmtree(out / "student.old", ignore_errors=True)
     heads = {k: v.detach().float().cpu().contiguous() for k, v in raw.state_dict().items()
              if not k.startswith("student.")}
-    save_file(heads, str(out / "heads.safetensors.tmp"))
-    os.replace(out / "heads.safetensors.tmp", out / "heads.safetensors")
-
-def load_heads(run):
-    """The projection heads of a g2l run (for eval: student features in the teacher's space)."""
-    from safetensors.torch import load_file
-    sd = load_file(str(Path(run) / "heads.safetensors"))
-    head = nn.Linear(sd["global_head.weight"].shape[1], sd["global_head.weight"].shape[0])
-    head.load_state_dict({"weight": sd["global_head.weight"], "bias": sd["global_head.bias"]})
-    return head
+    with atomic_open(out / "heads.safetensors", "wb") as f:
+        f.write(save(heads))
 
 # ----------------------------------------------------------------------------- training
 def setup_sizes(cfg, spec_t, spec_s):
@@ -1003,19 +990,26 @@ def student_view(x, cfg):
     return F.interpolate(x, size=cfg.student_img_size, mode="bilinear", antialias=True, align_corners=False)
 
 @torch.no_grad()
+def extract_features(loader, encoders, device, amp, desc=None):
+    """Features of every tile a loader of uint8 tiles yields: one [N, D] fp32 CPU tensor per encoder (a function of
+    the float [0,1] batch on the device), and per tile how many unreadable tiles TileDataset skipped to reach it."""
+    outs, skipped = [[] for _ in encoders], []
+    with held_signals():  # its workers start here
+        batches = iter(loader)
+    for x, k in tqdm(batches, total=len(loader), desc=desc, disable=desc is None, dynamic_ncols=True):
+        x = x.to(device).float() / 255
+        with amp():
+            for out, fn in zip(outs, encoders):
+                out.append(fn(x).float().cpu())
+        skipped.append(k)
+    return [torch.cat(o) for o in outs], torch.cat(skipped)
+
 def evaluate(raw, teacher, spec_t, val, cfg, device, amp):
     """Agreement on validation tiles: centred cosine and linear CKA of projected student vs teacher globals."""
     raw.eval()
-    zs, zt = [], []
-    with held_signals():  # its workers start here
-        val = iter(val)
-    for x, _ in val:
-        x = x.to(device).float() / 255
-        with amp():
-            zs.append(raw(student_view(x, cfg), (1, 1))[0].float())
-            zt.append(encode(teacher, spec_t, x)[0].float())
+    (zs, zt), _ = extract_features(val, [lambda x: raw(student_view(x, cfg), (1, 1))[0],
+                                         lambda x: encode(teacher, spec_t, x)[0]], device, amp)
     raw.train()
-    zs, zt = torch.cat(zs), torch.cat(zt)
     return dict(val_cos=round(centred_cosine(zs, zt), 4), val_cka=round(linear_cka(zs, zt), 4),
                 val_cos_raw=round(float(F.cosine_similarity(zs, zt).mean()), 4))
 

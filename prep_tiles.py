@@ -12,7 +12,7 @@ top-left pixel), tiles/masks/<slide_id>.png (thumbnail, tissue tinted green, kep
 appears only when complete (temp folder + rename), so a killed run resumes: finished slides are skipped unless
 --overwrite. Exit status: 0 ok, 1 if any slide failed, 2 on argument errors (found before any work).
 """
-import argparse, csv, json, math, os, random, re, shutil, sys, time
+import argparse, contextlib, csv, json, math, os, random, re, shutil, sys, time
 from collections import Counter
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -161,8 +161,8 @@ def save_qc(thumb, mask, tiles, footprint0, dims, dest):
     for x, y in tiles:
         draw.rectangle([x * sx, y * sy, (x + footprint0) * sx, (y + footprint0) * sy], outline=(0, 0, 255))
     img.thumbnail((QC_MAX_PX, QC_MAX_PX))
-    img.save(dest.with_suffix(".tmp.png"))
-    os.replace(dest.with_suffix(".tmp.png"), dest)
+    with atomic_open(dest, "wb") as f:
+        img.save(f, format="PNG")
 
 # -----------------------------------------------------------------------------
 # one slide -> one folder
@@ -271,11 +271,18 @@ def find_slides(inputs):
                 found.append((f.stem, f))
     return found
 
+@contextlib.contextmanager
+def atomic_open(path, mode="w", **kw):
+    """Write to path.tmp, renamed over path at the end: a kill never leaves half a file. (g2l.py has the same
+    helper; importing it would load torch into every tiling process.)"""
+    with open(f"{path}.tmp", mode, **kw) as f:
+        yield f
+    os.replace(f"{path}.tmp", path)
+
 def write_csv(path, rows):
-    with open(path.with_suffix(".csv.tmp"), "w", newline="") as f:
+    with atomic_open(path, newline="") as f:
         w = csv.DictWriter(f, COLUMNS, lineterminator="\n")  # csv's default is \r\n
         w.writeheader(), w.writerows(rows)
-    os.replace(path.with_suffix(".csv.tmp"), path)  # atomic: a kill never leaves half a table
 
 CHUNK = 128  # tiles per worker job: every worker takes a share of a large slide's tiles
 
@@ -329,14 +336,13 @@ def write_manifest(out):
     so g2l.py reads one file instead of walking millions. Written last, atomically (temp + rename), and removed
     when a run starts, so a killed run leaves no stale manifest (g2l.py then walks the folder)."""
     slides = sorted(e.name for e in os.scandir(out) if e.is_dir() and e.name[0] != "." and e.name != "masks")
-    with open(out / "tiles.csv.tmp", "w", newline="") as f:
+    with atomic_open(out / "tiles.csv", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["path", "slide_id", "x", "y"])
         for sid in slides:
             for name in sorted(os.listdir(out / sid)):
                 if m := TILE_NAME.search(name):
                     w.writerow([f"{sid}/{name}", sid, m[1], m[2]])
-    os.replace(out / "tiles.csv.tmp", out / "tiles.csv")
 
 def check_settings(out, opts, resuming):
     """Resume only with the settings the finished slides were cut with: out/prep_tiles.json records them.
@@ -349,11 +355,11 @@ def check_settings(out, opts, resuming):
                          for k in sorted(set(old) | set(want)) if old.get(k) != want.get(k))
         return (f"{out} holds slides tiled with other settings: {diff}; rerun with those settings to resume, add "
                 "--overwrite to redo every slide, or choose another --out")
-    with open(path.with_suffix(".json.tmp"), "w") as f:
+    with atomic_open(path) as f:
         json.dump(want, f, indent=1)
-    os.replace(path.with_suffix(".json.tmp"), path)
 
-def main(argv=None):
+def parse_args(argv):
+    """Options, checked: (parser, options, [(slide id, path)]); every problem is an argument error (exit 2)."""
     fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)  # the docstring as written, and defaults
     ap.add_argument("inputs", nargs="+", help="slide files and/or folders (searched recursively)")
@@ -393,7 +399,10 @@ def main(argv=None):
     if dups := [f"{sid}: {', '.join(ps)}" for sid, ps in by_id.items() if len(ps) > 1 or sid == "masks"]:
         ap.error(f"duplicate or reserved slide ids ({'; '.join(dups)}); rename the files or tile them into separate "
                  "--out folders")
+    return ap, a, slides
 
+def main(argv=None):
+    ap, a, slides = parse_args(argv)
     out, rows, todo = Path(a.out), {}, []
     try:  # a file or read-only --out is an argument error: found before any slide is read
         out.mkdir(parents=True, exist_ok=True)

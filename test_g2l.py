@@ -354,7 +354,7 @@ def test_export_reloads_through_timm_with_identical_outputs(tmp_path, tiles):
     with torch.no_grad():
         assert torch.equal(again.eval()(x), model(x))
     assert spec2["size"] == 32
-    head = g2l.load_heads(tmp_path / "run")
+    head = ev.load_heads(tmp_path / "run")
     assert head.weight.shape == (64, 48)
 
 def test_corrupt_tile_is_skipped_and_counted(tmp_path, tiles, capsys):
@@ -773,6 +773,17 @@ def test_too_many_unreadable_tiles_exit_non_zero(tmp_path, tiles, capsys):
 def test_evaluation_follows_eval_every_whatever_log_every(tmp_path, tiles):
     run(tmp_path, tiles, "--log-every", "4", "--eval-every", "3", steps=6)
     assert [r["step"] for r in metrics(tmp_path / "run") if "val_cos" in r] == [3, 6]
+
+def test_forward_flops_formula_matches_torch_flop_counter():
+    """The MFU's FLOP formula (linear layers, attention, patch embedding) against torch's own counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, depth=2, embed_dim=64,
+                              num_heads=2, img_size=56, reg_tokens=4).eval()
+    for blk in model.blocks:  # explicit matmuls: the counter does not see inside the CPU fused-attention kernel
+        blk.attn.fused_attn = False
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.forward_features(torch.rand(1, 3, 56, 56))
+    assert g2l.forward_flops(model, 56) == counter.get_total_flops()
 
 def test_gpu_peak_matches_whole_names_and_cpu_has_no_mfu():
     tf = lambda name: g2l.gpu_peak(name, "bf16") / 1e12
