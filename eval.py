@@ -4,6 +4,7 @@
     python eval.py agree --teacher h-optimus-0 --student uni --student runs/luad --data tiles/ --out results/
     python eval.py robustness --model h-optimus-0 --model runs/luad --data multicentre.csv --out results/
     python eval.py bench --model h-optimus-0 --model uni --random-init --batch-sizes 1 8 --out results/
+    python eval.py bench-data --data tiles/ --workers 4 --out results/    # tile loader throughput
     python eval.py report --out results/                  # results/report.md + results/report.png
     python eval.py probe --model vit_small_patch14_dinov2 --model-kwargs '{"depth": 1, "global_pool": "avg"}' \\
         --img-size 56 --data examples/pcam/labels.csv     # any timm model, random init, on the bundled PCam tiles
@@ -28,8 +29,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from g2l import DTYPES, TileDataset, atomic_open, centred_cosine, encode, extract_features, find_images, \
-    forward_flops, linear_cka, load_model, peak_memory_gb, resolve
+from g2l import DTYPES, Config, TileDataset, atomic_open, centred_cosine, encode, extract_features, find_images, \
+    forward_flops, index_tiles, linear_cka, load_model, make_views, peak_memory_gb, resolve
 
 # ----------------------------------------------------------------------------- data
 SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",
@@ -152,7 +153,7 @@ def features(m, rows, a):
 
 def extract(m, paths, a, cache):
     model, spec = open_model(m, a.device)
-    dl = torch.utils.data.DataLoader(TileDataset(paths, m["size"] or spec["size"]), batch_size=a.batch_size,
+    dl = torch.utils.data.DataLoader(TileDataset(paths, m["size"] or spec.size), batch_size=a.batch_size,
                                      num_workers=a.workers)
     def pooled(x):
         g, pmap = encode(model, spec, x)
@@ -301,10 +302,10 @@ def bench_one(m, a):
             sync()
             dt = time.perf_counter() - t
         mem = peak_memory_gb(dev) - base
-        rows.append(dict(model=m["name"], source=spec["source"], img_size=a.img_size, dtype=str(dtype)[6:], batch=bs,
+        rows.append(dict(model=m["name"], source=spec.source, img_size=a.img_size, dtype=str(dtype)[6:], batch=bs,
                          img_per_s=bs * a.iters / dt, ms_per_batch=1e3 * dt / a.iters, peak_mem_gb=mem,
                          params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-                         gflops=forward_flops(model, a.img_size) / 1e9 if spec["patch"] else float("nan")))
+                         gflops=forward_flops(model, a.img_size) / 1e9 if spec.patch else float("nan")))
     return rows
 
 def run_isolated(m, a):
@@ -429,6 +430,51 @@ def cmd_bench(a):
     save_and_print(a, "bench", res, ["model", "batch", "img_per_s", "ms_per_batch", "peak_mem_gb", "params_m", "gflops",
                    "speedup", "param_ratio", "flop_ratio"])
 
+class CpuAugmented(TileDataset):
+    """The usual CPU pipeline, for comparison: the same augmentations in PIL/torchvision inside the workers."""
+    def __init__(self, tiles, size, crop):
+        import torchvision.transforms.v2 as T
+        super().__init__(tiles, size)
+        self.tf = T.Compose([T.RandomCrop(crop), T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
+                             T.RandomApply([T.ColorJitter(0.15, 0.15, 0.1, 0.05)], p=0.5),
+                             T.RandomApply([T.GaussianBlur(9, (0.1, 2.0))], p=0.1)])
+    def __getitem__(self, i):
+        x, skipped = super().__getitem__(i)
+        return self.tf(x), skipped
+
+def cmd_bench_data(a):
+    """Loader throughput on real tiles: decode only (g2l: augmentation batched on the device) vs decode + the same
+    augmentations in the workers, then what the batched augmentation costs on the device."""
+    load = a.load_size or a.img_size
+    cfg = Config(img_size=a.img_size, load_size=load, batch_size=a.batch_size)  # g2l's augmentation settings
+    tiles, res = index_tiles(a.data), []
+    for name, ds in (("workers decode + CPU augment", CpuAugmented(tiles, load, a.img_size)),
+                     ("workers decode only (g2l)", TileDataset(tiles, load))):
+        dl = torch.utils.data.DataLoader(ds, batch_size=a.batch_size, shuffle=True, num_workers=a.workers,
+                                         drop_last=True)
+        it, n = iter(dl), 0
+        next(it)  # worker start-up is not throughput
+        t = time.perf_counter()
+        for _ in range(a.batches):
+            try:
+                n += len(next(it)[0])
+            except StopIteration:
+                it = iter(dl)
+        rate = n / (time.perf_counter() - t)
+        res.append(dict(pipeline=name, workers=a.workers, tiles_per_s=rate, per_worker=rate / max(1, a.workers)))
+    dev = torch.device(a.device)
+    x = torch.randint(0, 256, (a.batch_size, 3, load, load), dtype=torch.uint8)
+    make_views(x, cfg, 0, 0, dev)  # warm-up
+    t = time.perf_counter()
+    for step in range(a.batches):
+        make_views(x, cfg, step, 0, dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    rate = a.batches * a.batch_size / (time.perf_counter() - t)
+    res.append(dict(pipeline=f"device augment, batched ({dev.type})", workers=0, tiles_per_s=rate, per_worker=rate))
+    save_and_print(a, "bench-data", [dict(r, load_px=load) for r in res],
+                   ["pipeline", "workers", "tiles_per_s", "per_worker", "load_px"])
+
 # ----------------------------------------------------------------------------- report
 def cmd_report(a):
     """OUT/report.md (every results table) and OUT/report.png (bars per metric, one colour per model)."""
@@ -514,8 +560,7 @@ def main(argv=None):
     data.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass")
     data.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding tiles (0 = in-process)")
     pr = cmd("probe", [out, dev, group["model"], data], "linear probe and kNN on frozen features, per model")
-    pr.add_argument("--seeds", type=int, default=3,
-                    help="seeded splits (with the data's own split: seeded val carve-outs)")
+    pr.add_argument("--seeds", type=int, default=3, help="seeded splits (own split column: seeded val carve-outs)")
     pr.add_argument("--k", type=int, default=20, help="neighbours for the kNN vote")
     pr.add_argument("--C", type=float, nargs="+", default=[1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0],
                     help="inverse L2 strengths tried on val; one value = fixed")
@@ -536,11 +581,16 @@ def main(argv=None):
     be.add_argument("--warmup", type=int, default=2, help="untimed passes first")
     be.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="auto = bf16 on GPUs that support it, else fp32")
-    be.add_argument("--random-init", action="store_true",
-                    help="presets' bare architectures, random weights: no download")
+    be.add_argument("--random-init", action="store_true", help="presets' bare architectures, random weights")
+    bd = cmd("bench-data", [out, dev], "tile loader throughput: decode only (g2l) vs decode + CPU augmentation")
+    bd.add_argument("--data", nargs="+", required=True, help="tile folders (as g2l.py --data)")
+    for flag, default, text in (("img-size", 224, "crop px (g2l.py --img-size)"), ("batch-size", 32, "tiles per batch"),
+                                ("load-size", 0, "tiles decoded at this px; 0 = --img-size"),
+                                ("workers", 2, "DataLoader processes"), ("batches", 20, "timed batches per pipeline")):
+        bd.add_argument(f"--{flag}", type=int, default=default, help=text)
     cmd("report", [out], "report.md + report.png from the results in --out")
     a = p.parse_args(argv)
-    return globals()[f"cmd_{a.cmd}"](a)
+    return globals()[f"cmd_{a.cmd.replace('-', '_')}"](a)
 
 if __name__ == "__main__":
     main()

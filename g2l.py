@@ -14,7 +14,7 @@ local loss on patch tokens (RADIO / GPFM style: 0.9 cosine + 0.1 smooth-L1).
         g2l.py --teacher h-optimus-0 --student uni --data tiles/       # run the same line on both nodes
     python g2l.py --teacher h-optimus-0 --teacher-weights h0.safetensors \\
         --student vit_large_patch16_224 --data tiles/                  # offline weights
-    python g2l.py --synthetic --steps 20 ...         # step speed without I/O;  --bench-data: loader speed
+    python g2l.py --synthetic --steps 20 ...         # step speed without I/O (loader speed: eval.py bench-data)
 
 The student lands in OUT/student/ as a timm local-dir:
     timm.create_model("local-dir:runs/NAME/student", pretrained=True)
@@ -81,7 +81,6 @@ class Config:
     early_stop: bool = False            # G2L: stop when loss > mean of last 100 steps more than 10 times in a row
     max_bad_frac: float = 0.01          # stop when more than this fraction of tiles cannot be read
     synthetic: bool = False             # random tensors instead of tiles: measures the step alone
-    bench_data: bool = False            # measure the loader (tiles/s) and exit
     demo: bool = False                  # start from the demo's settings (what `python g2l.py` alone runs)
 
 # the no-argument demo: real CC0 tiles shipped in examples/, a small real teacher when the hub is reachable
@@ -298,9 +297,9 @@ def load_tile(path, size):
 class TileDataset(torch.utils.data.Dataset):
     """Tiles as uint8 tensors. Augmentation and normalisation run batched on the training device.
     A tile that cannot be read is replaced by the next readable one and counted (never a crash)."""
-    def __init__(self, tiles, size, transform=None):  # tiles: Tiles, or a list of paths
+    def __init__(self, tiles, size):  # tiles: Tiles, or a list of paths
         self.tiles = tiles if isinstance(tiles, Tiles) else tiles_from_paths(list(tiles))
-        self.size, self.transform = size, transform
+        self.size = size
     def __len__(self):
         return len(self.tiles)
     def __getitem__(self, i):
@@ -308,7 +307,7 @@ class TileDataset(torch.utils.data.Dataset):
             path = self.tiles.path((i + k) % len(self.tiles))
             try:
                 x = load_tile(path, self.size)
-                return (self.transform(x) if self.transform else x), k
+                return x, k
             except Exception as e:  # corrupt / truncated / not an image
                 print(f"warning: skipping unreadable tile {path}: {type(e).__name__}: {e}", flush=True)
         raise RuntimeError("no readable tile in the dataset")
@@ -513,7 +512,7 @@ def read_state_dict(path):
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise SystemExit(f"error: weights file {path} holds a {type(sd).__name__}, not a state dict of tensors; "
                          "save model.state_dict() (torch.save or safetensors) and pass that file")
-    return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in sd.items()}
+    return timm.models.clean_state_dict(sd)  # without DDP's module. / torch.compile's _orig_mod. prefixes
 
 HF_DINOV2 = [  # transformers DINOv2 key -> timm VisionTransformer key (legacy names as on the hub, and newer ones)
     (r"^(dinov2|model)\.", ""), (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
@@ -604,7 +603,7 @@ def dinov2_spec(where):
                 mean=tuple(pre.get("image_mean", IN["mean"])), std=tuple(pre.get("image_std", IN["std"])))
 
 def resolve(name):
-    """Model name -> (timm name, kwargs, pretrained, spec). See README 'Models and offline weights'."""
+    """Model name -> (timm name, kwargs, pretrained, hints: what the name says about the model). See README 'Models and offline weights'."""
     p = Path(name)
     if (p / "student" / "config.json").is_file():  # a g2l run folder
         p = p / "student"
@@ -634,39 +633,53 @@ def resolve(name):
                          "(timm.list_models()), hf-hub:ORG/NAME, local-dir:PATH or a g2l run folder")
     return name, {}, "." in name or name.startswith("hf-hub:"), dict(embed="pool", arch=arch, kwargs={})
 
-def offline_help(spec):
-    return (f"Offline: pass local weights for architecture {spec['arch']} (g2l.py --teacher-weights/"
+def offline_help(hints):
+    return (f"Offline: pass local weights for architecture {hints['arch']} (g2l.py --teacher-weights/"
             f"--student-weights FILE, eval.py --model-weights FILE) or a local-dir:PATH. "
             "Gated model: accept its terms on huggingface.co and run `hf auth login`.")
 
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """What a loaded model needs besides its weights; built in one place (load_model)."""
+    name: str           # as given: preset, timm name, hf-hub:, local-dir: or run folder
+    arch: str           # timm architecture
+    kwargs: dict        # architecture kwargs (JSON-able), as built
+    source: str         # where the weights came from, in words
+    mean: tuple         # its own normalisation
+    std: tuple
+    size: int           # input px it was built for
+    patch: int          # patch size (0: not a ViT)
+    embed: str          # global feature: pool (the pooled pre-logits output) | cls+mean (Virchow2)
+    width: int          # token width (model.num_features)
+    dim: int            # global feature width (2 x width for cls+mean)
+
 def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False):
-    """Build a model by the naming rules and return (model, spec). spec: arch, kwargs, mean, std, size,
-    embed, patch, dim (global feature dim), tdim (token dim), source."""
-    timm_name, kw, pretrained, spec = resolve(name)
+    """Build a model by the naming rules and return (model, Spec)."""
+    timm_name, kw, pretrained, hints = resolve(name)
     extra = json.loads(kwargs) if kwargs else {}
     if extra and not isinstance(extra, dict):
         raise SystemExit(f"error: --*-kwargs must be a JSON object, got {kwargs!r}")
     kw.update(extra)
     random_init = weights == "random"  # the bare architecture with random weights (benchmarks, tests)
     weights = "" if random_init else weights
-    converted = spec.get("hf") and not (weights or extra or meta or random_init)
+    converted = hints.get("hf") and not (weights or extra or meta or random_init)
     if converted:  # transformers DINOv2 weights: fetched here, converted by load_weights
-        own = dinov2_spec(spec["hf"])  # for a preset too, the checkpoint's own config.json decides the architecture
+        own = dinov2_spec(hints["hf"])  # for a preset too, the checkpoint's own config.json decides the architecture
         kw = dict(own["kwargs"]) if own else kw
-        weights = hf_file(spec["hf"], "model.safetensors") or hf_file(spec["hf"], "pytorch_model.bin")
+        weights = hf_file(hints["hf"], "model.safetensors") or hf_file(hints["hf"], "pytorch_model.bin")
         if not weights:
-            raise SystemExit(f"error: could not get the weights of {name} ({spec['hf']}: model.safetensors or "
-                             f"pytorch_model.bin). {offline_help(spec)}")
+            raise SystemExit(f"error: could not get the weights of {name} ({hints['hf']}: model.safetensors or "
+                             f"pytorch_model.bin). {offline_help(hints)}")
     build = {k: LAYERS.get(v, v) if k in ("mlp_layer", "act_layer") else v for k, v in kw.items()}
     build.update({"img_size": img_size} if img_size else {})
     if weights or extra or meta or random_init:  # local weights / changed architecture: the bare architecture
-        target, pretrained = spec["arch"].split("hf-hub:")[-1], False
+        target, pretrained = hints["arch"].split("hf-hub:")[-1], False
     else:
         target = timm_name
     if pretrained and not target.startswith("local-dir:"):
         hub_reachable()  # weights come from the hub (or its cache)
     source = f"weights file {weights}" if weights else ("pretrained " + target if pretrained else "random init")
-    source = f"pretrained {spec['hf']} (transformers DINOv2, converted to timm)" if converted else source
+    source = f"pretrained {hints['hf']} (transformers DINOv2, converted to timm)" if converted else source
     def create(**args):
         with torch.device("meta") if meta else contextlib.nullcontext():
             return timm.create_model(target, pretrained=pretrained, num_classes=0, **args)
@@ -682,37 +695,35 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
         from_hub = target.startswith("hf-hub:") or "huggingface" in msg.lower() or "hub" in msg.lower()
         if from_hub or isinstance(e, OSError):
             raise SystemExit(f"error: could not load {name} from the Hugging Face hub ({type(e).__name__}: {msg}). "
-                             + offline_help(spec))
+                             + offline_help(hints))
         raise SystemExit(f"error: cannot build {name} with kwargs {kw}: {msg}")
     if weights:
         load_weights(model, weights, name)
-    pc = model.pretrained_cfg
-    spec = dict(spec, kwargs=kw, source=source, name=name, arch=pc.get("architecture") or spec["arch"],
-                mean=tuple(spec.get("mean") or pc.get("mean", IN["mean"])),
-                std=tuple(spec.get("std") or pc.get("std", IN["std"])),
+    pc, pe = model.pretrained_cfg, getattr(model, "patch_embed", None)
+    spec = Spec(name=name, arch=pc.get("architecture") or hints["arch"], kwargs=kw, source=source,
+                mean=tuple(hints.get("mean") or pc.get("mean", IN["mean"])),
+                std=tuple(hints.get("std") or pc.get("std", IN["std"])),
                 # the size it was built for: a kwargs img_size beats the pretrained config (DINOv2's is 518 px)
-                size=img_size or kw.get("img_size") or spec.get("size") or pc.get("input_size", (3, 224, 224))[-1])
-    pe = getattr(model, "patch_embed", None)
-    spec["patch"] = int(pe.patch_size[0]) if pe is not None else 0
-    spec["tdim"] = model.num_features
-    spec["dim"] = model.num_features * (2 if spec["embed"] == "cls+mean" else 1)
+                size=img_size or kw.get("img_size") or hints.get("size") or pc.get("input_size", (3, 224, 224))[-1],
+                patch=int(pe.patch_size[0]) if pe is not None else 0, embed=hints["embed"], width=model.num_features,
+                dim=model.num_features * (2 if hints["embed"] == "cls+mean" else 1))
     return model.to(device) if not meta else model, spec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --precision
 
 def encode(model, spec, x):
     """Normalise a float [0,1] batch with the model's own mean/std, run it, and split the tokens:
-    returns (global feature [B, dim], patch-token map [B, tdim, h, w])."""
-    mean = torch.tensor(spec["mean"], device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec["std"], device=x.device).view(1, 3, 1, 1)
+    returns (global feature [B, dim], patch-token map [B, width, h, w])."""
+    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
     feats = model.forward_features((x - mean) / std)
     if feats.ndim == 4:  # convolutional: [B, C, h, w]
         return model.forward_head(feats, pre_logits=True), feats
     npt = model.num_prefix_tokens  # CLS + registers, never a hard-coded [:, 1:]
     patches = feats[:, npt:]
-    h, w = x.shape[-2] // spec["patch"], x.shape[-1] // spec["patch"]
+    h, w = x.shape[-2] // spec.patch, x.shape[-1] // spec.patch
     pmap = patches.transpose(1, 2).reshape(feats.shape[0], -1, h, w)
-    if spec["embed"] == "cls+mean":  # Virchow2: CLS concatenated with the mean patch token
+    if spec.embed == "cls+mean":  # Virchow2: CLS concatenated with the mean patch token
         g = torch.cat([feats[:, 0], patches.mean(1)], 1)
     else:  # the model's pooled pre-logits output (CLS for DINOv2-style models)
         g = model.forward_head(feats, pre_logits=True)
@@ -720,13 +731,13 @@ def encode(model, spec, x):
 
 class Student(nn.Module):
     """The trainable part: student + projection heads (the only module given to the optimizer and DDP)."""
-    def __init__(self, student, spec, tdim_global, tdim_local, local):
+    def __init__(self, backbone, spec, teacher_dim, teacher_width, local):
         super().__init__()
-        self.student, self.spec = student, spec
-        self.global_head = nn.Linear(spec["dim"], tdim_global)
-        self.local_head = nn.Linear(spec["tdim"], tdim_local) if local else None
+        self.backbone, self.spec = backbone, spec
+        self.global_head = nn.Linear(spec.dim, teacher_dim)  # global feature -> the teacher's
+        self.local_head = nn.Linear(spec.width, teacher_width) if local else None  # patch tokens -> the teacher's
     def forward(self, x, grid):
-        g, pmap = encode(self.student, self.spec, x)
+        g, pmap = encode(self.backbone, self.spec, x)
         zl = None
         if self.local_head is not None:
             zl = self.local_head(pmap.flatten(2).transpose(1, 2))
@@ -919,9 +930,9 @@ def open_metrics(path, step):
 def timm_args(model, spec):
     """(architecture, model_args) that plain timm rebuilds from JSON. A layer class cannot go in JSON, so a SwiGLU
     student is written as timm's SwiGLU ViT (vit_giant_patch14_dinov2) with its own shape spelled out."""
-    kw = dict(spec["kwargs"])
+    kw = dict(spec.kwargs)
     if kw.pop("mlp_layer", None) != "swiglu_packed":
-        return spec["arch"], spec["kwargs"]
+        return spec.arch, spec.kwargs
     kw.pop("act_layer", None)  # SiLU, from the entrypoint
     b = model.blocks[0]
     return "vit_giant_patch14_dinov2", dict(
@@ -937,15 +948,15 @@ def export(raw, spec, cfg, out):
     from safetensors.torch import save, save_file
     out, tmp = Path(out), Path(out) / "student.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().float().cpu().contiguous() for k, v in raw.student.state_dict().items()}
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in raw.backbone.state_dict().items()}
     save_file(sd, str(tmp / "model.safetensors"))
-    arch, args = timm_args(raw.student, spec)
-    conf = dict(architecture=arch, num_classes=0, num_features=spec["tdim"],
-                model_args={**args, **({"img_size": cfg.student_img_size} if spec["patch"] else {})},
-                pretrained_cfg=dict(mean=list(spec["mean"]), std=list(spec["std"]), num_classes=0,
+    arch, args = timm_args(raw.backbone, spec)
+    conf = dict(architecture=arch, num_classes=0, num_features=spec.width,
+                model_args={**args, **({"img_size": cfg.student_img_size} if spec.patch else {})},
+                pretrained_cfg=dict(mean=list(spec.mean), std=list(spec.std), num_classes=0,
                                     input_size=[3, cfg.student_img_size, cfg.student_img_size], crop_pct=1.0,
                                     interpolation="bilinear"),
-                g2l=dict(embed=spec["embed"], teacher=cfg.teacher, student=cfg.student,
+                g2l=dict(embed=spec.embed, teacher=cfg.teacher, student=cfg.student,
                          licence="a distilled student inherits its teacher's licence terms"))
     (tmp / "config.json").write_text(json.dumps(conf, indent=2))
     final = out / "student"
@@ -954,7 +965,7 @@ def export(raw, spec, cfg, out):
     os.replace(tmp, final)
     shutil.rmtree(out / "student.old", ignore_errors=True)
     heads = {k: v.detach().float().cpu().contiguous() for k, v in raw.state_dict().items()
-             if not k.startswith("student.")}
+             if not k.startswith("backbone.")}
     with atomic_open(out / "heads.safetensors", "wb") as f:
         f.write(save(heads))
 
@@ -962,15 +973,15 @@ def export(raw, spec, cfg, out):
 def setup_sizes(cfg, spec_t, spec_s):
     """Teacher input size, then the student size whose patch grid equals the teacher's
     (a /14 teacher at 224 px -> 16x16 -> a /16 student at 256 px). Returns the teacher grid."""
-    cfg.img_size = cfg.img_size or spec_t["size"]
-    if not spec_t["patch"]:
+    cfg.img_size = cfg.img_size or spec_t.size
+    if not spec_t.patch:
         raise SystemExit(f"error: the teacher {cfg.teacher} has no patch embedding; g2l distils from ViT teachers")
-    if cfg.img_size % spec_t["patch"]:
+    if cfg.img_size % spec_t.patch:
         raise SystemExit(f"error: --img-size {cfg.img_size} is not a multiple of the teacher's patch size "
-                         f"{spec_t['patch']}")
-    grid = cfg.img_size // spec_t["patch"]
+                         f"{spec_t.patch}")
+    grid = cfg.img_size // spec_t.patch
     if not cfg.student_img_size:
-        cfg.student_img_size = grid * spec_s["patch"] if spec_s["patch"] else cfg.img_size
+        cfg.student_img_size = grid * spec_s.patch if spec_s.patch else cfg.img_size
     cfg.load_size = cfg.load_size or cfg.img_size
     if cfg.load_size < cfg.img_size:
         raise SystemExit(f"error: --load-size {cfg.load_size} is smaller than --img-size {cfg.img_size}")
@@ -1047,12 +1058,12 @@ def build_models(cfg, device, dtype, amp):
         teacher, spec_t = load_model(cfg.teacher.split(".")[0], "", cfg.teacher_kwargs, cfg.img_size, device)
     student, spec_s = load_model(cfg.student, cfg.student_weights, cfg.student_kwargs, 0, device)
     grid = setup_sizes(cfg, spec_t, spec_s)
-    if spec_s["patch"] and hasattr(student, "set_input_size"):
+    if spec_s.patch and hasattr(student, "set_input_size"):
         student.set_input_size(img_size=cfg.student_img_size)
     teacher.eval().requires_grad_(False)  # frozen: never trained, never in the optimizer or a checkpoint
     if device.type == "cuda" and dtype != torch.float32:
         teacher.to(dtype)  # no optimizer state, so the weights can live in bf16/fp16 outright
-    raw = Student(student, spec_s, spec_t["dim"], spec_t["tdim"], cfg.local_loss != "none" and cfg.w_local > 0)
+    raw = Student(student, spec_s, spec_t.dim, spec_t.width, cfg.local_loss != "none" and cfg.w_local > 0)
     raw.to(device)
     if cfg.grad_checkpointing:
         student.set_grad_checkpointing(True)
@@ -1062,10 +1073,10 @@ def build_models(cfg, device, dtype, amp):
     assert gs.shape == gt.shape, f"global shapes differ: student {tuple(gs.shape)} vs teacher {tuple(gt.shape)}"
     assert tuple(pt.shape[-2:]) == grid and (ls is None or ls.shape[1] == grid[0] * grid[1])
     n = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
-    print0(f"teacher {cfg.teacher} ({spec_t['source']}): {n(teacher):.1f}M params, {cfg.img_size}px, "
-           f"grid {grid[0]}x{grid[1]}, dim {spec_t['dim']}")
-    print0(f"student {cfg.student} ({spec_s['source']}): {n(student):.1f}M params, {cfg.student_img_size}px, "
-           f"patch {spec_s['patch'] or '-'}, dim {spec_s['dim']}")
+    print0(f"teacher {cfg.teacher} ({spec_t.source}): {n(teacher):.1f}M params, {cfg.img_size}px, "
+           f"grid {grid[0]}x{grid[1]}, dim {spec_t.dim}")
+    print0(f"student {cfg.student} ({spec_s.source}): {n(student):.1f}M params, {cfg.student_img_size}px, "
+           f"patch {spec_s.patch or '-'}, dim {spec_s.dim}")
     return teacher, spec_t, raw, spec_s, grid
 
 def check_readable(tiles, flag, tries=50):
@@ -1131,8 +1142,6 @@ def check_args(cfg):
             ok = False
         need(ok, flag, 'must be a JSON object, e.g. \'{"depth": 2}\'')
     out = Path(cfg.out)
-    if cfg.bench_data:  # measures the loader and writes nothing
-        return
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --out {out} is a file; give a folder for the run (config, checkpoint, student)")
     try:  # rank 0 writes everything; creating the folder now finds a read-only place before any model is built
@@ -1149,7 +1158,7 @@ def check_args(cfg):
 def run_lock(cfg):
     """One run per --out at a time (rank 0 holds an flock; the kernel releases it when the process dies, so a killed
     run never blocks the next one): two runs in one folder would mix checkpoints, config and metrics."""
-    if int(os.environ.get("RANK", 0)) != 0 or cfg.bench_data:
+    if int(os.environ.get("RANK", 0)) != 0:
         yield
         return
     fh = open(Path(cfg.out) / ".lock", "a")  # not "w": a refused run must not blank the holder's pid
@@ -1177,10 +1186,6 @@ def main(argv=None):
     with run_lock(cfg), contextlib.ExitStack() as cleanup:
         device, dtype, amp = set_up(cfg)
         paths, val_paths = load_data(cfg)  # a bad --data fails before any model
-        if cfg.bench_data:  # the loader alone: no model needed
-            cfg.img_size = cfg.img_size or 224
-            cfg.load_size = cfg.load_size or cfg.img_size
-            return bench_data(cfg, paths)
         teacher, spec_t, raw, spec_s, grid = build_models(cfg, device, dtype, amp)
         gb = plan_steps(cfg, len(paths))
         opt, scaler = make_optimizer(cfg, raw, device)
@@ -1291,7 +1296,7 @@ def start_run_folder(cfg, spec_t, spec_s, n_train, n_val, step):
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     conf = dict(dataclasses.asdict(cfg), world_size=WORLD, torch=torch.__version__, timm=timm.__version__,
-                teacher_source=spec_t["source"], student_source=spec_s["source"], n_train=n_train, n_val=n_val)
+                teacher_source=spec_t.source, student_source=spec_s.source, n_train=n_train, n_val=n_val)
     with writing(out / "config.json", out / "config.json.tmp"), atomic_open(out / "config.json") as f:
         f.write(json.dumps(conf, indent=2))
     print0(json.dumps(conf))
@@ -1357,7 +1362,7 @@ def distil_step(cfg, step, batches, model, teacher_fwd, opt, scaler, grid, devic
 def train_loop(run):
     """Steps until --steps, a stop signal, G2L's early stop or too many bad steps/tiles: (reason, exit code, last)."""
     cfg = run.cfg
-    student_flops = forward_flops(run.raw.student, cfg.student_img_size)  # forward + backward = 3 forwards
+    student_flops = forward_flops(run.raw.backbone, cfg.student_img_size)  # forward + backward = 3 forwards
     run.flops = (forward_flops(run.teacher, cfg.img_size) + 3 * student_flops) * run.gb
     run.peak = peak_flops(run.device, cfg.precision) * WORLD
     n_bad, seen, bad_steps, recent, above, last = 0, 0, 0, deque(maxlen=100), 0, {}  # this session
@@ -1439,40 +1444,6 @@ def summary(cfg, reason, first, last, out):
         print0(f"student: {out / 'student'}  ->  timm.create_model('local-dir:{out / 'student'}', pretrained=True)\n"
                f"evaluate: {evaluate}\n"
                f"a real run: python g2l.py --teacher h-optimus-0 --student uni --data tiles/ --out runs/NAME")
-
-def bench_data(cfg, paths, batches=20):
-    """Loader throughput on real tiles: decode only (augmentation on the device) vs decode + the same
-    augmentations in PIL/torchvision inside the workers (the usual CPU pipeline)."""
-    import torchvision.transforms.v2 as T
-    cpu_aug = T.Compose([T.RandomCrop(cfg.img_size), T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
-                         T.RandomApply([T.ColorJitter(0.15, 0.15, 0.1, 0.05)], p=0.5),
-                         T.RandomApply([T.GaussianBlur(9, (0.1, 2.0))], p=0.1)])
-    for name, tf in (("workers decode + CPU augment", cpu_aug), ("workers decode only (g2l)", None)):
-        ds = TileDataset(paths, cfg.load_size, tf)
-        dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
-                                         drop_last=True, persistent_workers=False)
-        it, n = iter(dl), 0
-        next(it)  # worker start-up is not throughput
-        t = time.perf_counter()
-        for _ in range(batches):
-            try:
-                n += len(next(it)[0])
-            except StopIteration:
-                it = iter(dl)
-        dt = time.perf_counter() - t
-        print0(f"bench-data | {name:30s} | {cfg.workers} workers | {n / dt:8.1f} tiles/s | "
-               f"{n / dt / max(1, cfg.workers):7.1f} tiles/s/worker | {cfg.load_size}px")
-    device = init_distributed()[2]  # what the augmentation then costs on the training device, batched
-    x = torch.randint(0, 256, (cfg.batch_size, 3, cfg.load_size, cfg.load_size), dtype=torch.uint8)
-    make_views(x, cfg, 0, 0, device)
-    t = time.perf_counter()
-    for step in range(batches):
-        out = make_views(x, cfg, step, 0, device)[0]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    n = batches * cfg.batch_size / (time.perf_counter() - t)
-    print0(f"bench-data | {'device augment, batched':30s} | on {device.type:4s}  | {n:8.1f} tiles/s")
-    return {}
 
 if __name__ == "__main__":
     main()

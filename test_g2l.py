@@ -105,15 +105,15 @@ def test_presets_have_published_sizes():
         model, spec = g2l.load_model(name, meta=True)
         n = sum(p.numel() for p in model.parameters())
         assert n == pytest.approx(params, rel=0.03), name
-        assert spec["dim"] == dim, name
-        assert spec["mean"] == g2l.PRESETS[name]["mean"]
+        assert spec.dim == dim, name
+        assert spec.mean == g2l.PRESETS[name]["mean"]
 
 def test_hibou_l_is_the_papers_student_shape():
     model, spec = g2l.load_model("hibou-l", meta=True)
-    assert model.num_prefix_tokens == 5 and spec["patch"] == 14 and spec["size"] == 224  # CLS + 4 registers, /14
+    assert model.num_prefix_tokens == 5 and spec.patch == 14 and spec.size == 224  # CLS + 4 registers, /14
     assert model.patch_embed.grid_size == (16, 16)  # the same grid as H-optimus-0 at 224 px
     assert model.blocks[0].mlp.fc1.out_features == 2 * 2736  # DINOv2 SwiGLU: 2/3 of 4096, rounded up to 8
-    assert spec["mean"] == (0.7068, 0.5755, 0.7220)  # Hibou's own normalisation, not ImageNet's
+    assert spec.mean == (0.7068, 0.5755, 0.7220)  # Hibou's own normalisation, not ImageNet's
 
 def tiny_hf_dinov2(folder, registers, swiglu):
     """A random transformers DINOv2 saved as it is published (config.json + model.safetensors)."""
@@ -135,7 +135,7 @@ def tiny_hf_dinov2(folder, registers, swiglu):
 def test_transformers_dinov2_converts_with_identical_tokens(tmp_path, registers, swiglu):
     hf = tiny_hf_dinov2(tmp_path / "hf", registers, swiglu)
     model, spec = g2l.load_model(str(tmp_path / "hf"))
-    assert "transformers DINOv2" in spec["source"] and model.num_prefix_tokens == 1 + 4 * registers
+    assert "transformers DINOv2" in spec.source and model.num_prefix_tokens == 1 + 4 * registers
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         ref = hf(pixel_values=x)
@@ -166,15 +166,15 @@ def test_transformers_dinov2_from_the_hub_or_a_weights_file(tmp_path, monkeypatc
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     monkeypatch.setattr(g2l, "hub_reachable", lambda: True)
     hub, spec = g2l.load_model("hf-hub:someone/tiny-dinov2")
-    assert spec["source"].startswith("pretrained hf-hub:someone/tiny-dinov2")
+    assert spec.source.startswith("pretrained hf-hub:someone/tiny-dinov2")
     # a bare architecture + a transformers-format weights file (e.g. a preset with --student-weights)
-    file, _ = g2l.load_model(spec["arch"], weights=str(tmp_path / "hf" / "model.safetensors"),
-                             kwargs=json.dumps(spec["kwargs"]))
+    file, _ = g2l.load_model(spec.arch, weights=str(tmp_path / "hf" / "model.safetensors"),
+                             kwargs=json.dumps(spec.kwargs))
     via_eval, _ = ev.open_model(ev.model_list(["hf-hub:someone/tiny-dinov2"], [], [], [])[0], "cpu")  # eval --model
     # a preset in this format (hibou-b's, pointed at the tiny checkpoint): the checkpoint's config.json wins
     monkeypatch.setitem(g2l.PRESETS, "tiny", dict(g2l.PRESETS["hibou-b"], hf="hf-hub:someone/tiny-dinov2"))
     preset, pspec = g2l.load_model("tiny")
-    assert pspec["mean"] == g2l.HIBOU["mean"] and pspec["kwargs"]["embed_dim"] == 32
+    assert pspec.mean == g2l.HIBOU["mean"] and pspec.kwargs["embed_dim"] == 32
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         ref = hf(pixel_values=x).last_hidden_state
@@ -188,7 +188,7 @@ def test_exported_swiglu_student_of_a_hibou_run_reloads_in_plain_timm(tmp_path, 
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()  # no g2l, no layer classes passed
     ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["model"]
     raw, spec = g2l.load_model("hibou-b", kwargs=kw, img_size=28)
-    raw.load_state_dict({k[len("student."):]: v for k, v in ck.items() if k.startswith("student.")})
+    raw.load_state_dict({k[len("backbone."):]: v for k, v in ck.items() if k.startswith("backbone.")})
     assert isinstance(model.blocks[0].mlp, timm.layers.GluMlp)
     x = torch.rand(3, 3, 28, 28)
     with torch.no_grad():
@@ -227,14 +227,14 @@ def test_tokens_split_with_prefix_tokens_and_grid():
     assert model.num_prefix_tokens == 5  # CLS + 4 registers
     x = torch.rand(2, 3, 56, 56)
     g, pmap = g2l.encode(model, spec, x)
-    feats = model.forward_features((x - torch.tensor(spec["mean"]).view(1, 3, 1, 1)) / torch.tensor(spec["std"]).view(1, 3, 1, 1))
+    feats = model.forward_features((x - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1))
     assert pmap.shape == (2, 32, 4, 4)
     assert torch.allclose(pmap.flatten(2).transpose(1, 2), feats[:, 5:])
     assert torch.allclose(g, feats[:, 0])  # DINOv2-style: pooled pre-logits = CLS
 
 def test_student_size_matches_teacher_grid_and_resize_fallback():
     cfg = g2l.Config(img_size=224)
-    grid = g2l.setup_sizes(cfg, {"size": 224, "patch": 14}, {"patch": 16})
+    grid = g2l.setup_sizes(cfg, types.SimpleNamespace(size=224, patch=14), types.SimpleNamespace(patch=16))
     assert grid == (16, 16) and cfg.student_img_size == 256  # /14 at 224 -> /16 at 256
     # fallback: a student whose grid differs (8x8 at 128 px vs teacher 16x16) -> bilinear resize of its token map
     student, spec = g2l.load_model("vit_tiny_patch16_224", kwargs='{"depth": 1, "embed_dim": 48, "num_heads": 2}', img_size=128)
@@ -344,7 +344,7 @@ def test_export_reloads_through_timm_with_identical_outputs(tmp_path, tiles):
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["model"]
     raw, spec = g2l.load_model("vit_tiny_patch16_224", kwargs='{"depth": 1, "embed_dim": 48, "num_heads": 2}', img_size=32)
-    raw.load_state_dict({k[len("student."):]: v for k, v in ck.items() if k.startswith("student.")})
+    raw.load_state_dict({k[len("backbone."):]: v for k, v in ck.items() if k.startswith("backbone.")})
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), raw.eval()(x))
@@ -353,7 +353,7 @@ def test_export_reloads_through_timm_with_identical_outputs(tmp_path, tiles):
     again, spec2 = g2l.load_model(str(tmp_path / "run"))
     with torch.no_grad():
         assert torch.equal(again.eval()(x), model(x))
-    assert spec2["size"] == 32
+    assert spec2.size == 32
     head = ev.load_heads(tmp_path / "run")
     assert head.weight.shape == (64, 48)
 
@@ -577,7 +577,7 @@ def same_weights(a, b):
     s, spec = g2l.load_model("vit_tiny_patch16_224", kwargs=TINY_S[3], img_size=32)
     outs = []
     for w in (a, b):
-        s.load_state_dict({k[len("student."):]: v for k, v in w.items() if k.startswith("student.")})
+        s.load_state_dict({k[len("backbone."):]: v for k, v in w.items() if k.startswith("backbone.")})
         with torch.no_grad():
             outs.append(s.eval()(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))))
     assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-4)
@@ -1260,6 +1260,14 @@ def test_bench_two_tiny_models_larger_is_slower(tmp_path):
     assert b["img_per_s"] < s["img_per_s"] and s["speedup"] > 1 and b["speedup"] == 1
     assert b["params_m"] > 10 * s["params_m"] and b["gflops"] > 10 * s["gflops"] and s["param_ratio"] > 10
     assert b["peak_mem_gb"] >= 0 and b["batch"] == 8
+
+def test_bench_data_measures_each_loader_pipeline(tmp_path):
+    ev.main(["bench-data", "--data", str(ROOT / "examples" / "tiles"), "--img-size", "32", "--batch-size", "4",
+             "--workers", "0", "--batches", "2", "--device", "cpu", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "bench-data.json").read_text())
+    assert [r["pipeline"].split(" (")[0] for r in rows] == ["workers decode + CPU augment", "workers decode only",
+                                                          "device augment, batched"]
+    assert all(r["tiles_per_s"] > 0 and r["load_px"] == 32 for r in rows)
 
 def test_report_writes_markdown_and_chart(tmp_path):
     (tmp_path / "probe_crc.json").write_text(json.dumps([
