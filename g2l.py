@@ -335,7 +335,7 @@ class InfiniteSampler(torch.utils.data.Sampler):
     """Seeded epoch permutations (or slide-balanced draws), sliced per rank, starting at any position:
     resuming at sample k continues exactly where an uninterrupted run would be."""
     def __init__(self, n, weights, global_batch, seed, start=0):
-        self.n, self.weights, self.gb, self.seed, self.start = n, weights, global_batch, seed, start
+        self.n, self.weights, self.global_batch, self.seed, self.start = n, weights, global_batch, seed, start
         self.cdf = None if weights is None else torch.cumsum(weights.double(), 0)
     def order(self, epoch):
         g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
@@ -344,12 +344,12 @@ class InfiniteSampler(torch.utils.data.Sampler):
             return torch.searchsorted(self.cdf, u, right=True).clamp_(max=self.n - 1)
         return torch.randperm(self.n, generator=g)
     def __iter__(self):
-        per_epoch = self.n // self.gb * self.gb  # whole global batches per epoch
-        pos, b = self.start, self.gb // WORLD
+        per_epoch = self.n // self.global_batch * self.global_batch  # whole global batches per epoch
+        pos, b = self.start, self.global_batch // WORLD
         while True:
             epoch, off = divmod(pos, per_epoch)
             order = self.order(epoch)
-            for s in range(off, per_epoch, self.gb):
+            for s in range(off, per_epoch, self.global_batch):
                 yield from order[s + RANK * b: s + (RANK + 1) * b].tolist()
             pos = (epoch + 1) * per_epoch
 
@@ -425,8 +425,8 @@ def make_views(x, cfg, step, micro, device):
     return xt, colour_blur(x, mine(cfg.seed + 7919)) if cfg.views == "independent" else xt
 
 # ----------------------------------------------------------------------------- models
-HO = dict(mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517))  # Bioptimus' stats
-IN = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))                     # ImageNet
+BIOPTIMUS = dict(mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517))  # Bioptimus' stats
+IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))                     # ImageNet
 HIBOU = dict(mean=(0.7068, 0.5755, 0.7220), std=(0.1950, 0.2316, 0.1816))  # histai/hibou-* preprocessor_config
 SWIGLU = dict(mlp_layer="swiglu_packed", act_layer="silu")
 
@@ -440,28 +440,28 @@ PRESETS = {  # hub name, bare timm architecture + kwargs (builds offline), norma
     # Sources: each model card's timm.create_model call and its hub config.json (architecture + model_args).
     # H-optimus-0/1 cards: init_values=1e-5, dynamic_img_size=False, Bioptimus' mean/std.
     "h-optimus-0": dict(hub="hf-hub:bioptimus/H-optimus-0", arch="vit_giant_patch14_reg4_dinov2",
-                        kwargs=dict(init_values=1e-5, dynamic_img_size=False), size=224, embed="pool", **HO),
+                        kwargs=dict(init_values=1e-5, dynamic_img_size=False), size=224, embed="pool", **BIOPTIMUS),
     "h-optimus-1": dict(hub="hf-hub:bioptimus/H-optimus-1", arch="vit_giant_patch14_reg4_dinov2",
-                        kwargs=dict(init_values=1e-5, dynamic_img_size=False), size=224, embed="pool", **HO),
+                        kwargs=dict(init_values=1e-5, dynamic_img_size=False), size=224, embed="pool", **BIOPTIMUS),
     # H0-mini card: mlp_layer=SwiGLUPacked, act_layer=SiLU; its MLP width lives in the (gated) hub config and was
     # not checked here: 5.33334 is DINOv2's SwiGLU width for ViT-B (2048, packed 4096 = swiglu_ratio(768)).
     "h0-mini": dict(hub="hf-hub:bioptimus/H0-mini", arch="vit_base_patch14_reg4_dinov2",
-                    kwargs=dict(init_values=1e-5, mlp_ratio=5.33334, **SWIGLU), size=224, embed="pool", **HO),
+                    kwargs=dict(init_values=1e-5, mlp_ratio=5.33334, **SWIGLU), size=224, embed="pool", **BIOPTIMUS),
     # UNI card: init_values=1e-5, dynamic_img_size=True. UNI2-h card: the kwargs below (SwiGLU, 8 registers).
     "uni": dict(hub="hf-hub:MahmoodLab/UNI", arch="vit_large_patch16_224",
-                kwargs=dict(init_values=1e-5, dynamic_img_size=True), size=224, embed="pool", **IN),
+                kwargs=dict(init_values=1e-5, dynamic_img_size=True), size=224, embed="pool", **IMAGENET),
     "uni2-h": dict(hub="hf-hub:MahmoodLab/UNI2-h", arch="vit_giant_patch14_224",
                    kwargs=dict(depth=24, num_heads=24, embed_dim=1536, init_values=1e-5, mlp_ratio=5.33334,
                                no_embed_class=True, reg_tokens=8, dynamic_img_size=True, **SWIGLU),
-                   size=224, embed="pool", **IN),
+                   size=224, embed="pool", **IMAGENET),
     # Virchow2 card: mlp_ratio=5.3375, SwiGLU, 4 registers; embedding = CLS concatenated with the mean patch token.
     # Prov-GigaPath hub config: vit_giant_patch14_dinov2 (SwiGLU from timm's entrypoint) with /16 patches.
     "virchow2": dict(hub="hf-hub:paige-ai/Virchow2", arch="vit_huge_patch14_224",
                      kwargs=dict(init_values=1e-5, mlp_ratio=5.3375, reg_tokens=4, global_pool="",
-                                 dynamic_img_size=True, **SWIGLU), size=224, embed="cls+mean", **IN),
+                                 dynamic_img_size=True, **SWIGLU), size=224, embed="cls+mean", **IMAGENET),
     "prov-gigapath": dict(hub="hf-hub:prov-gigapath/prov-gigapath", arch="vit_giant_patch14_dinov2",
                           kwargs=dict(patch_size=16, embed_dim=1536, depth=40, num_heads=24, init_values=1e-5,
-                                      mlp_ratio=5.33334), size=224, embed="pool", **IN),
+                                      mlp_ratio=5.33334), size=224, embed="pool", **IMAGENET),
     # Published in the transformers DINOv2 format (config.json + model.safetensors); `hf` marks them for
     # conversion to timm on load. Hibou (Nechaev et al., arXiv 2406.05074; github.com/HistAI/hibou build_model):
     # ViT/14, 4 registers, SwiGLU FFN, layer scale 1e-5, 224 px; feature = pooler_output = the final-norm CLS;
@@ -475,7 +475,7 @@ PRESETS = {  # hub name, bare timm architecture + kwargs (builds offline), norma
     # plain GELU MLP, ImageNet mean/std; feature = last_hidden_state[:, 0] (the final-norm CLS). Not checked
     # against its config.json offline (same fallback as Hibou: `hf-hub:owkin/phikon-v2`).
     "phikon-v2": dict(hub="hf-hub:owkin/phikon-v2", hf="hf-hub:owkin/phikon-v2", arch="vit_large_patch14_dinov2",
-                      kwargs=dict(patch_size=16, img_size=224), size=224, embed="pool", **IN),
+                      kwargs=dict(patch_size=16, img_size=224), size=224, embed="pool", **IMAGENET),
 }
 LAYERS = {"swiglu_packed": timm.layers.SwiGLUPacked, "silu": nn.SiLU}  # JSON-able names for layer kwargs
 
@@ -600,10 +600,11 @@ def dinov2_spec(where):
     pre = hf_file(where, "preprocessor_config.json")  # the checkpoint's own normalisation
     pre = json.loads(Path(pre).read_text()) if pre else {}
     return dict(hf=where, arch="vit_base_patch14_dinov2", kwargs=kw, embed="pool", size=kw["img_size"],
-                mean=tuple(pre.get("image_mean", IN["mean"])), std=tuple(pre.get("image_std", IN["std"])))
+                mean=tuple(pre.get("image_mean", IMAGENET["mean"])), std=tuple(pre.get("image_std", IMAGENET["std"])))
 
 def resolve(name):
-    """Model name -> (timm name, kwargs, pretrained, hints: what the name says about the model). See README 'Models and offline weights'."""
+    """Model name -> (timm name, kwargs, pretrained, hints: what the name tells about the model: arch, embed and,
+    where known, mean, std, size, hf). See README 'Models and offline weights'."""
     p = Path(name)
     if (p / "student" / "config.json").is_file():  # a g2l run folder
         p = p / "student"
@@ -701,8 +702,8 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
         load_weights(model, weights, name)
     pc, pe = model.pretrained_cfg, getattr(model, "patch_embed", None)
     spec = Spec(name=name, arch=pc.get("architecture") or hints["arch"], kwargs=kw, source=source,
-                mean=tuple(hints.get("mean") or pc.get("mean", IN["mean"])),
-                std=tuple(hints.get("std") or pc.get("std", IN["std"])),
+                mean=tuple(hints.get("mean") or pc.get("mean", IMAGENET["mean"])),
+                std=tuple(hints.get("std") or pc.get("std", IMAGENET["std"])),
                 # the size it was built for: a kwargs img_size beats the pretrained config (DINOv2's is 518 px)
                 size=img_size or kw.get("img_size") or hints.get("size") or pc.get("input_size", (3, 224, 224))[-1],
                 patch=int(pe.patch_size[0]) if pe is not None else 0, embed=hints["embed"], width=model.num_features,
@@ -1187,9 +1188,9 @@ def main(argv=None):
         device, dtype, amp = set_up(cfg)
         paths, val_paths = load_data(cfg)  # a bad --data fails before any model
         teacher, spec_t, raw, spec_s, grid = build_models(cfg, device, dtype, amp)
-        gb = plan_steps(cfg, len(paths))
+        tiles_per_step = plan_steps(cfg, len(paths))
         opt, scaler = make_optimizer(cfg, raw, device)
-        state = resume(cfg, raw, opt, scaler, device, gb)
+        state = resume(cfg, raw, opt, scaler, device, tiles_per_step)
         metrics = start_run_folder(cfg, spec_t, spec_s, len(paths), len(val_paths), state["step"])
         model, teacher_fwd = wrap(cfg, raw, teacher, spec_t, device)
         stop = {}  # SIGINT / SIGTERM (a pre-empted cluster job): finish the step, save, export, exit cleanly
@@ -1203,8 +1204,9 @@ def main(argv=None):
                                           num_workers=min(cfg.workers, 2), worker_init_fn=quiet_worker) \
             if RANK == 0 and val_paths else None
         run = types.SimpleNamespace(cfg=cfg, device=device, amp=amp, teacher=teacher, spec_t=spec_t, raw=raw,
-                                    model=model, teacher_fwd=teacher_fwd, opt=opt, scaler=scaler, grid=grid, gb=gb,
-                                    batches=batches, val=val, metrics=metrics, stop=stop, **state)
+                                    model=model, teacher_fwd=teacher_fwd, opt=opt, scaler=scaler, grid=grid,
+                                    tiles_per_step=tiles_per_step, batches=batches, val=val, metrics=metrics,
+                                    stop=stop, **state)  # everything the loop reads, in one place
         reason, code, last = train_loop(run)
         save_checkpoint(run)
         if RANK == 0:
@@ -1218,7 +1220,7 @@ def main(argv=None):
         if WORLD > 1:
             dist.barrier()
             dist.destroy_process_group()
-        summary(cfg, reason, run.first, last, Path(cfg.out))
+        summary(cfg, reason, run.baseline, last, Path(cfg.out))
         if code:  # the job was not done: a scheduler or script must see it (after saving and exporting)
             raise SystemExit(code)
         return last
@@ -1255,15 +1257,15 @@ def load_data(cfg):
 
 def plan_steps(cfg, n_train):
     """The run's length in optimizer steps (from --epochs when --steps is 0); returns tiles per step, all ranks."""
-    gb = cfg.batch_size * WORLD * cfg.grad_accum
+    tiles_per_step = cfg.batch_size * WORLD * cfg.grad_accum
     if not cfg.synthetic and n_train < cfg.batch_size * WORLD:
         raise SystemExit(f"error: {n_train} training tiles is fewer than one batch over all processes "
                          f"({cfg.batch_size * WORLD}); lower --batch-size")
-    cfg.steps = cfg.steps or max(1, int(cfg.epochs * n_train / gb))
+    cfg.steps = cfg.steps or max(1, int(cfg.epochs * n_train / tiles_per_step))
     if cfg.warmup_steps > cfg.steps:
         print0(f"warning: --warmup-steps {cfg.warmup_steps} is more than the run's {cfg.steps} steps: the learning "
                f"rate never reaches --lr {cfg.lr:g} (it ends at {cfg.lr * cfg.steps / cfg.warmup_steps:.2g})")
-    return gb
+    return tiles_per_step
 
 def make_optimizer(cfg, raw, device):
     """AdamW (fused on CUDA); no weight decay on biases, norms, tokens and position embeddings."""
@@ -1273,13 +1275,13 @@ def make_optimizer(cfg, raw, device):
                              {"params": groups[1], "weight_decay": 0.0}], lr=cfg.lr, fused=device.type == "cuda")
     return opt, torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # bf16 needs no scaler
 
-def resume(cfg, raw, opt, scaler, device, gb):
+def resume(cfg, raw, opt, scaler, device, tiles_per_step):
     """Weights, optimizer, scaler, RNG; the data position and augmentations follow from the step."""
     ckpt_path = Path(cfg.out) / "ckpt.pt" if cfg.resume in ("auto", "") else Path(cfg.resume)
     if not (cfg.resume and ckpt_path.is_file()):
         if cfg.resume and cfg.resume != "auto":
             raise SystemExit(f"error: --resume {cfg.resume}: no such checkpoint")
-        return dict(step=0, first={}, samples=0)
+        return dict(step=0, baseline={}, samples=0)
     ck = load_checkpoint(ckpt_path, raw, opt, scaler)
     torch.set_rng_state(ck["rng"]["torch"])
     np.random.set_state(ck["rng"]["numpy"])
@@ -1287,7 +1289,7 @@ def resume(cfg, raw, opt, scaler, device, gb):
     if device.type == "cuda" and ck["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(ck["rng"]["cuda"])
     print0(f"resumed from {ckpt_path} at step {ck['step']}")
-    return dict(step=ck["step"], first=ck["first"], samples=ck.get("samples", ck["step"] * gb))
+    return dict(step=ck["step"], baseline=ck["first"], samples=ck.get("samples", ck["step"] * tiles_per_step))
 
 def start_run_folder(cfg, spec_t, spec_s, n_train, n_val, step):
     """config.json (every resolved option) and metrics.jsonl, opened for appending (rank 0 only)."""
@@ -1318,7 +1320,7 @@ def save_checkpoint(run):
         rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                    cuda=torch.cuda.get_rng_state(run.device) if cuda else None)
         atomic_save(dict(model=run.raw.state_dict(), optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict(),
-                         step=run.step, first=run.first, samples=run.samples, config=dataclasses.asdict(run.cfg),
+                         step=run.step, first=run.baseline, samples=run.samples, config=dataclasses.asdict(run.cfg),
                          rng=rng), Path(run.cfg.out) / "ckpt.pt")
 
 # ----------------------------------------------------------------------------- the distillation step
@@ -1326,9 +1328,9 @@ def distil_step(cfg, step, batches, model, teacher_fwd, opt, scaler, grid, devic
     """One optimizer step over --grad-accum micro-batches: views -> teacher -> student -> losses -> update.
     Returns ([loss, l_global, l_local], grad norm or None when the loss was not finite and the update skipped,
     tiles this rank skipped as unreadable)."""
-    f = lr_factor(step, cfg)
-    for g, wd in zip(opt.param_groups, (cfg.weight_decay * f, 0.0)):  # lr and weight decay decay together
-        g["lr"], g["weight_decay"] = cfg.lr * f, wd
+    decay = lr_factor(step, cfg)
+    for group, wd in zip(opt.param_groups, (cfg.weight_decay * decay, 0.0)):  # lr and weight decay decay together
+        group["lr"], group["weight_decay"] = cfg.lr * decay, wd
     parts, n_bad = torch.zeros(3, device=device), 0
     for micro in range(cfg.grad_accum):
         x, skipped = next(batches)
@@ -1363,13 +1365,13 @@ def train_loop(run):
     """Steps until --steps, a stop signal, G2L's early stop or too many bad steps/tiles: (reason, exit code, last)."""
     cfg = run.cfg
     student_flops = forward_flops(run.raw.backbone, cfg.student_img_size)  # forward + backward = 3 forwards
-    run.flops = (forward_flops(run.teacher, cfg.img_size) + 3 * student_flops) * run.gb
+    run.flops = (forward_flops(run.teacher, cfg.img_size) + 3 * student_flops) * run.tiles_per_step
     run.peak = peak_flops(run.device, cfg.precision) * WORLD
     n_bad, seen, bad_steps, recent, above, last = 0, 0, 0, deque(maxlen=100), 0, {}  # this session
     if run.val is not None and run.step == 0:
-        run.first = evaluate(run.raw, run.teacher, run.spec_t, run.val, cfg, run.device, run.amp)
-        print0(f"step {run.step:06d} | val cos {run.first['val_cos']:.4f} (raw {run.first['val_cos_raw']:.4f}) | "
-               f"cka {run.first['val_cka']:.4f}")
+        run.baseline = evaluate(run.raw, run.teacher, run.spec_t, run.val, cfg, run.device, run.amp)
+        print0(f"step {run.step:06d} | val cos {run.baseline['val_cos']:.4f} (raw {run.baseline['val_cos_raw']:.4f}) | "
+               f"cka {run.baseline['val_cka']:.4f}")
     t0, n_timed = time.perf_counter(), 0
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
@@ -1377,7 +1379,8 @@ def train_loop(run):
         while run.step < cfg.steps:
             parts, gnorm, skipped = distil_step(cfg, run.step, run.batches, run.model, run.teacher_fwd, run.opt,
                                                 run.scaler, run.grid, run.device, run.amp)
-            run.samples, seen, n_bad = run.samples + run.gb, seen + run.gb, n_bad + skipped  # where a resume starts
+            run.samples += run.tiles_per_step  # all ranks' tiles: where a resumed sampler starts
+            seen, n_bad = seen + run.tiles_per_step, n_bad + skipped
             if gnorm is None:  # three non-finite losses in a row means the run has diverged
                 bad_steps += 1
                 print0(f"warning: non-finite loss at step {run.step} ({bad_steps} in a row); update skipped")
@@ -1418,11 +1421,11 @@ def log_step(run, parts, gnorm, n_timed, t0, bad, evaluating):
     dt = time.perf_counter() - t0
     lr, mem = run.opt.param_groups[0]["lr"], peak_memory_gb(run.device)
     last = dict(step=run.step, loss=round(loss, 5), l_global=round(l_g, 5), l_local=round(l_l, 5), lr=lr,
-                grad_norm=round(gnorm, 4), img_per_s=round(n_timed * run.gb / dt, 2),
+                grad_norm=round(gnorm, 4), img_per_s=round(n_timed * run.tiles_per_step / dt, 2),
                 mfu=mfu(run.flops * n_timed / dt, run.peak), mem_gb=round(mem, 2), bad_tiles=bad)
     if evaluating:
         last.update(evaluate(run.raw, run.teacher, run.spec_t, run.val, cfg, run.device, run.amp))
-    run.first.setdefault("loss", last["loss"])
+    run.baseline.setdefault("loss", last["loss"])
     if RANK == 0:
         with writing(run.metrics.name):  # a full disk: one line; the checkpoint and export are untouched
             run.metrics.write(json.dumps(last) + "\n")
@@ -1432,9 +1435,9 @@ def log_step(run, parts, gnorm, n_timed, t0, bad, evaluating):
                    + (f" | val cos {last['val_cos']:.4f} cka {last['val_cka']:.4f}" if "val_cos" in last else ""))
     return last
 
-def summary(cfg, reason, first, last, out):
-    parts = [f"{name} {first[k]:.4f} -> {last[k]:.4f}" for k, name in (("loss", "loss"), ("val_cos", "val cos"),
-             ("val_cka", "val cka")) if k in first and k in last]
+def summary(cfg, reason, baseline, last, out):
+    parts = [f"{name} {baseline[k]:.4f} -> {last[k]:.4f}" for k, name in (("loss", "loss"), ("val_cos", "val cos"),
+             ("val_cka", "val cka")) if k in baseline and k in last]
     print0(" | ".join([reason, *parts, f"{last.get('img_per_s', 0):.1f} img/s", f"mfu {pct(last.get('mfu'))}"]))
     if not cfg.synthetic:
         # the demo's hint must work as printed, offline: the student on the 200 labelled PCam tiles bundled in examples/

@@ -1,6 +1,24 @@
 """g2l test suite: CPU only, tiny timm ViTs with random weights, real slides and tiles bundled in the repository
 (examples/, testdata/: licences in examples/LICENSE-data.md and testdata/README.md).
-Sections: g2l.py (trainer), prep_tiles.py (slides -> tiles), eval.py (evaluation).
+Sections (search for the title):
+  g2l.py:
+    - losses
+    - models: presets, transformers DINOv2, weights, tokens, grids
+    - data: tile folders, sampling, augmentation
+    - training runs: loss, resume, export, bad input
+    - a cluster run's safety: signals, damaged or full disks, locks, argument checks
+    - distributed (DDP, two CPU processes)
+    - speed and memory: FLOPs, MFU, compile, chunking
+  prep_tiles.py (slides -> tiles)
+  eval.py:
+    - fixtures
+    - metrics
+    - splits
+    - probe, agreement
+    - robustness
+    - bench and report
+    - bad input
+  the repository stands alone
 
     pytest -q
 """
@@ -58,6 +76,7 @@ def run(tmp, tiles, *extra, steps=6, name="run"):
 def metrics(path):
     return [json.loads(l) for l in (Path(path) / "metrics.jsonl").read_text().splitlines()]
 
+# =============================================================================== g2l.py
 # ----------------------------------------------------------------------------- losses
 def test_logsum_loss_matches_hand_computation():
     rng = np.random.default_rng(0)
@@ -95,7 +114,7 @@ def test_agreement_metrics():
     assert F.cosine_similarity(mean_pred, t).mean() > 0.8
     assert abs(g2l.centred_cosine(mean_pred, t)) < 0.2
 
-# ----------------------------------------------------------------------------- models, tokens, grids
+# --------------------------------------------------------- models: presets, transformers DINOv2, weights, tokens, grids
 def test_presets_have_published_sizes():
     published = {"h-optimus-0": (1.13e9, 1536), "h-optimus-1": (1.13e9, 1536), "h0-mini": (86e6, 768),
                  "uni": (0.303e9, 1024), "uni2-h": (0.68e9, 1536), "virchow2": (0.63e9, 2560),
@@ -245,6 +264,7 @@ def test_student_size_matches_teacher_grid_and_resize_fallback():
         _, pmap = g2l.encode(student, spec, torch.rand(2, 3, 128, 128))
     assert pmap.shape[-2:] == (8, 8)
 
+# --------------------------------------------------------------------------- data: tile folders, sampling, augmentation
 def test_augmentations_keep_their_semantics():
     x = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8)
     p = g2l.aug_params(6, 0, 0, 0)
@@ -288,75 +308,6 @@ def test_augmentations_keep_their_semantics():
     assert torch.equal(g2l.make_views(x, cfg, step=5, micro=0, device="cpu")[0], xt)
     assert not torch.equal(g2l.make_views(x, cfg, step=6, micro=0, device="cpu")[0], xt)
 
-# ----------------------------------------------------------------------------- training runs
-def test_short_run_loss_falls_and_agreement_rises(tmp_path, tiles):
-    last = run(tmp_path, tiles, "--lr", "5e-4", "--eval-every", "20", "--img-size", "56", "--batch-size", "16",
-               "--warmup-steps", "5", steps=40)
-    m = metrics(tmp_path / "run")
-    first_losses = np.mean([r["loss"] for r in m[:5]])
-    last_losses = np.mean([r["loss"] for r in m[-5:]])
-    assert last_losses < first_losses - 0.5, (first_losses, last_losses)
-    cos = [r["val_cos"] for r in m if "val_cos" in r]
-    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
-    assert ck["first"]["val_cos"] < cos[-1] - 0.1, (ck["first"]["val_cos"], cos)
-    assert ck["first"]["val_cka"] < m[-1]["val_cka"], (ck["first"], m[-1])
-    assert last["step"] == 40 and (tmp_path / "run" / "config.json").is_file()
-    assert "teacher" not in " ".join(ck["model"])  # the frozen teacher is never checkpointed
-
-def keep_checkpoints(monkeypatch):
-    """Keep a copy of every checkpoint as ckpt.pt.STEP (the run overwrites ckpt.pt)."""
-    real = g2l.atomic_save
-    def keep(obj, path):
-        real(obj, path)
-        shutil.copy(path, f"{path}.{obj['step']}")
-    monkeypatch.setattr(g2l, "atomic_save", keep)
-
-def test_resume_is_exact(tmp_path, tiles, monkeypatch):
-    keep_checkpoints(monkeypatch)
-    run(tmp_path, tiles, "--ckpt-every", "3", "--seed", "5", steps=6, name="full")
-    os.makedirs(tmp_path / "half")
-    shutil.copy(tmp_path / "full" / "ckpt.pt.3", tmp_path / "half" / "ckpt.pt")
-    run(tmp_path, tiles, "--ckpt-every", "3", "--seed", "5", "--resume", "auto", steps=6, name="half")
-    full, half = metrics(tmp_path / "full"), metrics(tmp_path / "half")
-    assert [r["loss"] for r in full[3:]] == [r["loss"] for r in half]
-    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "half" / "ckpt.pt", weights_only=False)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-def test_demo_composes_with_flags_and_its_hint_works_as_printed(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # a user's working directory: relative paths in the hint must hold from here
-    assert g2l.parse_args([]) == g2l.parse_args(["--demo"]) and g2l.parse_args([]).steps == g2l.DEMO["steps"]
-    assert g2l.parse_args(["--demo", "--steps", "5"]).steps == 5 and g2l.parse_args(["--demo"]).data == g2l.DEMO["data"]
-    with pytest.raises(SystemExit, match="add --demo"):  # not the demo: the default data folder is missing
-        g2l.main(["--steps", "5", "--workers", "0"])
-    # the demo's data and settings, with tiny models and 2 steps
-    g2l.main(["--demo", *TINY_T, *TINY_S, "--steps", "2", "--workers", "0", "--eval-every", "1000", "--out", "demo"])
-    hint = [l for l in capsys.readouterr().out.splitlines() if l.startswith("evaluate: ")][-1]
-    argv = hint[len("evaluate: "):].split()
-    assert argv[:3] == ["python", "eval.py", "probe"], hint
-    ev.main(argv[2:] + ["--seeds", "1", "--C", "1.0"])  # as printed, plus fewer fits (speed only)
-    res = json.loads((tmp_path / "demo" / "eval" / "probe_pcam.json").read_text())
-    assert res[0]["n_train"] > 0 and 0 <= res[0]["linear_bacc"] <= 1
-
-def test_export_reloads_through_timm_with_identical_outputs(tmp_path, tiles):
-    run(tmp_path, tiles, steps=2)
-    folder = tmp_path / "run" / "student"
-    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
-    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["model"]
-    raw, spec = g2l.load_model("vit_tiny_patch16_224", kwargs='{"depth": 1, "embed_dim": 48, "num_heads": 2}', img_size=32)
-    raw.load_state_dict({k[len("backbone."):]: v for k, v in ck.items() if k.startswith("backbone.")})
-    x = torch.rand(3, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(model(x), raw.eval()(x))
-    assert model.pretrained_cfg["mean"] == list(timm.get_pretrained_cfg("vit_tiny_patch16_224").mean)
-    # g2l's own loader takes the run folder too (for eval.py), with the student's size and heads
-    again, spec2 = g2l.load_model(str(tmp_path / "run"))
-    with torch.no_grad():
-        assert torch.equal(again.eval()(x), model(x))
-    assert spec2.size == 32
-    head = ev.load_heads(tmp_path / "run")
-    assert head.weight.shape == (64, 48)
-
 def test_corrupt_tile_is_skipped_and_counted(tmp_path, tiles, capsys):
     data = tmp_path / "data"
     shutil.copytree(tiles / "train", data)
@@ -369,81 +320,6 @@ def test_corrupt_tile_is_skipped_and_counted(tmp_path, tiles, capsys):
     assert last["step"] == 9 and last["bad_tiles"] == 1  # 81 tiles in 9 batches of 9: every tile once
     out = capsys.readouterr().out
     assert f"skipping unreadable tile {bad}" in out
-
-@pytest.mark.parametrize("argv, message", [
-    (["--data", "/nonexistent/tiles"], "does not exist"),
-    (["--data", "EMPTY"], "no images"),
-    (["--teacher", "not-a-model-xyz"], "unknown model"),
-    (["--teacher", "hf-hub:bioptimus/H-optimus-0"], "--teacher-weights"),
-    (["--teacher", "h-optimus-0", "--teacher-weights", "WEIGHTS", "--teacher-kwargs", '{"depth": 1, "embed_dim": 48}'],
-     "does not fit"),
-    (["--teacher-kwargs", '{"embed_dim": 65}'], "cannot build"),
-    (["--teacher", "vit_small_patch14_dinov2", "--teacher-weights", "/nope.safetensors"], "does not exist"),
-    (["--global-loss", "l7"], "invalid choice: 'l7'"),
-])
-def test_bad_inputs_give_clear_errors(tmp_path, tiles, argv, message, monkeypatch, capsys):
-    import huggingface_hub.constants
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the hub is unreachable in tests
-    (tmp_path / "empty").mkdir()
-    from safetensors.torch import save_file
-    save_file({"cls_token": torch.zeros(1, 1, 8)}, str(tmp_path / "w.safetensors"))
-    argv = [a.replace("EMPTY", str(tmp_path / "empty")).replace("WEIGHTS", str(tmp_path / "w.safetensors")) for a in argv]
-    base = {"--teacher": TINY_T[1], "--data": str(tiles / "train")}
-    full = [*TINY_T[2:], *TINY_S, "--img-size", "28", "--steps", "1", "--workers", "0", "--out", str(tmp_path / "o")]
-    for k, v in base.items():
-        if k not in argv:
-            full += [k, v]
-    with pytest.raises(SystemExit) as e:
-        g2l.main(full + argv)
-    said = str(e.value) + capsys.readouterr().err  # argparse prints its errors to stderr
-    assert message in said, said
-
-def test_sigterm_saves_exports_and_resumes(tmp_path, tiles, monkeypatch, capsys):
-    """A pre-empted job: SIGTERM mid-run finishes the step, checkpoints, exports, and --resume auto goes on."""
-    import signal
-    real = g2l.lr_factor
-    def pre_empt(step, cfg):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(step, cfg)
-    monkeypatch.setattr(g2l, "lr_factor", pre_empt)
-    with pytest.raises(SystemExit) as e:  # saved and exported, but not done: 128 + SIGTERM, as a shell reports it
-        run(tmp_path, tiles, steps=8)
-    assert e.value.code == 143 and "stopped by SIGTERM at step 4" in capsys.readouterr().out
-    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 4
-    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
-    monkeypatch.setattr(g2l, "lr_factor", real)
-    assert run(tmp_path, tiles, "--resume", "auto", steps=8)["step"] == 8
-    assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(1, 9))  # no step logged twice
-
-def test_non_finite_losses_stop_the_run_with_finite_weights(tmp_path, tiles, monkeypatch, capsys):
-    monkeypatch.setattr(g2l, "pair_loss", lambda kind, zs, zt, alpha=4.0: zs.float().sum() * float("nan"))
-    with pytest.raises(SystemExit) as e:  # an abnormal stop is not a success
-        run(tmp_path, tiles, steps=5)
-    assert e.value.code == 1
-    out = capsys.readouterr().out
-    assert out.count("non-finite loss at step 0") == 3 and "stopped: 3 non-finite losses in a row" in out
-    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
-    assert ck["step"] == 0 and all(torch.isfinite(v).all() for v in ck["model"].values())
-    assert not metrics(tmp_path / "run")  # nothing was logged: no step completed
-
-def test_early_stop_rule(tmp_path, tiles, monkeypatch, capsys):
-    """G2L: stop when the loss exceeds the mean of the last 100 steps more than 10 times in a row."""
-    calls = []
-    def rising(kind, zs, zt, alpha=4.0):  # a loss that only goes up: above its running mean at every step
-        calls.append(1)
-        return zs.float().sum() * 0 + len(calls)
-    monkeypatch.setattr(g2l, "pair_loss", rising)
-    last = run(tmp_path, tiles, "--early-stop", "--w-local", "0", "--log-every", "1000", steps=300)
-    assert "early stop at step 111" in capsys.readouterr().out  # 100 steps to fill the window, then 11 above it
-    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 111
-
-def test_memory_options_keep_the_maths(tmp_path, tiles):
-    """Teacher micro-batches and student gradient checkpointing change memory, not the losses."""
-    run(tmp_path, tiles, steps=3, name="plain")
-    run(tmp_path, tiles, "--teacher-chunk", "3", "--grad-checkpointing", steps=3, name="lean")
-    for a, b in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "lean")):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 def test_balanced_sampling_draws_slides_equally():
     paths = [f"/t/big/{i}.jpg" for i in range(90)] + [f"/t/small/{i}.jpg" for i in range(10)]
@@ -521,86 +397,151 @@ def test_validation_holds_out_whole_slides_sized_to_max_val(tmp_path, capsys):
     train, val = g2l.split_data(g2l.Config(data=[str(tmp_path)], max_val=8))
     assert len(val) == 8 and len(train) == 18 * 30  # many slides: at least two held out
 
-def test_one_compiled_step_runs(tmp_path, tiles):
-    last = run(tmp_path, tiles, "--compile", "on", "--synthetic", steps=1)
-    assert math.isfinite(last["loss"])
+def test_16_bit_png_tile_keeps_its_values(tmp_path):
+    a = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(a).save(tmp_path / "t16.png")
+    x = g2l.load_tile(tmp_path / "t16.png", 64)
+    assert x.shape == (3, 64, 64) and x.dtype == torch.uint8
+    assert torch.equal(x[0], x[2]) and abs(int(x[0, 32, 0]) - round(a[32, 0] / 257)) <= 1 and x.float().std() > 50
 
-def _ddp_worker(rank, world, port, argv, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    g2l.main(argv)
+# ----------------------------------------------------------------------- training runs: loss, resume, export, bad input
+def test_short_run_loss_falls_and_agreement_rises(tmp_path, tiles):
+    last = run(tmp_path, tiles, "--lr", "5e-4", "--eval-every", "20", "--img-size", "56", "--batch-size", "16",
+               "--warmup-steps", "5", steps=40)
+    m = metrics(tmp_path / "run")
+    first_losses = np.mean([r["loss"] for r in m[:5]])
+    last_losses = np.mean([r["loss"] for r in m[-5:]])
+    assert last_losses < first_losses - 0.5, (first_losses, last_losses)
+    cos = [r["val_cos"] for r in m if "val_cos" in r]
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    assert ck["first"]["val_cos"] < cos[-1] - 0.1, (ck["first"]["val_cos"], cos)
+    assert ck["first"]["val_cka"] < m[-1]["val_cka"], (ck["first"], m[-1])
+    assert last["step"] == 40 and (tmp_path / "run" / "config.json").is_file()
+    assert "teacher" not in " ".join(ck["model"])  # the frozen teacher is never checkpointed
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def keep_checkpoints(monkeypatch):
+    """Keep a copy of every checkpoint as ckpt.pt.STEP (the run overwrites ckpt.pt)."""
+    real = g2l.atomic_save
+    def keep(obj, path):
+        real(obj, path)
+        shutil.copy(path, f"{path}.{obj['step']}")
+    monkeypatch.setattr(g2l, "atomic_save", keep)
 
-def test_two_process_ddp_matches_one_process_and_resumes(tmp_path, tiles, monkeypatch, request):
-    import torch.multiprocessing as mp
-    common = [*TINY_T, *TINY_S, "--data", str(tiles / "train"), "--val-data", str(tiles / "val"), "--img-size", "28",
-              "--steps", "4", "--warmup-steps", "1", "--workers", "1", "--log-every", "1", "--eval-every", "1000",
-              "--lr", "1e-4", "--ckpt-every", "2"]  # a small lr: Adam turns rounding into ~lr steps (same_weights)
-    request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))  # for later tests
-    torch.set_num_threads(1)  # the same thread count as each of the two processes
-    g2l.main(common + ["--batch-size", "8", "--out", str(tmp_path / "one")])
-    mp.spawn(_ddp_worker, args=(2, _free_port(), common + ["--batch-size", "4", "--out", str(tmp_path / "two")],
-                                None), nprocs=2)
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert len(one) == len(two) == 4
-    for a, b in zip(one, two):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
-    wa = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
-    wb = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["model"]
-    same_weights(wa, wb)
-    # two processes resumed from the step-2 checkpoint of the one-process run reach the same end
+def test_resume_is_exact(tmp_path, tiles, monkeypatch):
     keep_checkpoints(monkeypatch)
-    g2l.main(common + ["--batch-size", "8", "--out", str(tmp_path / "again")])
-    os.makedirs(tmp_path / "res")
-    shutil.copy(tmp_path / "again" / "ckpt.pt.2", tmp_path / "res" / "ckpt.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), common + ["--batch-size", "4", "--out", str(tmp_path / "res"),
-                                                            "--resume", "auto"], None), nprocs=2)
-    res = metrics(tmp_path / "res")
-    assert [r["step"] for r in res] == [3, 4]
-    for a, b in zip(one[2:], res):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
-    same_weights(wa, torch.load(tmp_path / "res" / "ckpt.pt", weights_only=False)["model"])
+    run(tmp_path, tiles, "--ckpt-every", "3", "--seed", "5", steps=6, name="full")
+    os.makedirs(tmp_path / "half")
+    shutil.copy(tmp_path / "full" / "ckpt.pt.3", tmp_path / "half" / "ckpt.pt")
+    run(tmp_path, tiles, "--ckpt-every", "3", "--seed", "5", "--resume", "auto", steps=6, name="half")
+    full, half = metrics(tmp_path / "full"), metrics(tmp_path / "half")
+    assert [r["loss"] for r in full[3:]] == [r["loss"] for r in half]
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "half" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
-def same_weights(a, b):
-    """Equal within fp32 tolerance. Two parameters have zero gradient in exact arithmetic (the global head's
-    bias, removed by the loss's BatchNorm, and the attention key bias, removed by softmax), so Adam turns
-    summation-order rounding into steps of ~lr there: they are compared through the student's output."""
-    inert = ("global_head.bias", "attn.qkv.bias")
-    for k in a:
-        if not k.endswith(inert):
-            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
-    s, spec = g2l.load_model("vit_tiny_patch16_224", kwargs=TINY_S[3], img_size=32)
-    outs = []
-    for w in (a, b):
-        s.load_state_dict({k[len("backbone."):]: v for k, v in w.items() if k.startswith("backbone.")})
-        with torch.no_grad():
-            outs.append(s.eval()(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))))
-    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+def test_demo_composes_with_flags_and_its_hint_works_as_printed(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a user's working directory: relative paths in the hint must hold from here
+    assert g2l.parse_args([]) == g2l.parse_args(["--demo"]) and g2l.parse_args([]).steps == g2l.DEMO["steps"]
+    assert g2l.parse_args(["--demo", "--steps", "5"]).steps == 5 and g2l.parse_args(["--demo"]).data == g2l.DEMO["data"]
+    with pytest.raises(SystemExit, match="add --demo"):  # not the demo: the default data folder is missing
+        g2l.main(["--steps", "5", "--workers", "0"])
+    # the demo's data and settings, with tiny models and 2 steps
+    g2l.main(["--demo", *TINY_T, *TINY_S, "--steps", "2", "--workers", "0", "--eval-every", "1000", "--out", "demo"])
+    hint = [l for l in capsys.readouterr().out.splitlines() if l.startswith("evaluate: ")][-1]
+    argv = hint[len("evaluate: "):].split()
+    assert argv[:3] == ["python", "eval.py", "probe"], hint
+    ev.main(argv[2:] + ["--seeds", "1", "--C", "1.0"])  # as printed, plus fewer fits (speed only)
+    res = json.loads((tmp_path / "demo" / "eval" / "probe_pcam.json").read_text())
+    assert res[0]["n_train"] > 0 and 0 <= res[0]["linear_bacc"] <= 1
 
-# ----------------------------------------------------------------------------- trainer: a cluster run's safety
-def test_ddp_with_grad_accum_matches_one_process(tmp_path, tiles, request):
-    """2 gloo processes x batch 2 x 2 micro-steps take the same steps as 1 process x batch 4 x 2 micro-steps."""
-    import torch.multiprocessing as mp
-    common = [*TINY_T, *TINY_S, "--data", str(tiles / "train"), "--val-data", str(tiles / "val"), "--img-size", "28",
-              "--steps", "2", "--warmup-steps", "1", "--workers", "0", "--log-every", "1", "--eval-every", "1000",
-              "--lr", "1e-4", "--grad-accum", "2"]
-    request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))
-    torch.set_num_threads(1)
-    g2l.main(common + ["--batch-size", "4", "--out", str(tmp_path / "one")])
-    mp.spawn(_ddp_worker, args=(2, _free_port(), common + ["--batch-size", "2", "--out", str(tmp_path / "two")],
-                                None), nprocs=2)
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert len(one) == len(two) == 2
-    for a, b in zip(one, two):  # Adam hides a wrongly scaled gradient; the logged gradient norm does not
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    same_weights(*(torch.load(tmp_path / n / "ckpt.pt", weights_only=False)["model"] for n in ("one", "two")))
+def test_export_reloads_through_timm_with_identical_outputs(tmp_path, tiles):
+    run(tmp_path, tiles, steps=2)
+    folder = tmp_path / "run" / "student"
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["model"]
+    raw, spec = g2l.load_model("vit_tiny_patch16_224", kwargs='{"depth": 1, "embed_dim": 48, "num_heads": 2}', img_size=32)
+    raw.load_state_dict({k[len("backbone."):]: v for k, v in ck.items() if k.startswith("backbone.")})
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), raw.eval()(x))
+    assert model.pretrained_cfg["mean"] == list(timm.get_pretrained_cfg("vit_tiny_patch16_224").mean)
+    # g2l's own loader takes the run folder too (for eval.py), with the student's size and heads
+    again, spec2 = g2l.load_model(str(tmp_path / "run"))
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), model(x))
+    assert spec2.size == 32
+    head = ev.load_heads(tmp_path / "run")
+    assert head.weight.shape == (64, 48)
 
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "/nonexistent/tiles"], "does not exist"),
+    (["--data", "EMPTY"], "no images"),
+    (["--teacher", "not-a-model-xyz"], "unknown model"),
+    (["--teacher", "hf-hub:bioptimus/H-optimus-0"], "--teacher-weights"),
+    (["--teacher", "h-optimus-0", "--teacher-weights", "WEIGHTS", "--teacher-kwargs", '{"depth": 1, "embed_dim": 48}'],
+     "does not fit"),
+    (["--teacher-kwargs", '{"embed_dim": 65}'], "cannot build"),
+    (["--teacher", "vit_small_patch14_dinov2", "--teacher-weights", "/nope.safetensors"], "does not exist"),
+    (["--global-loss", "l7"], "invalid choice: 'l7'"),
+])
+def test_bad_inputs_give_clear_errors(tmp_path, tiles, argv, message, monkeypatch, capsys):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the hub is unreachable in tests
+    (tmp_path / "empty").mkdir()
+    from safetensors.torch import save_file
+    save_file({"cls_token": torch.zeros(1, 1, 8)}, str(tmp_path / "w.safetensors"))
+    argv = [a.replace("EMPTY", str(tmp_path / "empty")).replace("WEIGHTS", str(tmp_path / "w.safetensors")) for a in argv]
+    base = {"--teacher": TINY_T[1], "--data": str(tiles / "train")}
+    full = [*TINY_T[2:], *TINY_S, "--img-size", "28", "--steps", "1", "--workers", "0", "--out", str(tmp_path / "o")]
+    for k, v in base.items():
+        if k not in argv:
+            full += [k, v]
+    with pytest.raises(SystemExit) as e:
+        g2l.main(full + argv)
+    said = str(e.value) + capsys.readouterr().err  # argparse prints its errors to stderr
+    assert message in said, said
+
+def test_sigterm_saves_exports_and_resumes(tmp_path, tiles, monkeypatch, capsys):
+    """A pre-empted job: SIGTERM mid-run finishes the step, checkpoints, exports, and --resume auto goes on."""
+    import signal
+    real = g2l.lr_factor
+    def pre_empt(step, cfg):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, cfg)
+    monkeypatch.setattr(g2l, "lr_factor", pre_empt)
+    with pytest.raises(SystemExit) as e:  # saved and exported, but not done: 128 + SIGTERM, as a shell reports it
+        run(tmp_path, tiles, steps=8)
+    assert e.value.code == 143 and "stopped by SIGTERM at step 4" in capsys.readouterr().out
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 4
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
+    monkeypatch.setattr(g2l, "lr_factor", real)
+    assert run(tmp_path, tiles, "--resume", "auto", steps=8)["step"] == 8
+    assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(1, 9))  # no step logged twice
+
+def test_non_finite_losses_stop_the_run_with_finite_weights(tmp_path, tiles, monkeypatch, capsys):
+    monkeypatch.setattr(g2l, "pair_loss", lambda kind, zs, zt, alpha=4.0: zs.float().sum() * float("nan"))
+    with pytest.raises(SystemExit) as e:  # an abnormal stop is not a success
+        run(tmp_path, tiles, steps=5)
+    assert e.value.code == 1
+    out = capsys.readouterr().out
+    assert out.count("non-finite loss at step 0") == 3 and "stopped: 3 non-finite losses in a row" in out
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 0 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert not metrics(tmp_path / "run")  # nothing was logged: no step completed
+
+def test_early_stop_rule(tmp_path, tiles, monkeypatch, capsys):
+    """G2L: stop when the loss exceeds the mean of the last 100 steps more than 10 times in a row."""
+    calls = []
+    def rising(kind, zs, zt, alpha=4.0):  # a loss that only goes up: above its running mean at every step
+        calls.append(1)
+        return zs.float().sum() * 0 + len(calls)
+    monkeypatch.setattr(g2l, "pair_loss", rising)
+    last = run(tmp_path, tiles, "--early-stop", "--w-local", "0", "--log-every", "1000", steps=300)
+    assert "early stop at step 111" in capsys.readouterr().out  # 100 steps to fill the window, then 11 above it
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 111
+
+# --------------------------------------- a cluster run's safety: signals, damaged or full disks, locks, argument checks
 def test_fp16_skipped_step_goes_on_and_resumes_at_the_right_tiles(tmp_path, tiles, monkeypatch, capsys):
     """A non-finite loss under fp16 skips the update (closing the GradScaler's step) and the run goes on; the
     skipped step drew a batch, so a resume after it must continue from the tiles actually drawn."""
@@ -774,6 +715,94 @@ def test_evaluation_follows_eval_every_whatever_log_every(tmp_path, tiles):
     run(tmp_path, tiles, "--log-every", "4", "--eval-every", "3", steps=6)
     assert [r["step"] for r in metrics(tmp_path / "run") if "val_cos" in r] == [3, 6]
 
+# ----------------------------------------------------------------------------- distributed (DDP, two CPU processes)
+def _ddp_worker(rank, world, port, argv, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    g2l.main(argv)
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+def test_two_process_ddp_matches_one_process_and_resumes(tmp_path, tiles, monkeypatch, request):
+    import torch.multiprocessing as mp
+    common = [*TINY_T, *TINY_S, "--data", str(tiles / "train"), "--val-data", str(tiles / "val"), "--img-size", "28",
+              "--steps", "4", "--warmup-steps", "1", "--workers", "1", "--log-every", "1", "--eval-every", "1000",
+              "--lr", "1e-4", "--ckpt-every", "2"]  # a small lr: Adam turns rounding into ~lr steps (same_weights)
+    request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))  # for later tests
+    torch.set_num_threads(1)  # the same thread count as each of the two processes
+    g2l.main(common + ["--batch-size", "8", "--out", str(tmp_path / "one")])
+    mp.spawn(_ddp_worker, args=(2, _free_port(), common + ["--batch-size", "4", "--out", str(tmp_path / "two")],
+                                None), nprocs=2)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+    wa = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["model"]
+    same_weights(wa, wb)
+    # two processes resumed from the step-2 checkpoint of the one-process run reach the same end
+    keep_checkpoints(monkeypatch)
+    g2l.main(common + ["--batch-size", "8", "--out", str(tmp_path / "again")])
+    os.makedirs(tmp_path / "res")
+    shutil.copy(tmp_path / "again" / "ckpt.pt.2", tmp_path / "res" / "ckpt.pt")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), common + ["--batch-size", "4", "--out", str(tmp_path / "res"),
+                                                            "--resume", "auto"], None), nprocs=2)
+    res = metrics(tmp_path / "res")
+    assert [r["step"] for r in res] == [3, 4]
+    for a, b in zip(one[2:], res):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+    same_weights(wa, torch.load(tmp_path / "res" / "ckpt.pt", weights_only=False)["model"])
+
+def same_weights(a, b):
+    """Equal within fp32 tolerance. Two parameters have zero gradient in exact arithmetic (the global head's
+    bias, removed by the loss's BatchNorm, and the attention key bias, removed by softmax), so Adam turns
+    summation-order rounding into steps of ~lr there: they are compared through the student's output."""
+    inert = ("global_head.bias", "attn.qkv.bias")
+    for k in a:
+        if not k.endswith(inert):
+            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    s, spec = g2l.load_model("vit_tiny_patch16_224", kwargs=TINY_S[3], img_size=32)
+    outs = []
+    for w in (a, b):
+        s.load_state_dict({k[len("backbone."):]: v for k, v in w.items() if k.startswith("backbone.")})
+        with torch.no_grad():
+            outs.append(s.eval()(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+
+def test_ddp_with_grad_accum_matches_one_process(tmp_path, tiles, request):
+    """2 gloo processes x batch 2 x 2 micro-steps take the same steps as 1 process x batch 4 x 2 micro-steps."""
+    import torch.multiprocessing as mp
+    common = [*TINY_T, *TINY_S, "--data", str(tiles / "train"), "--val-data", str(tiles / "val"), "--img-size", "28",
+              "--steps", "2", "--warmup-steps", "1", "--workers", "0", "--log-every", "1", "--eval-every", "1000",
+              "--lr", "1e-4", "--grad-accum", "2"]
+    request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))
+    torch.set_num_threads(1)
+    g2l.main(common + ["--batch-size", "4", "--out", str(tmp_path / "one")])
+    mp.spawn(_ddp_worker, args=(2, _free_port(), common + ["--batch-size", "2", "--out", str(tmp_path / "two")],
+                                None), nprocs=2)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):  # Adam hides a wrongly scaled gradient; the logged gradient norm does not
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    same_weights(*(torch.load(tmp_path / n / "ckpt.pt", weights_only=False)["model"] for n in ("one", "two")))
+
+# ---------------------------------------------------------------------- speed and memory: FLOPs, MFU, compile, chunking
+def test_memory_options_keep_the_maths(tmp_path, tiles):
+    """Teacher micro-batches and student gradient checkpointing change memory, not the losses."""
+    run(tmp_path, tiles, steps=3, name="plain")
+    run(tmp_path, tiles, "--teacher-chunk", "3", "--grad-checkpointing", steps=3, name="lean")
+    for a, b in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "lean")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+def test_one_compiled_step_runs(tmp_path, tiles):
+    last = run(tmp_path, tiles, "--compile", "on", "--synthetic", steps=1)
+    assert math.isfinite(last["loss"])
+
 def test_forward_flops_formula_matches_torch_flop_counter():
     """The MFU's FLOP formula (linear layers, attention, patch embedding) against torch's own counter."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -793,21 +822,7 @@ def test_gpu_peak_matches_whole_names_and_cpu_has_no_mfu():
     assert math.isnan(tf("NVIDIA A10G")) and math.isnan(tf("NVIDIA B200"))  # unknown: no MFU rather than a wrong one
     assert math.isnan(g2l.peak_flops(torch.device("cpu"), "fp32")) and g2l.mfu(1e9, float("nan")) is None
 
-def test_16_bit_png_tile_keeps_its_values(tmp_path):
-    a = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
-    Image.fromarray(a).save(tmp_path / "t16.png")
-    x = g2l.load_tile(tmp_path / "t16.png", 64)
-    assert x.shape == (3, 64, 64) and x.dtype == torch.uint8
-    assert torch.equal(x[0], x[2]) and abs(int(x[0, 32, 0]) - round(a[32, 0] / 257)) <= 1 and x.float().std() > 50
-
-def test_eval_refuses_a_header_only_csv_and_an_image_as_data(tmp_path):
-    tile = next((Path(__file__).resolve().parent / "examples" / "tiles").rglob("*.jpg"))
-    (tmp_path / "empty.csv").write_text("path,label\n")
-    for data, message in ((tmp_path / "empty.csv", "lists no images"), (tile, "is not a labels CSV")):
-        with pytest.raises(SystemExit) as e:
-            ev.main(["probe", "--model", "vit_tiny_patch16_224", "--data", str(data), "--out", str(tmp_path / "o")])
-        assert str(e.value).startswith(f"error: --data {data}") and message in str(e.value), str(e.value)
-
+# =============================================================================== prep_tiles.py
 def test_prep_tiles_unwritable_out_is_an_argument_error(tmp_path, capsys):
     slide = Path(__file__).resolve().parent / "examples" / "CMU-1-Small-Region.svs"
     (tmp_path / "file").write_text("not a folder")
@@ -816,18 +831,17 @@ def test_prep_tiles_unwritable_out_is_an_argument_error(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"error: --out {out} is not a writable folder" in err, err
 
-# =============================================================================== prep_tiles.py
 CMU = ROOT / "examples" / "CMU-1-Small-Region.svs"            # 1 level, 2220 x 2967, 0.499 µm/px
-SYN = ROOT / "testdata" / "openslide"                         # boxes.tiff: 300x250 / 150x125 / 75x62 / 37x31, no mpp
-COLUMNS = "slide_id,path,status,error,n_tiles,mpp_level0,mpp_source,read_level,read_mpp,seconds"
 
+SYN = ROOT / "testdata" / "openslide"                         # boxes.tiff: 300x250 / 150x125 / 75x62 / 37x31, no mpp
+
+COLUMNS = "slide_id,path,status,error,n_tiles,mpp_level0,mpp_source,read_level,read_mpp,seconds"
 
 def rows(out):
     with open(out / "slides.csv", newline="") as f:
         assert f.readline().strip() == COLUMNS  # the exact header g2l.py relies on
         f.seek(0)
         return {r["slide_id"]: r for r in csv.DictReader(f)}
-
 
 def corners(folder):
     """{(x, y)} parsed from <slide_id>_x<X>_y<Y>.<ext> names."""
@@ -836,7 +850,6 @@ def corners(folder):
         x, y = p.stem.rsplit("_x", 1)[1].split("_y")
         out.add((int(x), int(y)))
     return out
-
 
 def test_cmu_at_05_reads_level0_without_resize(tmp_path):
     # 0.499 is within 5% of 0.5: tiles are raw 224-px level-0 crops on a 224-px stride.
@@ -854,7 +867,6 @@ def test_cmu_at_05_reads_level0_without_resize(tmp_path):
     assert tile.shape == (224, 224, 3) and np.array_equal(tile, ref)
     assert Image.open(tmp_path / "masks" / "CMU-1-Small-Region.png").size == (277, 370)  # 2220*0.499/4, 2967*0.499/4
 
-
 def test_cmu_at_1_downsamples_level0(tmp_path):
     # 1.0 µm/px: level 0 is 2x too fine -> read round(224/0.499) = 449 px and resize to 224.
     # footprint = stride = 448.898 level-0 px -> 4 columns (1771.1/448.9 = 3.9), 6 rows (2518.1/448.9 = 5.6).
@@ -866,7 +878,6 @@ def test_cmu_at_1_downsamples_level0(tmp_path):
     for p in (tmp_path / "CMU-1-Small-Region").iterdir():
         im = Image.open(p)
         assert (im.mode, im.size) == ("RGB", (224, 224))
-
 
 def test_tissue_filter_tiles_decode_and_have_no_black(tmp_path):
     assert prep_tiles.main([str(CMU), "--out", str(tmp_path)]) == 0
@@ -882,14 +893,12 @@ def test_tissue_filter_tiles_decode_and_have_no_black(tmp_path):
     # --min-tissue 0.5 on a 4 µm/px mask: each tile is mostly tissue (the mask's edges are a few µm generous)
     assert max(blank) < 0.6 and np.mean(blank) < 0.25
 
-
 def test_read_rgb_composites_outside_the_scan_onto_white():
     with openslide.OpenSlide(str(CMU)) as s:  # a region hanging 228 px off the right edge, 167 px off the bottom
         a = np.asarray(prep_tiles.read_rgb(s, (2000, 2800), 0, (448, 334)))
         raw = np.asarray(s.read_region((2000, 2800), 0, (448, 334)))
     assert raw[:, 300:, :3].max() == 0                      # what OpenSlide returns there: transparent black
     assert a.shape == (334, 448, 3) and (a[:, 300:] == 255).all() and (a[200:] == 255).all()
-
 
 def test_slide_without_mpp_fails_clearly_with_override_reads_level1(tmp_path, capsys):
     boxes = SYN / "boxes.tiff"  # a real 4-level pyramid whose header has no usable mpp (a 72-dpi placeholder)
@@ -912,7 +921,6 @@ def test_slide_without_mpp_fails_clearly_with_override_reads_level1(tmp_path, ca
         (round(i * 16 * ds), round(j * 16 * ds)) for i in range(9) for j in range(7)}
     assert corners(out / "boxes") >= {(0, 0), (32, 32), (256, 192)}
 
-
 def test_choose_level_on_the_boxes_pyramid():
     with openslide.OpenSlide(str(SYN / "boxes.tiff")) as s:
         ds = s.level_downsamples                             # (1, 2, 4.016, 8.086)
@@ -931,7 +939,6 @@ def test_choose_level_on_the_boxes_pyramid():
     # the case get_best_level_for_downsample gets wrong: a level at 0.9975 µm/px for a 1.0 target is usable as is
     assert prep_tiles.choose_level(0.25, (1, 3.99, 16), 1.0, 0.05) == (1, 0.25 * 3.99, False)
 
-
 def test_boxes_tiff_tiles_from_level2_with_override(tmp_path):
     # override 0.25, target 1.0 -> level 2 (1.004 µm/px) as is; 16-px tiles = 64.26 level-0 px:
     # 300 wide -> floor(235.7/64.26)+1 = 4 cols, 250 tall -> floor(185.7/64.26)+1 = 3 rows
@@ -941,7 +948,6 @@ def test_boxes_tiff_tiles_from_level2_with_override(tmp_path):
     r = rows(tmp_path)["boxes"]
     assert (r["status"], r["n_tiles"], r["read_level"], r["read_mpp"]) == ("ok", "12", "2", "1.0040")
     assert corners(tmp_path / "boxes") == {(x, y) for x in (0, 64, 129, 193) for y in (0, 64, 129)}
-
 
 def test_broken_slides_fail_alone_and_exit_nonzero(tmp_path, capsys):
     bad = [SYN / "unopenable.tiff", SYN / "unreadable.svs"]
@@ -954,7 +960,6 @@ def test_broken_slides_fail_alone_and_exit_nonzero(tmp_path, capsys):
     assert all(str(p) in err for p in bad)
     assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())  # nothing half-written left behind
     assert not (tmp_path / "unreadable").exists()
-
 
 def test_resume_skips_finished_slides_and_overwrite_redoes_them(tmp_path):
     args = [str(CMU), "--out", str(tmp_path), "--mpp", "1.0"]
@@ -970,7 +975,6 @@ def test_resume_skips_finished_slides_and_overwrite_redoes_them(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before  # untouched
     assert prep_tiles.main(args + ["--overwrite"]) == 0
     assert rows(tmp_path)["CMU-1-Small-Region"]["status"] == "ok"
-
 
 def test_resume_only_with_the_same_settings_and_csv_line_ends(tmp_path, capsys):
     args = [str(CMU), "--out", str(tmp_path), "--mpp", "1.0"]
@@ -989,7 +993,6 @@ def test_resume_only_with_the_same_settings_and_csv_line_ends(tmp_path, capsys):
     assert prep_tiles.main(args + ["--tile-size", "256"]) == 0  # the new settings resume
     assert rows(tmp_path)["CMU-1-Small-Region"]["status"] == "skipped"
 
-
 def test_block_reads_match_naive_reads(tmp_path):
     # the fast path (one read_region per 8x8 block) must give the same pixels as one read_region per tile
     for block in ("1", "8"):
@@ -1000,7 +1003,6 @@ def test_block_reads_match_naive_reads(tmp_path):
     for n in names:
         a, b = [np.asarray(Image.open(tmp_path / k / "CMU-1-Small-Region" / n)) for k in ("1", "8")]
         assert np.array_equal(a, b), n
-
 
 def test_workers_share_one_slide_and_the_manifest_lists_every_tile(tmp_path, monkeypatch):
     monkeypatch.setattr(prep_tiles, "CHUNK", 5)  # 24 tiles -> 5 chunks over 2 workers (forked: they see it)
@@ -1026,7 +1028,6 @@ def test_max_tiles_is_a_seeded_sample(tmp_path):
     a, b, c = run("a", "0"), run("b", "0"), run("c", "1")
     assert len(a) == 5 and a == b and a != c
 
-
 def test_argument_errors_stop_before_any_work(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for d in ("x", "y"):
@@ -1043,13 +1044,11 @@ def test_argument_errors_stop_before_any_work(tmp_path, capsys):
         assert e.value.code == 2 and msg in capsys.readouterr().err
     assert not out.exists()
 
-
 def test_mpp_header_wins_over_override_and_upsampling_is_refused(tmp_path):
     assert prep_tiles.main([str(CMU), "--out", str(tmp_path), "--mpp-override", "0.25", "--mpp", "1.0"]) == 0
     assert rows(tmp_path)["CMU-1-Small-Region"]["mpp_source"] == "openslide.mpp-x"
     assert prep_tiles.main([str(CMU), "--out", str(tmp_path / "b"), "--mpp", "0.25"]) == 1
     assert "never upsamples" in rows(tmp_path / "b")["CMU-1-Small-Region"]["error"]
-
 
 def test_find_slides_and_dicom(tmp_path):
     ids = [sid for sid, _ in prep_tiles.find_slides([str(SYN)])]
@@ -1062,7 +1061,6 @@ def test_find_slides_and_dicom(tmp_path):
     out = tmp_path / "b"  # other settings: another --out (one folder, one set of settings)
     assert prep_tiles.main([str(SYN / "small.svs"), "--out", str(out)]) == 0  # no_tissue is not a failure
     assert "smaller than one 224-px tile" in rows(out)["small"]["error"]
-
 
 def test_tissue_mask_on_a_drawn_slide():
     # white background, a pink 60x60 "tissue" square, a 10x10 pink speck (100 px < 625 px = 0.01 mm² at
@@ -1077,7 +1075,6 @@ def test_tissue_mask_on_a_drawn_slide():
     frac = prep_tiles.tissue_fraction(m, [(20, 20), (50, 20), (120, 120)], 60, (200, 200))
     assert frac[0] > 0.95 and 0.45 < frac[1] < 0.55 and frac[2] == 0
 
-
 def test_drop_small_counts_8_connected_components():
     m = np.zeros((6, 8), bool)
     m[0:5, 1] = m[0:5, 4] = m[4, 1:5] = True   # a U: two runs per row that only join at the bottom (12 px)
@@ -1087,7 +1084,6 @@ def test_drop_small_counts_8_connected_components():
     assert np.array_equal(prep_tiles.drop_small(m, 2), m)
     assert prep_tiles.tile_grid(2220, 2967, 224, 112)[:3] == [(0, 0), (112, 0), (224, 0)]
     assert len(prep_tiles.tile_grid(2220, 2967, 224, 112)) == 18 * 25  # overlap 112: floor(1996/112)+1, floor(2743/112)+1
-
 
 def test_worker_pool_and_fail_fast(tmp_path):
     slides = [str(SYN / "unreadable.svs"), str(SYN / "small.svs"), str(CMU)]
@@ -1099,9 +1095,12 @@ def test_worker_pool_and_fail_fast(tmp_path):
     assert list(rows(tmp_path / "ff")) == ["unreadable"] and not (tmp_path / "ff" / "CMU-1-Small-Region").exists()
 
 # =============================================================================== eval.py
+# ----------------------------------------------------------------------------- fixtures
 # random-init ViTs pool their patch tokens (global_pool avg): a random CLS output barely depends on the image
 KW_T = '{"depth": 1, "embed_dim": 64, "num_heads": 2, "global_pool": "avg"}'
+
 KW_S = '{"depth": 1, "embed_dim": 48, "num_heads": 2, "global_pool": "avg"}'
+
 TINY = ["--model", "vit_small_patch14_dinov2", "--model-kwargs", KW_T, "--img-size", "42", "--workers", "0"]
 
 def write_csv(path, rows):
@@ -1299,6 +1298,14 @@ def test_every_eval_option_is_described_with_its_default(capsys):
                 assert "(default:" in " ".join(said), f"{cmd} {opt}: no default shown"
 
 # ----------------------------------------------------------------------------- bad input
+def test_eval_refuses_a_header_only_csv_and_an_image_as_data(tmp_path):
+    tile = next((Path(__file__).resolve().parent / "examples" / "tiles").rglob("*.jpg"))
+    (tmp_path / "empty.csv").write_text("path,label\n")
+    for data, message in ((tmp_path / "empty.csv", "lists no images"), (tile, "is not a labels CSV")):
+        with pytest.raises(SystemExit) as e:
+            ev.main(["probe", "--model", "vit_tiny_patch16_224", "--data", str(data), "--out", str(tmp_path / "o")])
+        assert str(e.value).startswith(f"error: --data {data}") and message in str(e.value), str(e.value)
+
 @pytest.mark.parametrize("case, message", [
     ("missing_column", "has no column label"),
     ("single_class", "single class"),
@@ -1338,7 +1345,6 @@ def test_eval_bad_inputs_give_clear_errors(pcam, tmp_path, case, message):
         ev.main(argv)
     assert message in str(e.value), str(e.value)
     assert str(e.value).startswith("error:") and "\n" not in str(e.value)
-
 
 # =============================================================================== the repository stands alone
 def test_no_tracked_file_points_outside_the_repository():
