@@ -264,6 +264,33 @@ def test_student_size_matches_teacher_grid_and_resize_fallback():
         _, pmap = g2l.encode(student, spec, torch.rand(2, 3, 128, 128))
     assert pmap.shape[-2:] == (8, 8)
 
+def test_student_cut_from_teacher_blocks_computes_those_blocks(tmp_path):
+    """examples/student_from_teacher.py: a shallower pretrained student whose block j is teacher block blocks[j];
+    it loads through --student-weights at depth len(blocks) and computes exactly those teacher blocks."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sft", ROOT / "examples" / "student_from_teacher.py")
+    sft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sft)
+    kw = {"depth": 4, "embed_dim": 64, "num_heads": 2, "img_size": 56}
+    teacher, _ = g2l.load_model("vit_small_patch14_reg4_dinov2", "random", json.dumps(kw))
+    assert sft.pick_blocks("first:2", 4) == [0, 1] and sft.pick_blocks("every:2", 4) == [0, 2]
+    with pytest.raises(SystemExit, match="blocks 0..3"):
+        sft.pick_blocks("0,4", 4)
+    x = torch.rand(2, 3, 56, 56)
+    for blocks in ([0, 1], [0, 2], [3, 1]):
+        from safetensors.torch import save_file
+        save_file(sft.subset_state_dict(teacher, blocks), str(tmp_path / "s.safetensors"))
+        student, _ = g2l.load_model("vit_small_patch14_reg4_dinov2", str(tmp_path / "s.safetensors"),
+                                    json.dumps({**kw, "depth": 2}))
+        with torch.no_grad():
+            h = teacher.norm_pre(teacher._pos_embed(teacher.patch_embed(x)))
+            for i in blocks:
+                h = teacher.blocks[i](h)
+            assert torch.equal(student.forward_features(x), teacher.norm(h))
+    out = tmp_path / "cli" / "half.safetensors"  # the command line: a file, and the g2l.py line to use it
+    assert sft.main(["--teacher", "vit_small_patch14_reg4_dinov2", "--teacher-weights", "random", "--teacher-kwargs",
+                     json.dumps(kw), "--blocks", "every:2", "--out", str(out)]) == [0, 2] and out.is_file()
+
 # --------------------------------------------------------------------------- data: tile folders, sampling, augmentation
 def test_augmentations_keep_their_semantics():
     x = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8)
