@@ -1281,6 +1281,9 @@ def resume(cfg, raw, opt, scaler, device, tiles_per_step):
     if not (cfg.resume and ckpt_path.is_file()):
         if cfg.resume and cfg.resume != "auto":
             raise SystemExit(f"error: --resume {cfg.resume}: no such checkpoint")
+        if ckpt_path.is_file():  # not an error (a deliberate fresh start), but never a silent loss
+            print0(f"note: starting afresh in {cfg.out}: its ckpt.pt will be replaced at the first checkpoint; "
+                   "stop now and add --resume auto to continue that run instead")
         return dict(step=0, baseline={}, samples=0)
     ck = load_checkpoint(ckpt_path, raw, opt, scaler)
     torch.set_rng_state(ck["rng"]["torch"])

@@ -695,6 +695,12 @@ def test_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_path
     holder.wait()
     assert run(tmp_path, tiles, steps=1)["step"] == 1
 
+def test_a_fresh_start_over_a_checkpoint_says_so(tmp_path, tiles, capsys):
+    run(tmp_path, tiles, steps=1)
+    capsys.readouterr()
+    run(tmp_path, tiles, steps=1)  # no --resume: a deliberate fresh start, but the old checkpoint is about to go
+    assert "starting afresh" in capsys.readouterr().out
+
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "-5"], "--steps -5: must be >= 0"),
     (["--grad-accum", "0"], "--grad-accum 0: must be >= 1"),
