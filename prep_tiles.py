@@ -210,7 +210,7 @@ def plan_slide(path, out, slide_id, mpp=0.5, tile_size=224, overlap=0, mpp_toler
                      resize=resize, empty=empty, t_start=t_start)
 
 def open_cached(path):
-    """The slide with a CACHE_MB tile cache (6% more tiles/s on a 40x slide); OpenSlide < 4.0 keeps its own."""
+    """The slide with a CACHE_MB tile cache (6-12% more tiles/s cutting a 40x slide); OpenSlide < 4.0 keeps its own."""
     slide = openslide.OpenSlide(str(path))
     with contextlib.suppress(AttributeError, openslide.OpenSlideError):  # no settable cache before 4.0
         slide.set_cache(openslide.OpenSlideCache(CACHE_MB << 20))
