@@ -4,7 +4,7 @@ prep_tiles.py: whole-slide images -> tile folders for g2l.py, at a physical reso
     python prep_tiles.py examples/CMU-1-Small-Region.svs --out examples/tiles --mpp 0.5 --format jpg --quality 90
     python prep_tiles.py /data/slides/ --out tiles/ --mpp 0.5 --tile-size 224 --workers 8   # folders: recursive
     python prep_tiles.py crop.svs --out tiles/ --mpp-override 0.25   # the header has no mpp: you say what it is
-    python prep_tiles.py slide.svs --out /tmp/t --overwrite --block 1 # naive baseline: one read_region per tile
+    python prep_tiles.py slide.svs --out /tmp/t --overwrite --block 4 # one read_region per 4x4 tiles (default 1)
 
 Writes: tiles/slides.csv, tiles/tiles.csv (one row per tile: path, slide_id, x, y; g2l.py reads it instead of
 walking the folder), tiles/<slide_id>/<slide_id>_x<X>_y<Y>.jpg (X, Y = level-0
@@ -34,6 +34,8 @@ SAT_FLOOR = 15               # Otsu never goes below this saturation (0-255), so
 MEDIAN_PX, CLOSE_PX = 5, 5   # at MASK_MPP: 20 µm median blur (noise), 20 µm close (gaps between cells)
 MIN_COMPONENT_UM2 = 10_000   # drop specks under 0.01 mm² (dust, debris)
 QC_MAX_PX = 2048             # longest side of the saved QC picture
+CACHE_MB = 256               # decoded-tile cache per open slide: a row of 448-px reads re-reads the JPEG
+                             # rows the previous row touched (OpenSlide's default 32 MB drops them)
 
 # -----------------------------------------------------------------------------
 # resolution: from the slide's own mpp, never from "level N"
@@ -140,9 +142,16 @@ def tissue_mask(thumb, mask_mpp=MASK_MPP):
     p = np.bincount(np.asarray(sat).ravel(), minlength=256) / (sat.width * sat.height)
     w, mu = np.cumsum(p), np.cumsum(p * np.arange(256))  # Otsu: maximise the between-class variance
     t = max(int(np.argmax((mu[-1] * w - mu) ** 2 / (w * (1 - w) + 1e-12))), SAT_FLOOR)
-    m = sat.point(lambda v: 255 if v > t else 0)
-    m = m.filter(ImageFilter.MaxFilter(CLOSE_PX)).filter(ImageFilter.MinFilter(CLOSE_PX))  # close = dilate, erode
-    return drop_small(np.asarray(m) > 0, MIN_COMPONENT_UM2 / mask_mpp ** 2)
+    return drop_small(close(np.asarray(sat) > t, CLOSE_PX), MIN_COMPONENT_UM2 / mask_mpp ** 2)
+
+def close(mask, k):
+    """Binary close (dilate, then erode) with a k x k square, edges replicated: the pixels of Pillow's
+    MaxFilter then MinFilter, ~15x faster (separable: k shifted rows, then k shifted columns)."""
+    for op in (np.maximum, np.minimum):
+        p = np.pad(mask, k // 2, mode="edge")
+        p = op.reduce([p[:, i:i + mask.shape[1]] for i in range(k)])
+        mask = op.reduce([p[i:i + mask.shape[0]] for i in range(k)])
+    return mask
 
 def tissue_fraction(mask, tiles, footprint0, dims):
     """Tissue fraction of each tile's level-0 footprint, read off the mask through an integral image."""
@@ -162,7 +171,7 @@ def save_qc(thumb, mask, tiles, footprint0, dims, dest):
         draw.rectangle([x * sx, y * sy, (x + footprint0) * sx, (y + footprint0) * sy], outline=(0, 0, 255))
     img.thumbnail((QC_MAX_PX, QC_MAX_PX))
     with atomic_open(dest, "wb") as f:
-        img.save(f, format="PNG")
+        img.save(f, format="PNG", compress_level=1)  # same pixels, 8x faster than the default level 6
 
 # -----------------------------------------------------------------------------
 # one slide -> one folder
@@ -200,15 +209,23 @@ def plan_slide(path, out, slide_id, mpp=0.5, tile_size=224, overlap=0, mpp_toler
     return row, dict(tiles=tiles, level=level, ds=ds, read_px=read_px, stride=st0, tile_size=tile_size,
                      resize=resize, empty=empty, t_start=t_start)
 
-def cut_tiles(path, out, slide_id, plan, tiles, fmt="jpg", quality=90, block=8, progress=False):
+def open_cached(path):
+    """The slide with a CACHE_MB tile cache (6-12% more tiles/s cutting a 40x slide); OpenSlide < 4.0 keeps its own."""
+    slide = openslide.OpenSlide(str(path))
+    with contextlib.suppress(AttributeError, openslide.OpenSlideError):  # no settable cache before 4.0
+        slide.set_cache(openslide.OpenSlideCache(CACHE_MB << 20))
+    return slide
+
+def cut_tiles(path, out, slide_id, plan, tiles, fmt="jpg", quality=90, block=1, progress=False):
     """Read and save `tiles` (all of a slide's, or one worker's share) into its temp folder."""
     tmp, ds, read_px, st0 = out / f".tmp_{slide_id}", plan["ds"], plan["read_px"], plan["stride"]
-    # One read_region per block of up to block x block tiles, cut in memory: fewer calls, and each JPEG tile
-    # inside the slide file is decoded once instead of once per output tile it touches. block=1: naive.
+    # One read_region per block of up to block x block tiles, cut in memory: fewer calls, each JPEG tile of the
+    # file decoded once. Measured on 20x and 40x SVS it is no faster (block 8: 10% slower): a block's bounding box
+    # reads background too, read_region's cost grows with the pixels, and the tile cache already saves re-decodes.
     groups = {}
     for x, y in tiles:
         groups.setdefault((round(x / st0) // block, round(y / st0) // block), []).append((x, y))
-    with openslide.OpenSlide(str(path)) as slide, \
+    with open_cached(path) as slide, \
             tqdm(total=len(tiles), desc=slide_id[:20], unit="tile", leave=False, disable=not progress) as bar:
         for group in groups.values():
             (gx, gy), (mx, my) = np.min(group, 0).tolist(), np.max(group, 0).tolist()
@@ -242,7 +259,7 @@ def failed_row(row, out, e, t_start):
            "re-copy or re-export it" if isinstance(e, openslide.OpenSlideError) else f"{type(e).__name__}: {e}")
     return row | dict(status="failed", error=msg.replace("\n", " "), n_tiles=0, seconds=f"{time.time() - t_start:.2f}")
 
-def tile_slide(path, out, slide_id=None, fmt="jpg", quality=90, block=8, progress=False, **plan_opts):
+def tile_slide(path, out, slide_id=None, fmt="jpg", quality=90, block=1, progress=False, **plan_opts):
     """Tile one slide into out/<slide_id>/ (via a temp folder) in this process and return its slides.csv row.
     A bad slide never raises: its row says failed and why."""
     path, out, t_start = Path(path), Path(out), time.time()
@@ -376,7 +393,8 @@ def parse_args(argv):
     ap.add_argument("--workers", type=int, default=1, help="processes over slides, each with its own OpenSlide")
     ap.add_argument("--mpp-override", type=float,
                     help="level-0 µm/px for slides whose header has no usable mpp (without it they fail)")
-    ap.add_argument("--block", type=int, default=8, help="read block x block tiles per read_region (1 = naive)")
+    ap.add_argument("--block", type=int, default=1,
+                    help="read block x block tiles per read_region (1, one per tile, was fastest on 20x and 40x SVS)")
     ap.add_argument("--overwrite", action="store_true",
                     help="redo finished slides; without it they are skipped (resume, with the same settings only)")
     ap.add_argument("--fail-fast", action="store_true", help="stop at the first failed slide")

@@ -1118,6 +1118,13 @@ def test_drop_small_counts_8_connected_components():
     assert prep_tiles.tile_grid(2220, 2967, 224, 112)[:3] == [(0, 0), (112, 0), (224, 0)]
     assert len(prep_tiles.tile_grid(2220, 2967, 224, 112)) == 18 * 25  # overlap 112: floor(1996/112)+1, floor(2743/112)+1
 
+def test_close_gives_the_pixels_of_pillows_max_then_min_filter():
+    from PIL import ImageFilter
+    m = np.random.default_rng(0).random((53, 47)) > 0.8  # specks touching every edge: the borders count too
+    want = Image.fromarray(m.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(5)).filter(ImageFilter.MinFilter(5))
+    got = prep_tiles.close(m, 5)
+    assert got.dtype == bool and 0 < got.sum() < got.size and np.array_equal(got, np.asarray(want) > 0)
+
 def test_worker_pool_and_fail_fast(tmp_path):
     slides = [str(SYN / "unreadable.svs"), str(SYN / "small.svs"), str(CMU)]
     assert prep_tiles.main(slides + ["--out", str(tmp_path / "pool"), "--workers", "2", "--mpp", "1.0"]) == 1
