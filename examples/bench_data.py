@@ -1,6 +1,7 @@
 """Data-path benchmark: start-up (discovery + split + first batch) and DataLoader worker memory over a full
 pass, on a tree of many tile files (hard links to a few real tiles, so a 1M-tile tree takes a minute to make).
 
+    pip install psutil                                                           # the one extra it needs
     python examples/bench_data.py /tmp/tree --tiles 1000000 --workers 4 --pass   # walk (then cached) + full pass
     python examples/bench_data.py /tmp/tree --manifest                           # start-up from tiles.csv
     python examples/bench_data.py /tmp/tree --g2l OLD/g2l.py --pass              # the same with another g2l.py
@@ -12,7 +13,10 @@ Tiles are the bundled CC0 tiles shrunk to 32 px, so the pass measures the data p
 import argparse, csv, importlib.util, json, os, sys, time
 from pathlib import Path
 
-import psutil
+try:
+    import psutil
+except ImportError:
+    raise SystemExit("error: examples/bench_data.py needs psutil for worker memory: pip install psutil")
 import torch
 from PIL import Image
 
