@@ -1100,18 +1100,18 @@ def slide_weights(slide):
     `slide` holds each tile's slide index (Tiles.slide)."""
     return torch.from_numpy(1.0 / np.bincount(slide)[slide])
 
-def make_batches(cfg, paths, start, device):
+def make_batches(cfg, tiles, start, device):
     """An endless iterator of (uint8 tiles, skipped) for this rank, starting at sample `start` of the run."""
     if cfg.synthetic:  # the same step on random tensors: no I/O
         return iter(lambda: (torch.randint(0, 256, (cfg.batch_size, 3, cfg.load_size, cfg.load_size),
                                            dtype=torch.uint8), torch.zeros(cfg.batch_size, dtype=torch.long)), None)
-    sampler = InfiniteSampler(len(paths), slide_weights(paths.slide) if cfg.balance else None, cfg.batch_size * WORLD,
+    sampler = InfiniteSampler(len(tiles), slide_weights(tiles.slide) if cfg.balance else None, cfg.batch_size * WORLD,
                               cfg.seed, start)
     if cfg.workers:  # the workers fork now: frozen objects are never scanned by gc, so no gc pass copies their pages
         gc.collect()
         gc.freeze()
     return iter(torch.utils.data.DataLoader(
-        TileDataset(paths, cfg.load_size), batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+        TileDataset(tiles, cfg.load_size), batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
         num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
         prefetch_factor=4 if cfg.workers else None, worker_init_fn=quiet_worker,
         generator=torch.Generator().manual_seed(cfg.seed)))
@@ -1186,23 +1186,23 @@ def main(argv=None):
     check_args(cfg)
     with run_lock(cfg), contextlib.ExitStack() as cleanup:
         device, dtype, amp = set_up(cfg)
-        paths, val_paths = load_data(cfg)  # a bad --data fails before any model
+        tiles, val_tiles = load_data(cfg)  # a bad --data fails before any model
         teacher, spec_t, raw, spec_s, grid = build_models(cfg, device, dtype, amp)
-        tiles_per_step = plan_steps(cfg, len(paths))
+        tiles_per_step = plan_steps(cfg, len(tiles))
         opt, scaler = make_optimizer(cfg, raw, device)
         state = resume(cfg, raw, opt, scaler, device, tiles_per_step)
-        metrics = start_run_folder(cfg, spec_t, spec_s, len(paths), len(val_paths), state["step"])
+        metrics = start_run_folder(cfg, spec_t, spec_s, len(tiles), len(val_tiles), state["step"])
         model, teacher_fwd = wrap(cfg, raw, teacher, spec_t, device)
         stop = {}  # SIGINT / SIGTERM (a pre-empted cluster job): finish the step, save, export, exit cleanly
         handlers = {s: signal.signal(s, lambda sig, frame: stop.setdefault("by", signal.Signals(sig)))
-                    for s in (signal.SIGINT, signal.SIGTERM)}  # before the loaders, so workers start with it
+                    for s in STOP_SIGNALS}  # before the loaders, so workers start with it
         with held_signals():
-            batches = make_batches(cfg, paths, state["samples"], device)
+            batches = make_batches(cfg, tiles, state["samples"], device)
         # its workers ignore SIGTERM (quiet_worker), so a terminate() at exit would not end them: stop them ourselves
         cleanup.callback(getattr(batches, "_shutdown_workers", lambda: None))
-        val = torch.utils.data.DataLoader(TileDataset(val_paths, cfg.img_size), batch_size=cfg.batch_size,
+        val = torch.utils.data.DataLoader(TileDataset(val_tiles, cfg.img_size), batch_size=cfg.batch_size,
                                           num_workers=min(cfg.workers, 2), worker_init_fn=quiet_worker) \
-            if RANK == 0 and val_paths else None
+            if RANK == 0 and val_tiles else None
         run = types.SimpleNamespace(cfg=cfg, device=device, amp=amp, teacher=teacher, spec_t=spec_t, raw=raw,
                                     model=model, teacher_fwd=teacher_fwd, opt=opt, scaler=scaler, grid=grid,
                                     tiles_per_step=tiles_per_step, batches=batches, val=val, metrics=metrics,
@@ -1243,17 +1243,17 @@ def set_up(cfg):
 
 def load_data(cfg):
     """Training and validation Tiles, checked readable; --workers capped at the cores there are."""
-    paths, val_paths = split_data(cfg) if not cfg.synthetic else ([], [])
-    check_readable(paths, "--data")
-    check_readable(val_paths, "--val-data (or the held-out slides)")
+    tiles, val_tiles = split_data(cfg) if not cfg.synthetic else ([], [])
+    check_readable(tiles, "--data")
+    check_readable(val_tiles, "--val-data (or the held-out slides)")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if cfg.workers > cores:  # more decoders than cores only adds contention and memory
         print0(f"note: --workers {cfg.workers} is more than the {cores} CPU cores available; using {cores}")
         cfg.workers = cores
-    if 0 < len(val_paths) < 64:
-        print0(f"warning: only {len(val_paths)} validation tiles; agreement (val cos, cka) on so few means little "
+    if 0 < len(val_tiles) < 64:
+        print0(f"warning: only {len(val_tiles)} validation tiles; agreement (val cos, cka) on so few means little "
                "(give --val-data or more slides)")
-    return paths, val_paths
+    return tiles, val_tiles
 
 def plan_steps(cfg, n_train):
     """The run's length in optimizer steps (from --epochs when --steps is 0); returns tiles per step, all ranks."""
