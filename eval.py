@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import g2l
 from g2l import DTYPES, Config, TileDataset, atomic_open, centred_cosine, encode, extract_features, find_images, \
     forward_flops, index_tiles, linear_cka, load_model, make_views, peak_memory_gb, resolve
 
@@ -171,11 +172,14 @@ def extract(m, paths, a, cache):
     return feats
 
 def load_heads(run):
-    """The projection heads of a g2l run: its student's features in the teacher's space."""
+    """The global projection head of a g2l run: its student's features in the teacher's space."""
     from safetensors.torch import load_file
-    sd = load_file(str(Path(run) / "heads.safetensors"))
-    head = torch.nn.Linear(sd["global_head.weight"].shape[1], sd["global_head.weight"].shape[0])
-    head.load_state_dict({"weight": sd["global_head.weight"], "bias": sd["global_head.bias"]})
+    sd = {k.split(".", 1)[1]: v for k, v in load_file(str(Path(run) / "heads.safetensors")).items()
+          if k.startswith("global_head.")}
+    kind = "linear" if "weight" in sd else "mlp"  # --head: nn.Linear, or Sequential(Linear, GELU, Linear)
+    first, last = (sd["weight"], sd["weight"]) if kind == "linear" else (sd["0.weight"], sd["2.weight"])
+    head = g2l.projection(kind, first.shape[1], last.shape[0])
+    head.load_state_dict(sd)
     return head
 
 # ----------------------------------------------------------------------------- metrics, probe, kNN

@@ -66,6 +66,7 @@ class Config:
     w_global: float = 1.0               # weight of the global loss
     w_local: float = 1.0                # weight of the local loss (0 = the paper's global-only recipe)
     alpha: float = 4.0                  # exponent of the logsum loss
+    head: str = "linear"                # linear | mlp (Linear-GELU-Linear): the projection heads, dropped at export
     augment: bool = True                # the paper's flips, colour jitter and blur
     views: str = "same"                 # same | independent (independent colour/blur per model; same crop and flips)
     precision: str = "auto"             # auto | bf16 | fp16 | fp32
@@ -91,7 +92,8 @@ DEMO = dict(teacher="vit_small_patch14_dinov2.lvd142m", student="vit_tiny_patch1
 
 CHOICES = dict(global_loss=["logsum", "cosine", "smoothl1", "mse"],
                local_loss=["cosine-smoothl1", "logsum", "mse", "none"],
-               views=["same", "independent"], precision=["auto", "bf16", "fp16", "fp32"], compile=["auto", "on", "off"])
+               head=["linear", "mlp"], views=["same", "independent"], precision=["auto", "bf16", "fp16", "fp32"],
+               compile=["auto", "on", "off"])
 
 def parse_args(argv=None):
     """The command line is the Config: same names (dashes for underscores), its comments are the --help."""
@@ -730,13 +732,20 @@ def encode(model, spec, x):
         g = model.forward_head(feats, pre_logits=True)
     return g, pmap
 
+def projection(kind, d_in, d_out):
+    """A projection head: linear, or a small MLP (hidden 2x d_out) that absorbs the mismatch so the backbone
+    does not have to; either way it is discarded when the student is exported."""
+    if kind == "linear":
+        return nn.Linear(d_in, d_out)
+    return nn.Sequential(nn.Linear(d_in, 2 * d_out), nn.GELU(), nn.Linear(2 * d_out, d_out))
+
 class Student(nn.Module):
     """The trainable part: student + projection heads (the only module given to the optimizer and DDP)."""
-    def __init__(self, backbone, spec, teacher_dim, teacher_width, local):
+    def __init__(self, backbone, spec, teacher_dim, teacher_width, local, head="linear"):
         super().__init__()
         self.backbone, self.spec = backbone, spec
-        self.global_head = nn.Linear(spec.dim, teacher_dim)  # global feature -> the teacher's
-        self.local_head = nn.Linear(spec.width, teacher_width) if local else None  # patch tokens -> the teacher's
+        self.global_head = projection(head, spec.dim, teacher_dim)  # global feature -> the teacher's
+        self.local_head = projection(head, spec.width, teacher_width) if local else None  # patch tokens -> teacher's
     def forward(self, x, grid):
         g, pmap = encode(self.backbone, self.spec, x)
         zl = None
@@ -1064,7 +1073,7 @@ def build_models(cfg, device, dtype, amp):
     teacher.eval().requires_grad_(False)  # frozen: never trained, never in the optimizer or a checkpoint
     if device.type == "cuda" and dtype != torch.float32:
         teacher.to(dtype)  # no optimizer state, so the weights can live in bf16/fp16 outright
-    raw = Student(student, spec_s, spec_t.dim, spec_t.width, cfg.local_loss != "none" and cfg.w_local > 0)
+    raw = Student(student, spec_s, spec_t.dim, spec_t.width, cfg.local_loss != "none" and cfg.w_local > 0, cfg.head)
     raw.to(device)
     if cfg.grad_checkpointing:
         student.set_grad_checkpointing(True)

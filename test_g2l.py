@@ -456,15 +456,15 @@ def keep_checkpoints(monkeypatch):
 
 def test_resume_is_exact(tmp_path, tiles, monkeypatch):
     keep_checkpoints(monkeypatch)
-    run(tmp_path, tiles, "--ckpt-every", "3", "--seed", "5", steps=6, name="full")
+    run(tmp_path, tiles, "--ckpt-every", "3", "--seed", "5", "--head", "mlp", steps=6, name="full")
     os.makedirs(tmp_path / "half")
     shutil.copy(tmp_path / "full" / "ckpt.pt.3", tmp_path / "half" / "ckpt.pt")
-    run(tmp_path, tiles, "--ckpt-every", "3", "--seed", "5", "--resume", "auto", steps=6, name="half")
+    run(tmp_path, tiles, "--ckpt-every", "3", "--seed", "5", "--head", "mlp", "--resume", "auto", steps=6, name="half")
     full, half = metrics(tmp_path / "full"), metrics(tmp_path / "half")
     assert [r["loss"] for r in full[3:]] == [r["loss"] for r in half]
     a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "half" / "ckpt.pt", weights_only=False)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a) and "global_head.2.weight" in a  # --head mlp: Linear-GELU-Linear
 
 def test_demo_composes_with_flags_and_its_hint_works_as_printed(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # a user's working directory: relative paths in the hint must hold from here
@@ -1220,16 +1220,18 @@ def test_agree_self_is_one_other_lower_and_heads(pcam, tmp_path):
     csv_path, _ = pcam
     # a g2l run folder (exported student + heads), as g2l.py writes it
     student, spec = g2l.load_model("vit_tiny_patch16_224", kwargs=KW_S, img_size=32)
-    raw = g2l.Student(student, spec, 64, 64, False)
     cfg = types.SimpleNamespace(student_img_size=32, teacher="vit_small_patch14_dinov2", student="vit_tiny_patch16_224")
-    g2l.export(raw, spec, cfg, tmp_path / "run")
+    for head in ("linear", "mlp"):  # --head: eval.py rebuilds either kind of head from heads.safetensors
+        g2l.export(g2l.Student(student, spec, 64, 64, False, head), spec, cfg, tmp_path / head)
     argv = ["agree", "--teacher", "vit_small_patch14_dinov2", "--teacher-kwargs", KW_T, "--teacher-img-size", "42",
             "--student", "vit_small_patch14_dinov2", "--student-kwargs", KW_T, "--student-img-size", "42",
             "--student", "vit_tiny_patch16_224", "--student-kwargs", KW_S, "--student-img-size", "32",
-            "--student", str(tmp_path / "run"), "--student-kwargs", "", "--student-img-size", "0",
+            *[a for h in ("linear", "mlp") for a in ("--student", str(tmp_path / h), "--student-kwargs", "",
+                                                      "--student-img-size", "0")],
             "--data", str(csv_path), "--out", str(tmp_path / "a"), "--task", "pcam", "--workers", "0"]
     ev.main(argv)
-    same, other, run = json.loads((tmp_path / "a" / "agree_pcam.json").read_text())
+    same, other, run, run_mlp = json.loads((tmp_path / "a" / "agree_pcam.json").read_text())
+    assert 0 <= run_mlp["heads_cka"] <= 1 and run_mlp["heads_cka"] != run["heads_cka"]
     assert same["cka"] == pytest.approx(1, abs=1e-6) and same["cos_centred"] == pytest.approx(1, abs=1e-5)
     assert other["cka"] < 0.99 and "cos_centred" not in other  # 48 vs 64 dims: no cosine without a head
     assert 0 <= run["heads_cka"] <= 1 and -1 <= run["heads_cos_centred"] <= 1 and "heads_cka" not in other
