@@ -28,46 +28,8 @@ fi
 mkdir -p "$OUT"
 
 # ---- data: PCam split by contiguous index blocks (a stand-in for slides: PCam ships no slide ids), so the
-# distillation tiles, the probe's train tiles and its test tiles never share a block
-if [ ! -f "$OUT/eval/labels.csv" ]; then
-python - "$PCAM" "$OUT" <<'PY'
-import csv, re, sys, shutil
-from pathlib import Path
-import numpy as np
-from PIL import Image
-src, out = Path(sys.argv[1]), Path(sys.argv[2])
-ev, rob = [], []
-for label, p in [(c, p) for c in "01" for p in sorted((src / c).glob("*.jpg"))]:
-    i = int(re.sub(r"\D", "", p.stem)); block = i // 50   # patch<INDEX>.jpg: PCam's row index in its split
-    if block % 3 == 0:   # a third of the blocks: unlabelled distillation data
-        d = out / "distil" / f"block{block}"; d.mkdir(parents=True, exist_ok=True)
-        shutil.copy(p, d / p.name)
-    else:                # the rest: labelled evaluation data, grouped by block
-        ev.append(dict(path=str(p.resolve()), label=label, slide=f"block{block}"))
-# synthetic centres for the robustness index: blocks alternate between centre A (as scanned) and centre B
-# (a stain/scanner-like shift in optical density: more haematoxylin, less eosin, a warmer, darker scan)
-(out / "eval" / "B").mkdir(parents=True, exist_ok=True)
-for r in ev:
-    if int(r["slide"][5:]) % 2:
-        x = np.asarray(Image.open(r["path"]).convert("RGB"), float)
-        od = -np.log((x + 1) / 256)
-        od = od @ np.array([[1.15, 0.05, 0.0], [0.0, 0.85, 0.05], [0.05, 0.0, 0.95]])
-        y = np.clip(256 * np.exp(-od) - 1, 0, 255) * np.array([1.0, 0.95, 0.88])
-        p = out / "eval" / "B" / Path(r["path"]).name
-        Image.fromarray(y.astype(np.uint8)).save(p, quality=95)
-        rob.append(dict(r, path=str(p.resolve()), center="B"))
-    else:
-        rob.append(dict(r, center="A"))
-for name, rs, cols in (("labels.csv", ev, ["path", "label", "slide"]), ("robust.csv", rob, ["path", "label", "slide", "center"])):
-    with open(out / "eval" / name, "w", newline="") as f:
-        w = csv.DictWriter(f, cols); w.writeheader(); w.writerows({c: r[c] for c in cols} for r in rs)
-# validation tiles for the trainer's agreement log: 256 evaluation tiles (unlabelled use only)
-vd = out / "val" / "pcam"; vd.mkdir(parents=True, exist_ok=True)
-for r in ev[::8][:256]:
-    shutil.copy(r["path"], vd / Path(r["path"]).name)
-print(f"distil {sum(1 for _ in (out / 'distil').rglob('*.jpg'))} tiles, eval {len(ev)} tiles, val {len(list(vd.iterdir()))}")
-PY
-fi
+# distillation tiles, the probe's train tiles and its test tiles never share a block (examples/pcam_sets.py)
+[ -f "$OUT/eval/labels.csv" ] || python examples/pcam_sets.py repro "$PCAM" "$OUT"
 [ "$STAGE" = eval ] || [ -f "$OUT/slide_tiles/slides.csv" ] || python prep_tiles.py "$SLIDES" --out "$OUT/slide_tiles" \
     --mpp 0.5 --mpp-override 0.25   # CMU-1-Small-Region has its mpp; the TCGA crop has none (0.25 is assumed)
 [ "$STAGE" = data ] && exit 0
