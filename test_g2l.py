@@ -1019,23 +1019,10 @@ def test_resume_only_with_the_same_settings_and_csv_line_ends(tmp_path, capsys):
         prep_tiles.main(args + ["--tile-size", "256"])
     assert e.value.code == 2 and "--tile-size 224 (now 256)" in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == before
-    assert prep_tiles.main(args + ["--block", "1"]) == 0  # the read strategy is not a setting of the output
-    assert rows(tmp_path)["CMU-1-Small-Region"]["status"] == "skipped"
     assert prep_tiles.main(args + ["--tile-size", "256", "--overwrite"]) == 0
     assert {Image.open(p).size for p in folder.iterdir()} == {(256, 256)}
     assert prep_tiles.main(args + ["--tile-size", "256"]) == 0  # the new settings resume
     assert rows(tmp_path)["CMU-1-Small-Region"]["status"] == "skipped"
-
-def test_block_reads_match_naive_reads(tmp_path):
-    # the fast path (one read_region per 8x8 block) must give the same pixels as one read_region per tile
-    for block in ("1", "8"):
-        prep_tiles.main([str(CMU), "--out", str(tmp_path / block), "--block", block, "--mpp", "1.0",
-                         "--min-tissue", "0", "--format", "png"])
-    names = sorted(p.name for p in (tmp_path / "1" / "CMU-1-Small-Region").iterdir())
-    assert len(names) == 24 and names == sorted(p.name for p in (tmp_path / "8" / "CMU-1-Small-Region").iterdir())
-    for n in names:
-        a, b = [np.asarray(Image.open(tmp_path / k / "CMU-1-Small-Region" / n)) for k in ("1", "8")]
-        assert np.array_equal(a, b), n
 
 def test_workers_share_one_slide_and_the_manifest_lists_every_tile(tmp_path, monkeypatch):
     monkeypatch.setattr(prep_tiles, "CHUNK", 5)  # 24 tiles -> 5 chunks over 2 workers (forked: they see it)
