@@ -6,14 +6,13 @@ prep_tiles.py: whole-slide images -> tile folders for g2l.py, at a physical reso
     python prep_tiles.py crop.svs --out tiles/ --mpp-override 0.25   # the header has no mpp: you say what it is
 
 Writes: tiles/slides.csv, tiles/tiles.csv (one row per tile: path, slide_id, x, y; g2l.py reads it instead of
-walking the folder), tiles/<slide_id>/<slide_id>_x<X>_y<Y>.jpg (X, Y = level-0
-top-left pixel), tiles/masks/<slide_id>.png (thumbnail, tissue tinted green, kept tiles in blue). A slide folder
-appears only when complete (temp folder + rename), so a killed run resumes: finished slides are skipped unless
---overwrite. Exit status: 0 ok, 1 if any slide failed, 2 on argument errors (found before any work).
+walking the folder), tiles/<slide_id>/<slide_id>_x<X>_y<Y>.jpg (X, Y = level-0 top-left pixel), tiles/masks/
+<slide_id>.png (thumbnail, tissue tinted green, kept tiles in blue). A slide folder appears only when complete (temp
+folder + rename), so a killed run resumes: finished slides are skipped unless --overwrite. Exit status: 0 ok, 1 if
+any slide failed, 2 on argument errors (found before any work).
 """
-import argparse, contextlib, csv, json, math, os, random, re, shutil, sys, time
-from collections import Counter
-from collections import deque
+import argparse, contextlib, csv, json, math, os, random, re, shutil, sys, tempfile, time
+from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -23,8 +22,7 @@ import openslide
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-# -----------------------------------------------------------------------------
-# constants: the mask works in physical units so it behaves the same on every scanner
+# ---------------------------------- constants: the mask works in physical units so it behaves the same on every scanner
 SLIDE_EXTS = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
 COLUMNS = "slide_id path status error n_tiles mpp_level0 mpp_source read_level read_mpp seconds".split()
 MPP_RANGE = (0.05, 20.0)     # µm/px; outside it a header value is a placeholder (a 72-dpi TIFF says 352.8)
@@ -36,9 +34,7 @@ QC_MAX_PX = 2048             # longest side of the saved QC picture
 CACHE_MB = 256               # decoded-tile cache per open slide: a row of 448-px reads re-reads the JPEG
                              # rows the previous row touched (OpenSlide's default 32 MB drops them)
 
-# -----------------------------------------------------------------------------
-# resolution: from the slide's own mpp, never from "level N"
-
+# ----------------------------------------------------------- resolution: from the slide's own mpp, never from "level N"
 def slide_mpp(slide, override=None):
     """(level-0 µm/px, source). The header wins; override is used only where the header has no plausible value."""
     p, seen = slide.properties, []
@@ -76,9 +72,7 @@ def tile_grid(w0, h0, footprint0, stride0):
     n = lambda size: int(math.floor((size - footprint0) / stride0 + 1e-9)) + 1 if size >= footprint0 else 0
     return [(round(i * stride0), round(j * stride0)) for j in range(n(h0)) for i in range(n(w0))]
 
-# -----------------------------------------------------------------------------
-# tissue: numpy + Pillow only (no OpenCV, no scipy)
-
+# -------------------------------------------------------------------- tissue: numpy + Pillow only (no OpenCV, no scipy)
 def read_rgb(slide, loc, level, size):
     """read_region composited onto white: OpenSlide returns outside-the-scan as transparent, i.e. black in RGB."""
     region = slide.read_region(loc, level, size)
@@ -164,14 +158,12 @@ def save_qc(thumb, mask, tiles, footprint0, dims, dest):
     with atomic_open(dest, "wb") as f:
         img.save(f, format="PNG", compress_level=1)  # same pixels, 8x faster than the default level 6
 
-# -----------------------------------------------------------------------------
-# one slide -> one folder
-
+# ---------------------------------------------------------------------------------------------- one slide -> one folder
 def plan_slide(path, out, slide_id, mpp=0.5, tile_size=224, overlap=0, mpp_tolerance=0.05, min_tissue=0.5,
                max_tiles=0, seed=0, mpp_override=None):
     """Open one slide, choose its level, find its tissue tiles, save the QC picture, make its temp folder.
-    Returns (row, plan): plan says how to cut the tiles (cut_tiles), which may then be shared among workers."""
-    row, tmp = new_row(path, slide_id), out / f".tmp_{slide_id}"
+    Returns (row fields, plan): plan says how to cut the tiles (cut_tiles), which workers may then share."""
+    tmp = out / f".tmp_{slide_id}"
     shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed run
     try:
         slide = openslide.OpenSlide(str(path))
@@ -181,8 +173,8 @@ def plan_slide(path, out, slide_id, mpp=0.5, tile_size=224, overlap=0, mpp_toler
     with slide:
         mpp0, source = slide_mpp(slide, mpp_override)
         level, lmpp, resize = choose_level(mpp0, slide.level_downsamples, mpp, mpp_tolerance)
-        out_mpp, ds, dims = mpp if resize else lmpp, slide.level_downsamples[level], slide.dimensions
-        row.update(mpp_level0=f"{mpp0:.4f}", mpp_source=source, read_level=level, read_mpp=f"{out_mpp:.4f}")
+        out_mpp, dims = mpp if resize else lmpp, slide.dimensions
+        row = dict(mpp_level0=f"{mpp0:.4f}", mpp_source=source, read_level=level, read_mpp=f"{out_mpp:.4f}")
         read_px = round(tile_size * out_mpp / lmpp)  # tile side at the read level (= tile_size without resize)
         fp0, st0 = tile_size * out_mpp / mpp0, (tile_size - overlap) * out_mpp / mpp0  # footprint, stride (lvl 0)
         thumb = thumbnail(slide, mpp0, max(MASK_MPP, mpp0))
@@ -197,7 +189,7 @@ def plan_slide(path, out, slide_id, mpp=0.5, tile_size=224, overlap=0, mpp_toler
     empty = (f"no tile has >= {min_tissue:.0%} tissue (see masks/{slide_id}.png); lower --min-tissue if the stain is "
              "faint" if grid else f"slide {dims[0]}x{dims[1]} px is smaller than one {tile_size}-px tile at "
              f"{out_mpp:.3g} µm/px; use a smaller --tile-size or a coarser --mpp")
-    return row, dict(tiles=tiles, level=level, ds=ds, read_px=read_px, tile_size=tile_size, resize=resize, empty=empty)
+    return row, dict(tiles=tiles, level=level, read_px=read_px, tile_size=tile_size, resize=resize, empty=empty)
 
 def cut_tiles(path, out, slide_id, plan, tiles, fmt="jpg", quality=90, progress=False):
     """Read and save `tiles` (all of a slide's, or one worker's share) into its temp folder, one read_region a tile
@@ -215,9 +207,6 @@ def cut_tiles(path, out, slide_id, plan, tiles, fmt="jpg", quality=90, progress=
             tile.save(out / f".tmp_{slide_id}" / f"{slide_id}_x{x}_y{y}.{fmt}", quality=quality)
     return len(tiles)
 
-def new_row(path, slide_id):
-    return dict.fromkeys(COLUMNS, "") | dict(slide_id=slide_id, path=str(path), n_tiles=0)
-
 def finish_slide(out, slide_id, s):
     """Rename the complete temp folder into place (a slide folder appears only when whole) and fill the row."""
     shutil.rmtree(out / slide_id, ignore_errors=True)  # only reached with --overwrite (otherwise finished = skipped)
@@ -234,9 +223,7 @@ def failed_row(out, slide_id, s, e):
     return s["row"] | dict(status="failed", error=msg.replace("\n", " "), n_tiles=0,
                            seconds=f"{time.time() - s['t_start']:.2f}")
 
-# -----------------------------------------------------------------------------
-# many slides -> tiles/ + slides.csv
-
+# ----------------------------------------------------------------------------------- many slides -> tiles/ + slides.csv
 def find_slides(inputs):
     """[(slide_id, path)] from files and folders (recursive). A DICOM slide is a folder of .dcm files: one per
     folder, named after the folder (OpenSlide opens the whole series from any of its files)."""
@@ -292,7 +279,8 @@ def run_slides(todo, out, workers, plan_opts, cut_opts, record):
                                  progress=not pool)
                 else:
                     sid, p = pending.popleft()
-                    slides[sid] = dict(path=p, row=new_row(p, sid), t_start=time.time())
+                    row = dict.fromkeys(COLUMNS, "") | dict(slide_id=sid, path=str(p), n_tiles=0)
+                    slides[sid] = dict(path=p, row=row, t_start=time.time())
                     job = submit(plan_slide, p, out, sid, **plan_opts)
                 running[job] = sid
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -305,7 +293,8 @@ def run_slides(todo, out, workers, plan_opts, cut_opts, record):
                         job.result()
                         s["left"] -= 1
                     else:
-                        s["row"], s["plan"] = job.result()
+                        fields, s["plan"] = job.result()
+                        s["row"] |= fields
                         tiles = s["plan"]["tiles"]
                         n = CHUNK if pool else max(1, len(tiles))  # in this process: one job a slide
                         share = [tiles[i:i + n] for i in range(0, len(tiles), n)]
@@ -348,6 +337,7 @@ def check_settings(out, opts, resuming):
                 "--overwrite to redo every slide, or choose another --out")
     with atomic_open(path) as f:
         json.dump(opts, f, indent=1)
+
 def parse_args(argv):
     """Options, checked: (parser, options, [(slide id, path)]); every problem is an argument error (exit 2)."""
     fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
@@ -382,22 +372,18 @@ def parse_args(argv):
     if not (slides := find_slides(a.inputs)):
         ap.error(f"no slides found in {' '.join(a.inputs)} (looked for {' '.join(sorted(SLIDE_EXTS))}); point at the "
                  "slide files or the folder holding them")
-    by_id = {}
-    for sid, p in slides:
-        by_id.setdefault(sid, []).append(str(p))
-    if dups := [f"{sid}: {', '.join(ps)}" for sid, ps in by_id.items() if len(ps) > 1 or sid == "masks"]:
+    ids = Counter(sid for sid, _ in slides)
+    if dups := [f"{sid}: {p}" for sid, p in slides if ids[sid] > 1 or sid == "masks"]:
         ap.error(f"duplicate or reserved slide ids ({'; '.join(dups)}); rename the files or tile them into separate "
                  "--out folders")
     return ap, a, slides
-
 
 def main(argv=None):
     ap, a, slides = parse_args(argv)
     out, rows, todo = Path(a.out), {}, []
     try:  # a file or read-only --out is an argument error: found before any slide is read
         out.mkdir(parents=True, exist_ok=True)
-        (out / ".write_test").touch()
-        (out / ".write_test").unlink()
+        tempfile.TemporaryFile(dir=out).close()
     except OSError as e:
         print(f"error: --out {out} is not a writable folder ({e.strerror}); choose a folder you can write to",
               file=sys.stderr)
