@@ -137,9 +137,8 @@ def features(m, rows, a):
     feats = feats["feats"] if feats.get("paths") == paths else extract(m, paths, a, cache)
     bad = (~torch.isfinite(feats).all(1)).nonzero().flatten()
     if len(bad):
-        raise SystemExit(f"error: {len(bad)} of {len(feats)} feature vectors of {m['name']} are NaN/inf "
-                         f"(e.g. {paths[int(bad[0])]}); "
-                         f"check its weights or precision (try --device cpu), then delete {cache}")
+        raise SystemExit(f"error: {len(bad)} of {len(feats)} feature vectors of {m['name']} are NaN/inf (e.g. "
+                         f"{paths[int(bad[0])]}); check its weights or precision (try --device cpu), then delete {cache}")
     return feats
 
 def extract(m, paths, a, cache):
@@ -330,7 +329,6 @@ def save_and_print(a, name, rows, cols):
     for x in cells:
         print("  ".join(s.ljust(w) for s, w in zip(x, widths)).rstrip())
     print(f"wrote {out / name}.json and .csv")
-    return rows
 
 def task_name(a):
     p = Path(a.data)
@@ -486,23 +484,17 @@ def cmd_report(a):
     models = list(dict.fromkeys(m for g in bars.values() for m in g))
     colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
                "#17becf", "#000000", "#aec7e8"]
-    colour = {m: colours[i % len(colours)] for i, m in enumerate(models)}  # a model keeps its colour in every group
-    bw, gw, top, h = 18, max(130, 18 * len(models) + 30), 30 + 14 * len(models), 260
-    img = Image.new("RGB", (60 + gw * len(bars), top + h + 50), "white")
-    d = ImageDraw.Draw(img)
+    lines = [(f"{task} {metric}", m, vals[m]) for (task, metric), vals in bars.items() for m in models if m in vals]
+    img = Image.new("RGB", (800, 16 * len(lines) + 24), "white")
+    d, x0, w = ImageDraw.Draw(img), 440, 340  # a metric and a model name left of x0, then w px of bar for 1.0
     for t in range(5):  # axis 0..1
-        yy = top + h - t * h // 4
-        d.line([(50, yy), (img.width - 10, yy)], fill="#dddddd")
-        d.text((10, yy - 6), f"{t / 4:.2f}", fill="black")
-    for i, m in enumerate(models):
-        d.rectangle([10, 8 + 14 * i, 20, 18 + 14 * i], fill=colour[m])
-        d.text((26, 7 + 14 * i), m[-80:], fill="black")
-    for g, (label, vals) in enumerate(bars.items()):
-        x0 = 60 + g * gw
-        for j, m in enumerate(m for m in models if m in vals):  # bars side by side
-            v = min(max(vals[m], 0), 1) if not math.isnan(vals[m]) else 0
-            d.rectangle([x0 + j * bw, top + h - int(v * h), x0 + j * bw + bw - 3, top + h], fill=colour[m])
-        d.text((x0, top + h + 6), "\n".join(part[:gw // 6] for part in label), fill="black")
+        d.line([(x0 + t * w // 4, 0), (x0 + t * w // 4, img.height - 18)], fill="#dddddd")
+        d.text((x0 + t * w // 4 - 10, img.height - 14), f"{t / 4:.2f}", fill="black")
+    for i, (metric, m, v) in enumerate(lines):  # a model has one colour in every metric
+        d.text((6, 3 + 16 * i), metric[:30], fill="black")
+        d.text((200, 3 + 16 * i), m[-38:], fill="black")
+        v = 0 if math.isnan(v) else min(max(v, 0), 1)
+        d.rectangle([x0, 3 + 16 * i, x0 + int(v * w), 14 + 16 * i], fill=colours[models.index(m) % len(colours)])
     with atomic_open(out / "report.png", "wb") as fh:
         img.save(fh, format="PNG")
     with atomic_open(out / "report.md") as fh:
