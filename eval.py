@@ -138,7 +138,7 @@ def features(m, rows, a):
     bad = (~torch.isfinite(feats).all(1)).nonzero().flatten()
     if len(bad):
         raise SystemExit(f"error: {len(bad)} of {len(feats)} feature vectors of {m['name']} are NaN/inf (e.g. "
-                         f"{paths[int(bad[0])]}); check its weights or precision (try --device cpu), then delete {cache}")
+                         f"{paths[int(bad[0])]}); check its weights or precision (try --device cpu), delete {cache}")
     return feats
 
 def extract(m, paths, a, cache):
