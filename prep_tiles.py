@@ -312,15 +312,18 @@ def run_slides(todo, out, workers, plan_opts, cut_opts, record):
 
 TILE_NAME = re.compile(r"_x(\d+)_y(\d+)\.\w+$")
 
+def finished_slides(out):
+    """The finished slide folders in out/: temp folders start with a dot, QC pictures live in masks/."""
+    return sorted(e.name for e in os.scandir(out) if e.is_dir() and e.name[0] != "." and e.name != "masks")
+
 def write_manifest(out):
     """tiles.csv: one row per tile of every finished slide folder in out/ (path relative to out, slide_id, x, y),
     so g2l.py reads one file instead of walking millions. Written last, atomically (temp + rename), and removed
     when a run starts, so a killed run leaves no stale manifest (g2l.py then walks the folder)."""
-    slides = sorted(e.name for e in os.scandir(out) if e.is_dir() and e.name[0] != "." and e.name != "masks")
     with atomic_open(out / "tiles.csv", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["path", "slide_id", "x", "y"])
-        for sid in slides:
+        for sid in finished_slides(out):
             for name in sorted(os.listdir(out / sid)):
                 if m := TILE_NAME.search(name):
                     w.writerow([f"{sid}/{name}", sid, m[1], m[2]])
@@ -329,12 +332,11 @@ def check_settings(out, opts, resuming):
     """Resume only with the settings the finished slides were cut with: out/prep_tiles.json records them.
     Returns the problem as one line (None when fine); writes the settings once nothing contradicts them."""
     path = out / "prep_tiles.json"
-    old = json.loads(path.read_text()) if path.exists() else None
-    if resuming and old is not None and old != opts:
-        diff = ", ".join(f"--{k.replace('_', '-').replace('fmt', 'format')} {old.get(k)} (now {opts.get(k)})"
-                         for k in sorted(set(old) | set(opts)) if old.get(k) != opts.get(k))
-        return (f"{out} holds slides tiled with other settings: {diff}; rerun with those settings to resume, add "
-                "--overwrite to redo every slide, or choose another --out")
+    old = json.loads(path.read_text()) if resuming and path.exists() else opts
+    if diff := [f"--{k.replace('_', '-').replace('fmt', 'format')} {old.get(k)} (now {opts.get(k)})"
+                for k in sorted(set(old) | set(opts)) if old.get(k) != opts.get(k)]:
+        return (f"{out} holds slides tiled with other settings: {', '.join(diff)}; rerun with those settings to "
+                "resume, add --overwrite to redo every slide, or choose another --out")
     with atomic_open(path) as f:
         json.dump(opts, f, indent=1)
 
@@ -399,8 +401,8 @@ def main(argv=None):
     plan_opts = dict(mpp=a.mpp, tile_size=a.tile_size, overlap=a.overlap, mpp_tolerance=a.mpp_tolerance,
                      seed=a.seed, min_tissue=a.min_tissue, max_tiles=a.max_tiles, mpp_override=a.mpp_override)
     cut_opts = dict(fmt=a.format, quality=a.quality)
-    finished = [d for d in out.iterdir() if d.is_dir() and d.name != "masks" and not d.name.startswith(".")]
-    if problem := check_settings(out, plan_opts | cut_opts, resuming=bool(finished) and not a.overwrite):
+    resuming = bool(finished_slides(out)) and not a.overwrite
+    if problem := check_settings(out, plan_opts | cut_opts, resuming):
         ap.error(problem)
 
     def record(row):  # rewrite slides.csv after every slide, so a killed run keeps what it finished
