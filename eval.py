@@ -247,8 +247,7 @@ def robustness_index(feats, labels, centres, slides=None, ks=(3, 5, 10, 20), n_b
     labels, centres = check_design(labels, centres)
     slides = np.unique(np.asarray(slides), return_inverse=True)[1] if slides is not None else np.arange(len(labels))
     room = len(labels) - np.bincount(slides).max()  # fewest neighbours any sample can have
-    ks = [k for k in ks if k <= room]
-    if not ks:
+    if not (ks := [k for k in ks if k <= room]):
         raise ValueError(f"too few samples outside each slide for k nearest neighbours (at most {room})")
     x, sl = F.normalize(torch.as_tensor(np.asarray(feats), dtype=torch.float32), dim=1), torch.as_tensor(slides)
     idx = []
