@@ -18,7 +18,7 @@ Protocols (UNI / eva style): linear probe = multinomial logistic regression by L
 sklearn's convention (C * sum CE + |W|^2 / 2), C picked on the validation split by balanced accuracy; kNN = majority
 vote of k=20 cosine neighbours after centring by the train mean and L2-normalising; robustness = PathoROB's index.
 """
-import argparse, csv, hashlib, json, math, multiprocessing as mp, os, random, time
+import argparse, csv, hashlib, itertools, json, math, multiprocessing as mp, os, random, time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -34,6 +34,7 @@ from g2l import DTYPES, Config, TileDataset, atomic_open, centred_cosine, encode
     forward_flops, index_tiles, linear_cka, load_model, make_views, peak_memory_gb, resolve
 
 # ----------------------------------------------------------------------------- data
+DATA = "a labels CSV (path,label[,split,center,slide]; paths relative to it) or an ImageFolder root/<split>/<class>/*"
 SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",
           "tune": "val", "test": "test", "testing": "test", "holdout": "test"}
 
@@ -52,24 +53,18 @@ def read_labelled(data, need=("path", "label")):
                 reader = csv.DictReader(fh)
                 rows, cols = list(reader), [c.strip().replace("centre", "center") for c in reader.fieldnames or []]
         except (UnicodeDecodeError, csv.Error) as e:
-            raise SystemExit(f"error: --data {data} is not a labels CSV ({type(e).__name__}); pass a CSV with columns "
-                             "path,label[,split,center,slide] or an ImageFolder root/<split>/<class>/*")
+            raise SystemExit(f"error: --data {data} is not a labels CSV ({type(e).__name__}); pass {DATA}")
         rows = [{c: (v or "").strip() for c, v in zip(cols, r.values())} for r in rows]
         rows = [dict(r, path=os.path.normpath(p.parent / r.get("path", ""))) for r in rows]
     else:
-        raise SystemExit(f"error: --data {data} does not exist; pass a labels CSV (path,label[,split,center,slide]) "
-                         "or an ImageFolder root/<split>/<class>/*")
+        raise SystemExit(f"error: --data {data} does not exist; pass {DATA}")
     if not rows:
-        raise SystemExit(f"error: --data {data} lists no images; add rows (path,label, paths relative to the CSV) "
-                         "or point at an ImageFolder with images")
-    missing = [c for c in need if c not in cols]
-    if missing:
-        raise SystemExit(f"error: {data} has no column {', '.join(missing)} (it has {', '.join(cols)}); "
-                         "add it to the CSV (path,label[,split,center,slide], paths relative to the CSV)")
+        raise SystemExit(f"error: --data {data} lists no images; pass {DATA} that has images")
+    if missing := [c for c in need if c not in cols]:
+        raise SystemExit(f"error: {data} has no column {', '.join(missing)} (it has {', '.join(cols)}); pass {DATA}")
     if "label" in need and any(not r["label"] for r in rows):
         raise SystemExit(f"error: {data} has rows without a label; fill them in or use root/<class>/* folders")
-    gone = [r["path"] for r in rows if not os.path.isfile(r["path"])]
-    if gone:
+    if gone := [r["path"] for r in rows if not os.path.isfile(r["path"])]:
         raise SystemExit(f"error: {len(gone)} image(s) listed in {data} do not exist (e.g. {gone[0]}); "
                          "paths are relative to the CSV")
     return rows
@@ -110,23 +105,18 @@ def split_rows(rows, seed, val=0.15, test=0.25):
     return idx
 
 # ----------------------------------------------------------------------------- models and features
-def per_model(values, n, flag, default):
-    """An option given once applies to every model; otherwise once per model, in the order of the models."""
-    if len(values) <= 1:
-        return [values[0] if values else default] * n
-    if len(values) != n:
-        raise SystemExit(f"error: {flag} given {len(values)} times for {n} models; "
-                         "give it once (for all) or once per model, in order")
-    return values
-
 def model_list(names, weights, kwargs, sizes, flag="--model"):
-    n = len(names)
+    """[{name, weights, kwargs, size}]: an option given once applies to every model, else once per model, in order."""
     for name in names:
         resolve(name)  # an unknown name fails here, before any work
-    size_flag = "--img-size" if flag == "--model" else flag + "-img-size"
-    columns = zip(names, per_model(weights, n, flag + "-weights", ""), per_model(kwargs, n, flag + "-kwargs", ""),
-                  per_model(sizes, n, size_flag, 0))
-    return [dict(name=a, weights=b, kwargs=c, size=d) for a, b, c, d in columns]
+    cols, n, size_flag = [names], len(names), "--img-size" if flag == "--model" else flag + "-img-size"
+    for values, opt, default in [(weights, flag + "-weights", ""), (kwargs, flag + "-kwargs", ""),
+                                 (sizes, size_flag, 0)]:
+        if len(values) > 1 and len(values) != n:
+            raise SystemExit(f"error: {opt} given {len(values)} times for {n} models; "
+                             "give it once (for all) or once per model, in order")
+        cols.append(values if len(values) > 1 else [values[0] if values else default] * n)
+    return [dict(name=a, weights=b, kwargs=c, size=d) for a, b, c, d in zip(*cols)]
 
 def open_model(m, device):
     """g2l's loader; seeded, so a random-init architecture is the same model on every call (and in the cache)."""
@@ -147,9 +137,8 @@ def features(m, rows, a):
     feats = feats["feats"] if feats.get("paths") == paths else extract(m, paths, a, cache)
     bad = (~torch.isfinite(feats).all(1)).nonzero().flatten()
     if len(bad):
-        raise SystemExit(f"error: {len(bad)} of {len(feats)} feature vectors of {m['name']} are NaN/inf "
-                         f"(e.g. {paths[int(bad[0])]}); "
-                         f"check its weights or precision (try --device cpu), then delete {cache}")
+        raise SystemExit(f"error: {len(bad)} of {len(feats)} feature vectors of {m['name']} are NaN/inf (e.g. "
+                         f"{paths[int(bad[0])]}); check its weights or precision (try --device cpu), delete {cache}")
     return feats
 
 def extract(m, paths, a, cache):
@@ -258,8 +247,7 @@ def robustness_index(feats, labels, centres, slides=None, ks=(3, 5, 10, 20), n_b
     labels, centres = check_design(labels, centres)
     slides = np.unique(np.asarray(slides), return_inverse=True)[1] if slides is not None else np.arange(len(labels))
     room = len(labels) - np.bincount(slides).max()  # fewest neighbours any sample can have
-    ks = [k for k in ks if k <= room]
-    if not ks:
+    if not (ks := [k for k in ks if k <= room]):
         raise ValueError(f"too few samples outside each slide for k nearest neighbours (at most {room})")
     x, sl = F.normalize(torch.as_tensor(np.asarray(feats), dtype=torch.float32), dim=1), torch.as_tensor(slides)
     idx = []
@@ -283,13 +271,11 @@ def robustness_index(feats, labels, centres, slides=None, ks=(3, 5, 10, 20), n_b
 # ----------------------------------------------------------------------------- bench
 def bench_one(m, a):
     """One model, run in a fresh process so that peak memory (max RSS on CPU, max allocated on GPU) is its own.
-    Batch sizes run in increasing order, so the CPU high-water mark after each is that batch size's peak (minus the
-    baseline)."""
+    Batch sizes run in increasing order: the CPU high-water mark after each is its peak (minus the baseline)."""
     dev = torch.device(a.device)
     base = 0 if dev.type == "cuda" else peak_memory_gb(dev)  # CPU: this process's baseline RSS before the model
-    if a.random_init:  # g2l builds the bare architecture, randomly initialised
-        m = dict(m, weights="random")
-    model, spec = open_model(dict(m, size=a.img_size), dev)
+    weights = "random" if a.random_init else m["weights"]  # random: g2l builds the bare architecture
+    model, spec = open_model(dict(m, size=a.img_size, weights=weights), dev)
     dtype = DTYPES.get(a.dtype, torch.bfloat16 if dev.type == "cuda" else torch.float32)  # auto: bf16 on GPU
     sync, rows = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None), []
     for bs in sorted(a.batch_sizes):
@@ -342,7 +328,6 @@ def save_and_print(a, name, rows, cols):
     for x in cells:
         print("  ".join(s.ljust(w) for s, w in zip(x, widths)).rstrip())
     print(f"wrote {out / name}.json and .csv")
-    return rows
 
 def task_name(a):
     p = Path(a.data)
@@ -359,13 +344,11 @@ def cmd_probe(a):
               ("grouped by slide" if rows[0].get("slide") else "of single tiles (no slide column: slides may leak)"))
     splits = [split_rows(rows, seed) for seed in range(a.seeds)]
     slides = lambda split: {rows[i].get("slide") for i in splits[0][split]}
-    leak = slides("train") & slides("test") - {None, ""}
-    if leak:
+    if leak := slides("train") & slides("test") - {None, ""}:
         print(f"warning: {len(leak)} slide(s) in both the train and the test split of {a.data} (e.g. {min(leak)}): "
               "optimistic results")
     for sp in splits:
-        absent = set(y[sp["test"]].tolist()) - set(y[sp["train"]].tolist())
-        if absent:
+        if absent := set(y[sp["test"]].tolist()) - set(y[sp["train"]].tolist()):
             raise SystemExit(f"error: class(es) {[classes[c] for c in absent]} in the test split of {a.data} have "
                              "no training rows; add training samples of them or drop them")
     res = []
@@ -456,15 +439,10 @@ def cmd_bench_data(a):
                      ("workers decode only (g2l)", TileDataset(tiles, load))):
         dl = torch.utils.data.DataLoader(ds, batch_size=a.batch_size, shuffle=True, num_workers=a.workers,
                                          drop_last=True)
-        it, n = iter(dl), 0
+        it = (batch for _ in itertools.count() for batch in dl)  # the loader again and again
         next(it)  # worker start-up is not throughput
         t = time.perf_counter()
-        for _ in range(a.batches):
-            try:
-                n += len(next(it)[0])
-            except StopIteration:
-                it = iter(dl)
-        rate = n / (time.perf_counter() - t)
+        rate = sum(len(next(it)[0]) for _ in range(a.batches)) / (time.perf_counter() - t)
         res.append(dict(pipeline=name, workers=a.workers, tiles_per_s=rate, per_worker=rate / max(1, a.workers)))
     dev = torch.device(a.device)
     x = torch.randint(0, 256, (a.batch_size, 3, load, load), dtype=torch.uint8)
@@ -492,10 +470,9 @@ def cmd_report(a):
         md += ["| " + " | ".join(fmt(r, c) for c in cols) + " |" for r in rows] + [""]
         kind, task = (f.stem.split("_", 1) + [""])[:2]
         keys = dict(probe=["linear_bacc", "linear_auroc", "knn_bacc"], agree=["cka", "heads_cka"], robustness=["ri"])
-        keys = keys.get(kind, [])
         for r in rows:
             name = r.get("student") or r.get("model")
-            for k in keys:
+            for k in keys.get(kind, []):
                 if isinstance(r.get(k), float) and (kind != "robustness" or r["k"] == max(x["k"] for x in rows)):
                     bars.setdefault((task, k + (f"@{r['k']}" if kind == "robustness" else "")), {})[name] = r[k]
             if kind == "bench" and r["batch"] == max(x["batch"] for x in rows):
@@ -506,23 +483,17 @@ def cmd_report(a):
     models = list(dict.fromkeys(m for g in bars.values() for m in g))
     colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
                "#17becf", "#000000", "#aec7e8"]
-    bw, gw, top, h = 18, max(130, 18 * len(models) + 30), 30 + 14 * len(models), 260
-    img = Image.new("RGB", (60 + gw * len(bars), top + h + 50), "white")
-    d = ImageDraw.Draw(img)
+    lines = [(f"{task} {metric}", m, vals[m]) for (task, metric), vals in bars.items() for m in models if m in vals]
+    img = Image.new("RGB", (800, 16 * len(lines) + 24), "white")
+    d, x0, w = ImageDraw.Draw(img), 440, 340  # a metric and a model name left of x0, then w px of bar for 1.0
     for t in range(5):  # axis 0..1
-        yy = top + h - t * h // 4
-        d.line([(50, yy), (img.width - 10, yy)], fill="#dddddd")
-        d.text((10, yy - 6), f"{t / 4:.2f}", fill="black")
-    for i, m in enumerate(models):
-        d.rectangle([10, 8 + 14 * i, 20, 18 + 14 * i], fill=colours[i % len(colours)])
-        d.text((26, 7 + 14 * i), m[-80:], fill="black")
-    for g, (label, vals) in enumerate(bars.items()):
-        x0 = 60 + g * gw
-        for j, m in enumerate(m for m in models if m in vals):  # a model keeps its colour, bars stay side by side
-            v, c = min(max(vals[m], 0), 1) if not math.isnan(vals[m]) else 0, colours[models.index(m) % len(colours)]
-            d.rectangle([x0 + j * bw, top + h - int(v * h), x0 + j * bw + bw - 3, top + h], fill=c)
-        for j, part in enumerate(label):
-            d.text((x0, top + h + 6 + 13 * j), part[:gw // 6], fill="black")
+        d.line([(x0 + t * w // 4, 0), (x0 + t * w // 4, img.height - 18)], fill="#dddddd")
+        d.text((x0 + t * w // 4 - 10, img.height - 14), f"{t / 4:.2f}", fill="black")
+    for i, (metric, m, v) in enumerate(lines):  # a model has one colour in every metric
+        d.text((6, 3 + 16 * i), metric[:30], fill="black")
+        d.text((200, 3 + 16 * i), m[-38:], fill="black")
+        v = 0 if math.isnan(v) else min(max(v, 0), 1)
+        d.rectangle([x0, 3 + 16 * i, x0 + int(v * w), 14 + 16 * i], fill=colours[models.index(m) % len(colours)])
     with atomic_open(out / "report.png", "wb") as fh:
         img.save(fh, format="PNG")
     with atomic_open(out / "report.md") as fh:

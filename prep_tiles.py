@@ -4,18 +4,16 @@ prep_tiles.py: whole-slide images -> tile folders for g2l.py, at a physical reso
     python prep_tiles.py examples/CMU-1-Small-Region.svs --out examples/tiles --mpp 0.5 --format jpg --quality 90
     python prep_tiles.py /data/slides/ --out tiles/ --mpp 0.5 --tile-size 224 --workers 8   # folders: recursive
     python prep_tiles.py crop.svs --out tiles/ --mpp-override 0.25   # the header has no mpp: you say what it is
-    python prep_tiles.py slide.svs --out /tmp/t --overwrite --block 4 # one read_region per 4x4 tiles (default 1)
 
 Writes: tiles/slides.csv, tiles/tiles.csv (one row per tile: path, slide_id, x, y; g2l.py reads it instead of
-walking the folder), tiles/<slide_id>/<slide_id>_x<X>_y<Y>.jpg (X, Y = level-0
-top-left pixel), tiles/masks/<slide_id>.png (thumbnail, tissue tinted green, kept tiles in blue). A slide folder
-appears only when complete (temp folder + rename), so a killed run resumes: finished slides are skipped unless
---overwrite. Exit status: 0 ok, 1 if any slide failed, 2 on argument errors (found before any work).
+walking the folder), tiles/<slide_id>/<slide_id>_x<X>_y<Y>.jpg (X, Y = level-0 top-left pixel), tiles/masks/
+<slide_id>.png (thumbnail, tissue tinted green, kept tiles in blue). A slide folder appears only when complete (temp
+folder + rename), so a killed run resumes: finished slides are skipped unless --overwrite. Exit status: 0 ok, 1 if
+any slide failed, 2 on argument errors (found before any work).
 """
-import argparse, contextlib, csv, json, math, os, random, re, shutil, sys, time
-from collections import Counter
-from collections import deque
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+import argparse, contextlib, csv, json, math, os, random, re, shutil, sys, tempfile, time
+from collections import Counter, deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -24,8 +22,7 @@ import openslide
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-# -----------------------------------------------------------------------------
-# constants: the mask works in physical units so it behaves the same on every scanner
+# ---------------------------------- constants: the mask works in physical units so it behaves the same on every scanner
 SLIDE_EXTS = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
 COLUMNS = "slide_id path status error n_tiles mpp_level0 mpp_source read_level read_mpp seconds".split()
 MPP_RANGE = (0.05, 20.0)     # µm/px; outside it a header value is a placeholder (a 72-dpi TIFF says 352.8)
@@ -37,9 +34,7 @@ QC_MAX_PX = 2048             # longest side of the saved QC picture
 CACHE_MB = 256               # decoded-tile cache per open slide: a row of 448-px reads re-reads the JPEG
                              # rows the previous row touched (OpenSlide's default 32 MB drops them)
 
-# -----------------------------------------------------------------------------
-# resolution: from the slide's own mpp, never from "level N"
-
+# ----------------------------------------------------------- resolution: from the slide's own mpp, never from "level N"
 def slide_mpp(slide, override=None):
     """(level-0 µm/px, source). The header wins; override is used only where the header has no plausible value."""
     p, seen = slide.properties, []
@@ -77,9 +72,7 @@ def tile_grid(w0, h0, footprint0, stride0):
     n = lambda size: int(math.floor((size - footprint0) / stride0 + 1e-9)) + 1 if size >= footprint0 else 0
     return [(round(i * stride0), round(j * stride0)) for j in range(n(h0)) for i in range(n(w0))]
 
-# -----------------------------------------------------------------------------
-# tissue: numpy + Pillow only (no OpenCV, no scipy)
-
+# -------------------------------------------------------------------- tissue: numpy + Pillow only (no OpenCV, no scipy)
 def read_rgb(slide, loc, level, size):
     """read_region composited onto white: OpenSlide returns outside-the-scan as transparent, i.e. black in RGB."""
     region = slide.read_region(loc, level, size)
@@ -103,14 +96,6 @@ def thumbnail(slide, mpp0, mask_mpp):
             strip = read_rgb(slide, (0, round(y * ds)), level, (lw, min(step, lh - y)))
             thumb.paste(strip.resize((thumb.width, y1 - y0), Image.Resampling.BOX), (0, y0))
     return thumb
-
-def shrink(tile, size):
-    """Downsample a square tile to size px: an integer factor (40x -> 20x reads 448 px for 224) is a box
-    average in C (Image.reduce, ~15x cheaper than LANCZOS here), anything else a LANCZOS resize."""
-    f = tile.width // size
-    if f * size == tile.width:
-        return tile.reduce(f)
-    return tile.resize((size, size), Image.Resampling.LANCZOS)
 
 def drop_small(mask, min_px):
     """Remove 8-connected components smaller than min_px: union-find over the horizontal runs of each row."""
@@ -173,14 +158,12 @@ def save_qc(thumb, mask, tiles, footprint0, dims, dest):
     with atomic_open(dest, "wb") as f:
         img.save(f, format="PNG", compress_level=1)  # same pixels, 8x faster than the default level 6
 
-# -----------------------------------------------------------------------------
-# one slide -> one folder
-
+# ---------------------------------------------------------------------------------------------- one slide -> one folder
 def plan_slide(path, out, slide_id, mpp=0.5, tile_size=224, overlap=0, mpp_tolerance=0.05, min_tissue=0.5,
                max_tiles=0, seed=0, mpp_override=None):
     """Open one slide, choose its level, find its tissue tiles, save the QC picture, make its temp folder.
-    Returns (row, plan): plan says how to cut the tiles (cut_tiles), which may then be shared among workers."""
-    row, tmp, t_start = new_row(path, slide_id), out / f".tmp_{slide_id}", time.time()
+    Returns (row fields, plan): plan says how to cut the tiles (cut_tiles), which workers may then share."""
+    tmp = out / f".tmp_{slide_id}"
     shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed run
     try:
         slide = openslide.OpenSlide(str(path))
@@ -190,8 +173,8 @@ def plan_slide(path, out, slide_id, mpp=0.5, tile_size=224, overlap=0, mpp_toler
     with slide:
         mpp0, source = slide_mpp(slide, mpp_override)
         level, lmpp, resize = choose_level(mpp0, slide.level_downsamples, mpp, mpp_tolerance)
-        out_mpp, ds, dims = mpp if resize else lmpp, slide.level_downsamples[level], slide.dimensions
-        row.update(mpp_level0=f"{mpp0:.4f}", mpp_source=source, read_level=level, read_mpp=f"{out_mpp:.4f}")
+        out_mpp, dims = mpp if resize else lmpp, slide.dimensions
+        row = dict(mpp_level0=f"{mpp0:.4f}", mpp_source=source, read_level=level, read_mpp=f"{out_mpp:.4f}")
         read_px = round(tile_size * out_mpp / lmpp)  # tile side at the read level (= tile_size without resize)
         fp0, st0 = tile_size * out_mpp / mpp0, (tile_size - overlap) * out_mpp / mpp0  # footprint, stride (lvl 0)
         thumb = thumbnail(slide, mpp0, max(MASK_MPP, mpp0))
@@ -206,75 +189,41 @@ def plan_slide(path, out, slide_id, mpp=0.5, tile_size=224, overlap=0, mpp_toler
     empty = (f"no tile has >= {min_tissue:.0%} tissue (see masks/{slide_id}.png); lower --min-tissue if the stain is "
              "faint" if grid else f"slide {dims[0]}x{dims[1]} px is smaller than one {tile_size}-px tile at "
              f"{out_mpp:.3g} µm/px; use a smaller --tile-size or a coarser --mpp")
-    return row, dict(tiles=tiles, level=level, ds=ds, read_px=read_px, stride=st0, tile_size=tile_size,
-                     resize=resize, empty=empty, t_start=t_start)
+    return row, dict(tiles=tiles, level=level, read_px=read_px, tile_size=tile_size, resize=resize, empty=empty)
 
-def open_cached(path):
-    """The slide with a CACHE_MB tile cache (6-12% more tiles/s cutting a 40x slide); OpenSlide < 4.0 keeps its own."""
-    slide = openslide.OpenSlide(str(path))
-    with contextlib.suppress(AttributeError, openslide.OpenSlideError):  # no settable cache before 4.0
-        slide.set_cache(openslide.OpenSlideCache(CACHE_MB << 20))
-    return slide
-
-def cut_tiles(path, out, slide_id, plan, tiles, fmt="jpg", quality=90, block=1, progress=False):
-    """Read and save `tiles` (all of a slide's, or one worker's share) into its temp folder."""
-    tmp, ds, read_px, st0 = out / f".tmp_{slide_id}", plan["ds"], plan["read_px"], plan["stride"]
-    # One read_region per block of up to block x block tiles, cut in memory: fewer calls, each JPEG tile of the
-    # file decoded once. Measured on 20x and 40x SVS it is no faster (block 8: 10% slower): a block's bounding box
-    # reads background too, read_region's cost grows with the pixels, and the tile cache already saves re-decodes.
-    groups = {}
-    for x, y in tiles:
-        groups.setdefault((round(x / st0) // block, round(y / st0) // block), []).append((x, y))
-    with open_cached(path) as slide, \
-            tqdm(total=len(tiles), desc=slide_id[:20], unit="tile", leave=False, disable=not progress) as bar:
-        for group in groups.values():
-            (gx, gy), (mx, my) = np.min(group, 0).tolist(), np.max(group, 0).tolist()
-            size = (round((mx - gx) / ds) + read_px, round((my - gy) / ds) + read_px)
-            region = read_rgb(slide, (gx, gy), plan["level"], size)
-            for x, y in group:
-                ox, oy = round((x - gx) / ds), round((y - gy) / ds)
-                tile = region.crop((ox, oy, ox + read_px, oy + read_px))
-                if plan["resize"]:
-                    tile = shrink(tile, plan["tile_size"])
-                tile.save(tmp / f"{slide_id}_x{x}_y{y}.{fmt}", quality=quality)
-            bar.update(len(group))
+def cut_tiles(path, out, slide_id, plan, tiles, fmt="jpg", quality=90, progress=False):
+    """Read and save `tiles` (all of a slide's, or one worker's share) into its temp folder, one read_region a tile
+    (reading blocks of tiles at once was measured slower: a block's bounding box reads background too)."""
+    size = plan["tile_size"]
+    with openslide.OpenSlide(str(path)) as slide, \
+            tqdm(tiles, desc=slide_id[:20], unit="tile", leave=False, disable=not progress) as bar:
+        with contextlib.suppress(AttributeError, openslide.OpenSlideError):  # OpenSlide < 4.0 keeps its own cache
+            slide.set_cache(openslide.OpenSlideCache(CACHE_MB << 20))  # 6-12% more tiles/s cutting a 40x slide
+        for x, y in bar:
+            tile = read_rgb(slide, (x, y), plan["level"], (plan["read_px"],) * 2)
+            if plan["resize"]:  # 40x -> 20x reads 448 px for 224: a box average in C (Image.reduce, ~15x cheaper
+                f = tile.width // size  # than LANCZOS), any other factor a LANCZOS resize
+                tile = tile.reduce(f) if f * size == tile.width else tile.resize((size, size), Image.Resampling.LANCZOS)
+            tile.save(out / f".tmp_{slide_id}" / f"{slide_id}_x{x}_y{y}.{fmt}", quality=quality)
     return len(tiles)
 
-def finish_slide(out, slide_id, row, plan):
+def finish_slide(out, slide_id, s):
     """Rename the complete temp folder into place (a slide folder appears only when whole) and fill the row."""
-    final, tiles = out / slide_id, plan["tiles"]
-    shutil.rmtree(final, ignore_errors=True)  # only reached with --overwrite (otherwise finished = skipped)
-    os.replace(out / f".tmp_{slide_id}", final)
-    row.update(status="ok" if tiles else "no_tissue", n_tiles=len(tiles), error="" if tiles else plan["empty"],
-               seconds=f"{time.time() - plan['t_start']:.2f}")
-    return row
+    shutil.rmtree(out / slide_id, ignore_errors=True)  # only reached with --overwrite (otherwise finished = skipped)
+    os.replace(out / f".tmp_{slide_id}", out / slide_id)
+    n = len(s["plan"]["tiles"])
+    return s["row"] | dict(status="ok" if n else "no_tissue", n_tiles=n, error="" if n else s["plan"]["empty"],
+                           seconds=f"{time.time() - s['t_start']:.2f}")
 
-def new_row(path, slide_id):
-    return dict.fromkeys(COLUMNS, "") | dict(slide_id=slide_id, path=str(path), n_tiles=0)
-
-def failed_row(row, out, e, t_start):
+def failed_row(out, slide_id, s, e):
     """The row of a slide that failed at any stage; its temp folder goes (a dot-folder is never a finished slide)."""
-    shutil.rmtree(out / f".tmp_{row['slide_id']}", ignore_errors=True)
+    shutil.rmtree(out / f".tmp_{slide_id}", ignore_errors=True)
     msg = (str(e) if isinstance(e, ValueError) else f"read failed ({e}); the file is corrupt or truncated: "
            "re-copy or re-export it" if isinstance(e, openslide.OpenSlideError) else f"{type(e).__name__}: {e}")
-    return row | dict(status="failed", error=msg.replace("\n", " "), n_tiles=0, seconds=f"{time.time() - t_start:.2f}")
+    return s["row"] | dict(status="failed", error=msg.replace("\n", " "), n_tiles=0,
+                           seconds=f"{time.time() - s['t_start']:.2f}")
 
-def tile_slide(path, out, slide_id=None, fmt="jpg", quality=90, block=1, progress=False, **plan_opts):
-    """Tile one slide into out/<slide_id>/ (via a temp folder) in this process and return its slides.csv row.
-    A bad slide never raises: its row says failed and why."""
-    path, out, t_start = Path(path), Path(out), time.time()
-    slide_id = slide_id or path.stem
-    row = new_row(path, slide_id)
-    try:
-        row, plan = plan_slide(path, out, slide_id, **plan_opts)
-        cut_tiles(path, out, slide_id, plan, plan["tiles"], fmt, quality, block, progress)
-        return finish_slide(out, slide_id, row, plan)
-    except Exception as e:
-        return failed_row(row, out, e, t_start)
-
-# -----------------------------------------------------------------------------
-# many slides -> tiles/ + slides.csv
-
+# ----------------------------------------------------------------------------------- many slides -> tiles/ + slides.csv
 def find_slides(inputs):
     """[(slide_id, path)] from files and folders (recursive). A DICOM slide is a folder of .dcm files: one per
     folder, named after the folder (OpenSlide opens the whole series from any of its files)."""
@@ -303,60 +252,78 @@ def write_csv(path, rows):
 
 CHUNK = 128  # tiles per worker job: every worker takes a share of a large slide's tiles
 
-def run_pool(todo, out, workers, plan_opts, cut_opts, record):
-    """Slides over worker processes. One worker plans a slide (level, mask, QC), then all of them cut its
-    tiles, CHUNK at a time, so one large slide never leaves a core idle; a planned slide's chunks go first,
-    so slides finish (and are recorded) one after another. record(row) returns True to stop (--fail-fast):
-    started slides still finish, new ones never start."""
-    pending, chunks, running, parts, stop = list(reversed(todo)), deque(), {}, {}, False
-    with ProcessPoolExecutor(workers) as ex:
+def run_here(fn, *args, **kw):
+    """fn's result as a finished future: the pool's interface, run in this process."""
+    fut = Future()
+    try:
+        fut.set_result(fn(*args, **kw))
+    except Exception as e:
+        fut.set_exception(e)
+    return fut
+
+def run_slides(todo, out, workers, plan_opts, cut_opts, record):
+    """Slides in this process one after another (workers=1: simplest to debug, a per-tile progress bar), or over
+    worker processes: one plans a slide (level, mask, QC), then all of them cut its tiles, CHUNK at a time, so one
+    large slide never leaves a core idle; a planned slide's chunks go first, so slides finish (and are recorded)
+    one after another. record(row) returns True to stop (--fail-fast): started slides finish, new ones never start."""
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    submit, cap = (pool.submit, 2 * workers) if pool else (run_here, 1)
+    pending, chunks, running, slides, stop = deque(todo), deque(), {}, {}, False
+    with pool or contextlib.nullcontext():
         while running or chunks or (pending and not stop):
-            while len(running) < 2 * workers and (chunks or (pending and not stop)):
+            while len(running) < cap and (chunks or (pending and not stop)):
                 if chunks:
                     sid, share = chunks.popleft()
-                    p, plan = parts[sid][:2]
-                    running[ex.submit(cut_tiles, p, out, sid, plan | dict(tiles=[]), share, **cut_opts)] = sid, p
+                    s = slides[sid]  # a chunk's job carries no tile list but its own
+                    job = submit(cut_tiles, s["path"], out, sid, s["plan"] | dict(tiles=[]), share, **cut_opts,
+                                 progress=not pool)
                 else:
-                    sid, p = pending.pop()
-                    parts[sid] = [p, None, 0, time.time()]  # path, plan, chunks running or queued, start
-                    running[ex.submit(plan_slide, p, out, sid, **plan_opts)] = sid, p
+                    sid, p = pending.popleft()
+                    row = dict.fromkeys(COLUMNS, "") | dict(slide_id=sid, path=str(p), n_tiles=0)
+                    slides[sid] = dict(path=p, row=row, t_start=time.time())
+                    job = submit(plan_slide, p, out, sid, **plan_opts)
+                running[job] = sid
             done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in done:
-                sid, p = running.pop(fut)
-                if sid not in parts:
+            for job in done:
+                sid = running.pop(job)
+                if (s := slides.get(sid)) is None:
                     continue  # a chunk of a slide that has already failed
                 try:
-                    if parts[sid][1] is None:
-                        row, plan = fut.result()
-                        share = [plan["tiles"][i:i + CHUNK] for i in range(0, len(plan["tiles"]), CHUNK)]
-                        parts[sid][1:3] = [plan, len(share)]
-                        parts[sid].append(row)
-                        chunks.extend((sid, s) for s in share)
+                    if "plan" in s:
+                        job.result()
+                        s["left"] -= 1
                     else:
-                        fut.result()
-                        parts[sid][2] -= 1
-                    if parts[sid][2] == 0:
-                        row = finish_slide(out, sid, parts[sid][4], parts.pop(sid)[1])
-                    else:
+                        fields, s["plan"] = job.result()
+                        s["row"] |= fields
+                        tiles = s["plan"]["tiles"]
+                        n = CHUNK if pool else max(1, len(tiles))  # in this process: one job a slide
+                        share = [tiles[i:i + n] for i in range(0, len(tiles), n)]
+                        chunks.extend((sid, t) for t in share)
+                        s["left"] = len(share)
+                    if s["left"]:
                         continue
+                    row = finish_slide(out, sid, slides.pop(sid))
                 except Exception as e:  # the slide failed, or its worker died (e.g. a crash inside the C library)
                     if isinstance(e, BrokenProcessPool):
                         e = RuntimeError(f"worker crashed ({type(e).__name__}: {e})")
-                    row = failed_row(new_row(p, sid), out, e, parts.pop(sid)[3])
+                    row = failed_row(out, sid, slides.pop(sid), e)
                     chunks = deque(c for c in chunks if c[0] != sid)
                 stop = record(row) or stop
 
 TILE_NAME = re.compile(r"_x(\d+)_y(\d+)\.\w+$")
 
+def finished_slides(out):
+    """The finished slide folders in out/: temp folders start with a dot, QC pictures live in masks/."""
+    return sorted(e.name for e in os.scandir(out) if e.is_dir() and e.name[0] != "." and e.name != "masks")
+
 def write_manifest(out):
     """tiles.csv: one row per tile of every finished slide folder in out/ (path relative to out, slide_id, x, y),
     so g2l.py reads one file instead of walking millions. Written last, atomically (temp + rename), and removed
     when a run starts, so a killed run leaves no stale manifest (g2l.py then walks the folder)."""
-    slides = sorted(e.name for e in os.scandir(out) if e.is_dir() and e.name[0] != "." and e.name != "masks")
     with atomic_open(out / "tiles.csv", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["path", "slide_id", "x", "y"])
-        for sid in slides:
+        for sid in finished_slides(out):
             for name in sorted(os.listdir(out / sid)):
                 if m := TILE_NAME.search(name):
                     w.writerow([f"{sid}/{name}", sid, m[1], m[2]])
@@ -364,16 +331,14 @@ def write_manifest(out):
 def check_settings(out, opts, resuming):
     """Resume only with the settings the finished slides were cut with: out/prep_tiles.json records them.
     Returns the problem as one line (None when fine); writes the settings once nothing contradicts them."""
-    want = {k: v for k, v in opts.items() if k != "block"}  # block changes speed, never pixels
     path = out / "prep_tiles.json"
-    old = json.loads(path.read_text()) if path.exists() else None
-    if resuming and old is not None and old != want:
-        diff = ", ".join(f"--{k.replace('_', '-').replace('fmt', 'format')} {old.get(k)} (now {want.get(k)})"
-                         for k in sorted(set(old) | set(want)) if old.get(k) != want.get(k))
-        return (f"{out} holds slides tiled with other settings: {diff}; rerun with those settings to resume, add "
-                "--overwrite to redo every slide, or choose another --out")
+    old = json.loads(path.read_text()) if resuming and path.exists() else opts
+    if diff := [f"--{k.replace('_', '-').replace('fmt', 'format')} {old.get(k)} (now {opts.get(k)})"
+                for k in sorted(set(old) | set(opts)) if old.get(k) != opts.get(k)]:
+        return (f"{out} holds slides tiled with other settings: {', '.join(diff)}; rerun with those settings to "
+                "resume, add --overwrite to redo every slide, or choose another --out")
     with atomic_open(path) as f:
-        json.dump(want, f, indent=1)
+        json.dump(opts, f, indent=1)
 
 def parse_args(argv):
     """Options, checked: (parser, options, [(slide id, path)]); every problem is an argument error (exit 2)."""
@@ -393,8 +358,6 @@ def parse_args(argv):
     ap.add_argument("--workers", type=int, default=1, help="processes over slides, each with its own OpenSlide")
     ap.add_argument("--mpp-override", type=float,
                     help="level-0 µm/px for slides whose header has no usable mpp (without it they fail)")
-    ap.add_argument("--block", type=int, default=1,
-                    help="read block x block tiles per read_region (1, one per tile, was fastest on 20x and 40x SVS)")
     ap.add_argument("--overwrite", action="store_true",
                     help="redo finished slides; without it they are skipped (resume, with the same settings only)")
     ap.add_argument("--fail-fast", action="store_true", help="stop at the first failed slide")
@@ -404,17 +367,15 @@ def parse_args(argv):
     for flag, v in [("--mpp", a.mpp), ("--mpp-override", a.mpp_override)]:
         if v is not None and not MPP_RANGE[0] <= v <= MPP_RANGE[1]:
             ap.error(f"{flag} {v} µm/px is implausible; give a value in {MPP_RANGE[0]}-{MPP_RANGE[1]} µm/px")
-    if a.block < 1 or a.workers < 1 or not 0 <= a.min_tissue <= 1:
-        ap.error("--block and --workers must be >= 1, and --min-tissue in [0, 1]")
+    if a.workers < 1 or not 0 <= a.min_tissue <= 1:
+        ap.error("--workers must be >= 1, and --min-tissue in [0, 1]")
     if missing := [p for p in a.inputs if not Path(p).exists()]:
         ap.error(f"input not found: {', '.join(missing)}")
     if not (slides := find_slides(a.inputs)):
         ap.error(f"no slides found in {' '.join(a.inputs)} (looked for {' '.join(sorted(SLIDE_EXTS))}); point at the "
                  "slide files or the folder holding them")
-    by_id = {}
-    for sid, p in slides:
-        by_id.setdefault(sid, []).append(str(p))
-    if dups := [f"{sid}: {', '.join(ps)}" for sid, ps in by_id.items() if len(ps) > 1 or sid == "masks"]:
+    ids = Counter(sid for sid, _ in slides)
+    if dups := [f"{sid}: {p}" for sid, p in slides if ids[sid] > 1 or sid == "masks"]:
         ap.error(f"duplicate or reserved slide ids ({'; '.join(dups)}); rename the files or tile them into separate "
                  "--out folders")
     return ap, a, slides
@@ -424,8 +385,7 @@ def main(argv=None):
     out, rows, todo = Path(a.out), {}, []
     try:  # a file or read-only --out is an argument error: found before any slide is read
         out.mkdir(parents=True, exist_ok=True)
-        (out / ".write_test").touch()
-        (out / ".write_test").unlink()
+        tempfile.TemporaryFile(dir=out).close()
     except OSError as e:
         print(f"error: --out {out} is not a writable folder ({e.strerror}); choose a folder you can write to",
               file=sys.stderr)
@@ -440,9 +400,9 @@ def main(argv=None):
             todo.append((sid, p))
     plan_opts = dict(mpp=a.mpp, tile_size=a.tile_size, overlap=a.overlap, mpp_tolerance=a.mpp_tolerance,
                      seed=a.seed, min_tissue=a.min_tissue, max_tiles=a.max_tiles, mpp_override=a.mpp_override)
-    cut_opts = dict(fmt=a.format, quality=a.quality, block=a.block)
-    finished = [d for d in out.iterdir() if d.is_dir() and d.name != "masks" and not d.name.startswith(".")]
-    if problem := check_settings(out, plan_opts | cut_opts, resuming=bool(finished) and not a.overwrite):
+    cut_opts = dict(fmt=a.format, quality=a.quality)
+    resuming = bool(finished_slides(out)) and not a.overwrite
+    if problem := check_settings(out, plan_opts | cut_opts, resuming):
         ap.error(problem)
 
     def record(row):  # rewrite slides.csv after every slide, so a killed run keeps what it finished
@@ -456,14 +416,8 @@ def main(argv=None):
     (out / "tiles.csv").unlink(missing_ok=True)  # rewritten at the end: never stale while tiles change
     t0 = time.time()
     with tqdm(total=len(todo), desc="slides", unit="slide") as bar:
-        if a.workers == 1 or len(todo) <= 1:  # in-process: simplest to debug, and a per-tile progress bar
-            for sid, p in todo:
-                stop = record(tile_slide(p, out, sid, progress=True, **cut_opts, **plan_opts))
-                bar.update()
-                if stop:
-                    break
-        else:
-            run_pool(todo, out, a.workers, plan_opts, cut_opts, lambda row: (bar.update(), record(row))[1])
+        workers = a.workers if len(todo) > 1 else 1  # one slide: in this process, with a per-tile progress bar
+        run_slides(todo, out, workers, plan_opts, cut_opts, lambda row: (bar.update(), record(row))[1])
     write_manifest(out)
     dt, n = time.time() - t0, Counter(r["status"] for r in rows.values())
     made = sum(int(r["n_tiles"]) for r in rows.values() if r["status"] != "skipped")
