@@ -106,15 +106,16 @@ def split_rows(rows, seed, val=0.15, test=0.25):
 
 # ----------------------------------------------------------------------------- models and features
 def model_list(names, weights, kwargs, sizes, flag="--model"):
-    """[{name, weights, kwargs, size}]: an option given once applies to every model, else once per model, in order."""
+    """[{name, weights, kwargs, size}]: an option given once applies to every model, else once per model, in order;
+    a weights file fits one model, so with several models --model-weights is given once per model."""
     for name in names:
         resolve(name)  # an unknown name fails here, before any work
     cols, n, size_flag = [names], len(names), "--img-size" if flag == "--model" else flag + "-img-size"
     for values, opt, default in [(weights, flag + "-weights", ""), (kwargs, flag + "-kwargs", ""),
                                  (sizes, size_flag, 0)]:
-        if len(values) > 1 and len(values) != n:
-            raise SystemExit(f"error: {opt} given {len(values)} times for {n} models; "
-                             "give it once (for all) or once per model, in order")
+        if len(values) > 1 and len(values) != n or opt.endswith("-weights") and len(values) == 1 and n > 1:
+            raise SystemExit(f"error: {opt} given {len(values)} times for {n} models; give it once per model, in "
+                             "order ('' for none)" + ("" if opt.endswith("-weights") else ", or once for all"))
         cols.append(values if len(values) > 1 else [values[0] if values else default] * n)
     return [dict(name=a, weights=b, kwargs=c, size=d) for a, b, c, d in zip(*cols)]
 

@@ -1357,6 +1357,7 @@ def test_eval_refuses_a_header_only_csv_and_an_image_as_data(tmp_path):
     ("no_centre_column", "has no column center"),
     ("missing_image", "do not exist"),
     ("kwargs_count", "given 2 times for 3 models"),
+    ("weights_once", "--model-weights given 1 times for 2 models"),  # one file cannot fit two models
 ])
 def test_eval_bad_inputs_give_clear_errors(pcam, tmp_path, case, message):
     _, pick = pcam
@@ -1376,6 +1377,8 @@ def test_eval_bad_inputs_give_clear_errors(pcam, tmp_path, case, message):
         model = ["--model", "not-a-model-xyz"]
     if case == "kwargs_count":
         model = TINY + ["--model", "vit_tiny_patch16_224", "--model", "vit_tiny_patch16_224", "--model-kwargs", KW_S]
+    if case == "weights_once":  # the trap: a run folder would silently be given another model's weights
+        model = TINY + ["--model", "vit_tiny_patch16_224", "--model-weights", str(tmp_path / "w.safetensors")]
     argv = [cmd, *model, "--data", str(data), "--out", str(tmp_path / "o"), *extra]
     if case == "nan_features":  # poison the cached features the way a broken fp16 model would
         ev.main(argv)
