@@ -87,7 +87,7 @@ def lift(train, evaluate, out, n_val):
                 (d / p.name).symlink_to(p.resolve())
     ev = [dict(path=str(p.resolve()), label=c, slide=f"block{i // 50}") for p, c, i in pcam_tiles(evaluate)]
     eval_sets(ev, out)
-    n = {s: sum(1 for _ in (out / s).rglob("*.jpg")) for s in ("distil", "val")}
+    n = {s: sum(1 for _ in (out / s / "pcam").rglob("*.jpg")) for s in ("distil", "val")}
     print(f"distil {n['distil']} PCam tiles, val {n['val']}, eval {len(ev)} (from {evaluate})")
 
 if __name__ == "__main__":
