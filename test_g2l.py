@@ -18,6 +18,7 @@ Sections (search for the title):
     - robustness
     - bench and report
     - bad input
+  the reproduction scripts (examples/)
   the repository stands alone
 
     pytest -q
@@ -1390,6 +1391,38 @@ def test_eval_bad_inputs_give_clear_errors(pcam, tmp_path, case, message):
         ev.main(argv)
     assert message in str(e.value), str(e.value)
     assert str(e.value).startswith("error:") and "\n" not in str(e.value)
+
+# =============================================================================== the reproduction scripts
+def test_pcam_data_roles_never_share_a_tile_or_block(tmp_path):
+    """examples/pcam_sets.py: lift distils on one folder and evaluates on another, holding out a slice of the first
+    for the agreement log; repro splits one folder by 50-row block. No tile (lift) or block (repro) has two roles."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("pcam_sets", ROOT / "examples" / "pcam_sets.py")
+    ps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ps)
+    read = lambda f: list(csv.DictReader(open(f)))
+    evaluate = ROOT / "testdata" / "pcam"  # the bundled sets share tiles: train on the ones it lacks
+    for f in (ROOT / "examples" / "pcam").glob("[01]/*.jpg"):
+        if not (evaluate / f.parent.name / f.name).exists():
+            (tmp_path / "train" / f.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, tmp_path / "train" / f.parent.name / f.name)
+    ps.lift(tmp_path / "train", evaluate, tmp_path / "lift", n_val=256)
+    names = lambda d: {p.name for p in (tmp_path / "lift" / d).rglob("*.jpg")}
+    distil, val = names("distil"), names("val")
+    per_class = [len(list((tmp_path / "train" / c).glob("*.jpg"))) for c in "01"]
+    assert len(val) == sum(n // 10 for n in per_class) > 0 and not distil & val  # at most a tenth held out
+    assert len(distil) + len(val) == sum(per_class)
+    ev_rows = read(tmp_path / "lift" / "eval" / "labels.csv")
+    assert len(ev_rows) == 96 and not {Path(r["path"]).name for r in ev_rows} & (distil | val)
+    rob = read(tmp_path / "lift" / "eval" / "robust.csv")
+    assert {r["center"] for r in rob} == {"A", "B"}
+    assert all((r["center"] == "B") == (int(r["slide"][5:]) % 2 == 1) for r in rob)  # odd blocks: centre B
+    b = next(r for r in rob if r["center"] == "B")
+    a = next(r for r in ev_rows if Path(r["path"]).name == Path(b["path"]).name)
+    assert not np.array_equal(np.asarray(Image.open(a["path"])), np.asarray(Image.open(b["path"])))  # shifted
+    ps.repro(ROOT / "examples" / "pcam", tmp_path / "repro")
+    held = {d.name for d in (tmp_path / "repro" / "distil").iterdir()}
+    assert held and not held & {r["slide"] for r in read(tmp_path / "repro" / "eval" / "labels.csv")}
 
 # =============================================================================== the repository stands alone
 def test_no_tracked_file_points_outside_the_repository():
