@@ -116,19 +116,22 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- compute init
 def init_distributed():
-    """One process, or one per GPU under torchrun (NCCL on GPU, gloo on CPU)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """One process, or one per GPU under torchrun (NCCL on GPU, gloo on CPU): the device."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+    return device
 
-RANK, WORLD = 0, 1
+def rank_world():
+    """(rank, world size) from torch.distributed itself: (0, 1) for a single process."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
 def print0(*a, **k):
-    if RANK == 0:
+    if rank_world()[0] == 0:
         print(*a, **k, flush=True)
 
 class AllSum(torch.autograd.Function):
@@ -147,7 +150,7 @@ class AllSum(torch.autograd.Function):
         return g
 
 def all_sum(x):
-    return AllSum.apply(x) if WORLD > 1 else x
+    return AllSum.apply(x) if rank_world()[1] > 1 else x
 
 # ----------------------------------------------------------------------------- data
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
@@ -265,13 +268,13 @@ def index_folder(folder):
 
 def index_tiles(folders):
     """All tiles under the folders. Only rank 0 touches the disk; the other ranks receive the arrays."""
-    box = [None]
-    if RANK == 0:
+    box, (rank, world) = [None], rank_world()
+    if rank == 0:
         try:
             box = [concat_tiles([index_folder(f) for f in folders])]
         except SystemExit as e:  # every rank stops with rank 0's message instead of waiting for the broadcast
             box = [str(e)]
-    if WORLD > 1:
+    if world > 1:
         dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], str):
         raise SystemExit(box[0])
@@ -347,12 +350,13 @@ class InfiniteSampler(torch.utils.data.Sampler):
         return torch.randperm(self.n, generator=g)
     def __iter__(self):
         per_epoch = self.n // self.global_batch * self.global_batch  # whole global batches per epoch
-        pos, b = self.start, self.global_batch // WORLD
+        rank, world = rank_world()
+        pos, b = self.start, self.global_batch // world
         while True:
             epoch, off = divmod(pos, per_epoch)
             order = self.order(epoch)
             for s in range(off, per_epoch, self.global_batch):
-                yield from order[s + RANK * b: s + (RANK + 1) * b].tolist()
+                yield from order[s + rank * b: s + (rank + 1) * b].tolist()
             pos = (epoch + 1) * per_epoch
 
 def aug_params(n, seed, step, micro):
@@ -414,9 +418,9 @@ def colour_blur(x, p):
 def make_views(x, cfg, step, micro, device):
     """uint8 tiles -> (teacher view, student view) as float [0,1] on the device.
     G2L: both models see the same augmented view (cfg.views='same')."""
-    n = x.shape[0]
-    mine = lambda seed: {k: v[RANK * n:(RANK + 1) * n].to(device)  # this rank's slice of the global batch
-                         for k, v in aug_params(n * WORLD, seed, step, micro).items()}
+    n, (rank, world) = x.shape[0], rank_world()
+    mine = lambda seed: {k: v[rank * n:(rank + 1) * n].to(device)  # this rank's slice of the global batch
+                         for k, v in aug_params(n * world, seed, step, micro).items()}
     p = mine(cfg.seed)
     if not cfg.augment:  # the random crop (when --load-size > --img-size) stays; flips, colour and blur go
         p["hflip"], p["vflip"] = torch.zeros_like(p["hflip"]), torch.zeros_like(p["vflip"])
@@ -1114,8 +1118,8 @@ def make_batches(cfg, tiles, start, device):
     if cfg.synthetic:  # the same step on random tensors: no I/O
         return iter(lambda: (torch.randint(0, 256, (cfg.batch_size, 3, cfg.load_size, cfg.load_size),
                                            dtype=torch.uint8), torch.zeros(cfg.batch_size, dtype=torch.long)), None)
-    sampler = InfiniteSampler(len(tiles), slide_weights(tiles.slide) if cfg.balance else None, cfg.batch_size * WORLD,
-                              cfg.seed, start)
+    weights = slide_weights(tiles.slide) if cfg.balance else None
+    sampler = InfiniteSampler(len(tiles), weights, cfg.batch_size * rank_world()[1], cfg.seed, start)
     if cfg.workers:  # the workers fork now: frozen objects are never scanned by gc, so no gc pass copies their pages
         gc.collect()
         gc.freeze()
@@ -1211,14 +1215,14 @@ def main(argv=None):
         cleanup.callback(getattr(batches, "_shutdown_workers", lambda: None))
         val = torch.utils.data.DataLoader(TileDataset(val_tiles, cfg.img_size), batch_size=cfg.batch_size,
                                           num_workers=min(cfg.workers, 2), worker_init_fn=quiet_worker) \
-            if RANK == 0 and val_tiles else None
+            if rank_world()[0] == 0 and val_tiles else None
         run = types.SimpleNamespace(cfg=cfg, device=device, amp=amp, teacher=teacher, spec_t=spec_t, raw=raw,
                                     model=model, teacher_fwd=teacher_fwd, opt=opt, scaler=scaler, grid=grid,
                                     tiles_per_step=tiles_per_step, batches=batches, val=val, metrics=metrics,
                                     stop=stop, **state)  # everything the loop reads, in one place
         reason, code, last = train_loop(run)
         save_checkpoint(run)
-        if RANK == 0:
+        if rank_world()[0] == 0:
             metrics.close()
             if not cfg.synthetic:
                 out = Path(cfg.out)
@@ -1226,7 +1230,7 @@ def main(argv=None):
                     export(raw, spec_s, cfg, out)
         for s, h in handlers.items():  # only now: a signal during the last save or export must not cut it short
             signal.signal(s, h)
-        if WORLD > 1:
+        if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
         summary(cfg, reason, run.baseline, last, Path(cfg.out))
@@ -1236,8 +1240,7 @@ def main(argv=None):
 
 def set_up(cfg):
     """Processes, seeds and precision: (device, dtype, amp context factory)."""
-    global RANK, WORLD
-    RANK, WORLD, device = init_distributed()
+    device = init_distributed()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -1266,10 +1269,11 @@ def load_data(cfg):
 
 def plan_steps(cfg, n_train):
     """The run's length in optimizer steps (from --epochs when --steps is 0); returns tiles per step, all ranks."""
-    tiles_per_step = cfg.batch_size * WORLD * cfg.grad_accum
-    if not cfg.synthetic and n_train < cfg.batch_size * WORLD:
+    world = rank_world()[1]
+    tiles_per_step = cfg.batch_size * world * cfg.grad_accum
+    if not cfg.synthetic and n_train < cfg.batch_size * world:
         raise SystemExit(f"error: {n_train} training tiles is fewer than one batch over all processes "
-                         f"({cfg.batch_size * WORLD}); lower --batch-size")
+                         f"({cfg.batch_size * world}); lower --batch-size")
     cfg.steps = cfg.steps or max(1, int(cfg.epochs * n_train / tiles_per_step))
     if cfg.warmup_steps > cfg.steps:
         print0(f"warning: --warmup-steps {cfg.warmup_steps} is more than the run's {cfg.steps} steps: the learning "
@@ -1305,11 +1309,11 @@ def resume(cfg, raw, opt, scaler, device, tiles_per_step):
 
 def start_run_folder(cfg, spec_t, spec_s, n_train, n_val, step):
     """config.json (every resolved option) and metrics.jsonl, opened for appending (rank 0 only)."""
-    if RANK != 0:
+    if rank_world()[0] != 0:
         return None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    conf = dict(dataclasses.asdict(cfg), world_size=WORLD, torch=torch.__version__, timm=timm.__version__,
+    conf = dict(dataclasses.asdict(cfg), world_size=rank_world()[1], torch=torch.__version__, timm=timm.__version__,
                 teacher_source=spec_t.source, student_source=spec_s.source, n_train=n_train, n_val=n_val)
     with writing(out / "config.json", out / "config.json.tmp"), atomic_open(out / "config.json") as f:
         f.write(json.dumps(conf, indent=2))
@@ -1319,7 +1323,7 @@ def start_run_folder(cfg, spec_t, spec_s, n_train, n_val, step):
 def wrap(cfg, raw, teacher, spec_t, device):
     """Only student + heads go into DDP; raw stays uncompiled for saving and evaluation."""
     model = raw
-    if WORLD > 1:
+    if rank_world()[1] > 1:
         model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
     teacher_fwd = lambda x: encode(teacher, spec_t, x)  # compiled as a whole: forward_features is not `forward`
     if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
@@ -1327,7 +1331,7 @@ def wrap(cfg, raw, teacher, spec_t, device):
     return model, teacher_fwd
 
 def save_checkpoint(run):
-    if RANK == 0 and not run.cfg.synthetic:  # a --synthetic run is a measurement: nothing worth keeping
+    if rank_world()[0] == 0 and not run.cfg.synthetic:  # a --synthetic run is a measurement: nothing worth keeping
         cuda = run.device.type == "cuda"
         rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                    cuda=torch.cuda.get_rng_state(run.device) if cuda else None)
@@ -1349,7 +1353,7 @@ def distil_step(cfg, step, batches, model, teacher_fwd, opt, scaler, grid, devic
         n_bad += int((skipped > 0).sum())
         xt, xs = make_views(x, cfg, step, micro, device)  # G2L: the same augmented view for both models
         xs = student_view(xs, cfg)
-        sync = contextlib.nullcontext if WORLD == 1 or micro == cfg.grad_accum - 1 else model.no_sync
+        sync = contextlib.nullcontext if rank_world()[1] == 1 or micro == cfg.grad_accum - 1 else model.no_sync
         with amp(), sync():
             with torch.no_grad():  # not inference_mode: these tensors enter the loss
                 outs = [teacher_fwd(c) for c in xt.split(cfg.teacher_chunk or len(xt))]
@@ -1375,10 +1379,10 @@ def distil_step(cfg, step, batches, model, teacher_fwd, opt, scaler, grid, devic
 # ----------------------------------------------------------------------------- the loop
 def train_loop(run):
     """Steps until --steps, a stop signal, G2L's early stop or too many bad steps/tiles: (reason, exit code, last)."""
-    cfg = run.cfg
+    cfg, (rank, world) = run.cfg, rank_world()
     student_flops = forward_flops(run.raw.backbone, cfg.student_img_size)  # forward + backward = 3 forwards
     run.flops = (forward_flops(run.teacher, cfg.img_size) + 3 * student_flops) * run.tiles_per_step
-    run.peak = peak_flops(run.device, cfg.precision) * WORLD
+    run.peak = peak_flops(run.device, cfg.precision) * world
     n_bad, seen, bad_steps, recent, above, last = 0, 0, 0, deque(maxlen=100), 0, {}  # this session
     if run.val is not None and run.step == 0:
         run.baseline = evaluate(run.raw, run.teacher, run.spec_t, run.val, cfg, run.device, run.amp)
@@ -1387,7 +1391,7 @@ def train_loop(run):
     t0, n_timed = time.perf_counter(), 0
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
-    with tqdm(total=cfg.steps, initial=run.step, disable=RANK != 0, desc="distil", dynamic_ncols=True) as bar:
+    with tqdm(total=cfg.steps, initial=run.step, disable=rank != 0, desc="distil", dynamic_ncols=True) as bar:
         while run.step < cfg.steps:
             parts, gnorm, skipped = distil_step(cfg, run.step, run.batches, run.model, run.teacher_fwd, run.opt,
                                                 run.scaler, run.grid, run.device, run.amp)
@@ -1418,7 +1422,7 @@ def train_loop(run):
                 t0, n_timed = time.perf_counter(), 0
             if run.step % cfg.ckpt_every == 0 and run.step < cfg.steps:
                 save_checkpoint(run)
-            if WORLD > 1 and all_sum(torch.tensor(float(bool(run.stop)), device=run.device)) > 0:
+            if world > 1 and all_sum(torch.tensor(float(bool(run.stop)), device=run.device)) > 0:
                 run.stop.setdefault("by", signal.SIGTERM)  # signals reach ranks at different steps: stop together
             if run.stop:
                 return f"stopped by {run.stop['by'].name} at step {run.step}; continue with --resume auto", \
@@ -1438,7 +1442,7 @@ def log_step(run, parts, gnorm, n_timed, t0, bad, evaluating):
     if evaluating:
         last.update(evaluate(run.raw, run.teacher, run.spec_t, run.val, cfg, run.device, run.amp))
     run.baseline.setdefault("loss", last["loss"])
-    if RANK == 0:
+    if rank_world()[0] == 0:
         with writing(run.metrics.name):  # a full disk: one line; the checkpoint and export are untouched
             run.metrics.write(json.dumps(last) + "\n")
             run.metrics.flush()

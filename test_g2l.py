@@ -404,8 +404,9 @@ def test_manifest_is_read_and_large_scans_are_cached(tmp_path, monkeypatch):
 
 def test_only_rank_0_reads_the_disk(tmp_path, monkeypatch):
     sent = g2l.Tiles(np.array([b"/x/s"]), np.zeros(2, np.int32), np.array([b"a.jpg", b"b.jpg"]))
-    monkeypatch.setattr(g2l, "RANK", 1)
-    monkeypatch.setattr(g2l, "WORLD", 2)
+    monkeypatch.setattr(g2l.dist, "is_initialized", lambda: True)  # rank 1 of 2, as torch.distributed reports it
+    monkeypatch.setattr(g2l.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(g2l.dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(g2l, "index_folder", lambda f: pytest.fail("rank 1 read the disk"))
     monkeypatch.setattr(g2l.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, sent))
     assert g2l.find_images(["/nowhere"]) == ["/x/s/a.jpg", "/x/s/b.jpg"]
