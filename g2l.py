@@ -35,7 +35,7 @@ from tqdm import tqdm
 import timm
 
 # ----------------------------------------------------------------------------- config
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)  # frozen: derived values come from resolve_config, never by assignment
 class Config:
     teacher: str = "h-optimus-0"        # preset, timm name, hf-hub:ORG/NAME, local-dir:PATH or a g2l run folder
     student: str = "uni"                # the same naming rules as --teacher
@@ -984,22 +984,18 @@ def export(raw, spec, cfg, out):
         f.write(save(heads))
 
 # ----------------------------------------------------------------------------- training
-def setup_sizes(cfg, spec_t, spec_s):
+def resolve_sizes(cfg, spec_t, spec_s):
     """Teacher input size, then the student size whose patch grid equals the teacher's
-    (a /14 teacher at 224 px -> 16x16 -> a /16 student at 256 px). Returns the teacher grid."""
-    cfg.img_size = cfg.img_size or spec_t.size
+    (a /14 teacher at 224 px -> 16x16 -> a /16 student at 256 px), and the load size."""
+    img = cfg.img_size or spec_t.size
     if not spec_t.patch:
         raise SystemExit(f"error: the teacher {cfg.teacher} has no patch embedding; g2l distils from ViT teachers")
-    if cfg.img_size % spec_t.patch:
-        raise SystemExit(f"error: --img-size {cfg.img_size} is not a multiple of the teacher's patch size "
-                         f"{spec_t.patch}")
-    grid = cfg.img_size // spec_t.patch
-    if not cfg.student_img_size:
-        cfg.student_img_size = grid * spec_s.patch if spec_s.patch else cfg.img_size
-    cfg.load_size = cfg.load_size or cfg.img_size
-    if cfg.load_size < cfg.img_size:
-        raise SystemExit(f"error: --load-size {cfg.load_size} is smaller than --img-size {cfg.img_size}")
-    return (grid, grid)
+    if img % spec_t.patch:
+        raise SystemExit(f"error: --img-size {img} is not a multiple of the teacher's patch size {spec_t.patch}")
+    student = cfg.student_img_size or (img // spec_t.patch * spec_s.patch if spec_s.patch else img)
+    if (cfg.load_size or img) < img:
+        raise SystemExit(f"error: --load-size {cfg.load_size} is smaller than --img-size {img}")
+    return dict(img_size=img, student_img_size=student, load_size=cfg.load_size or img)
 
 def lr_factor(step, cfg):
     """Linear warm-up, then cosine decay to min_lr_frac (used for both lr and weight decay)."""
@@ -1059,24 +1055,41 @@ def split_data(cfg):
         tiles, val = tiles.subset(~held), tiles.subset(held)
     return tiles, val.subset(np.sort(rng.choice(len(val), min(cfg.max_val, len(val)), replace=False)))
 
-def build_models(cfg, device, dtype, amp):
-    """Frozen teacher, trainable student + heads, input sizes; shapes checked once, loudly."""
+def load_models(cfg, device):
+    """Teacher and student as named, and the teacher kwargs used: the demo falls back to a random-init teacher."""
     try:
         teacher, spec_t = load_model(cfg.teacher, cfg.teacher_weights, cfg.teacher_kwargs, cfg.img_size, device)
+        teacher_kwargs = cfg.teacher_kwargs
     except SystemExit:
         if not (cfg.teacher == DEMO["teacher"] and cfg.data == DEMO["data"]):
             raise
         print0("note: the demo teacher's pretrained weights are not reachable; continuing with a random-init "
                "teacher that pools its patch tokens (a random ViT's CLS token barely depends on the image)")
-        cfg.teacher_kwargs = json.dumps({**json.loads(cfg.teacher_kwargs or "{}"), "global_pool": "avg"})
-        teacher, spec_t = load_model(cfg.teacher.split(".")[0], "", cfg.teacher_kwargs, cfg.img_size, device)
+        teacher_kwargs = json.dumps({**json.loads(cfg.teacher_kwargs or "{}"), "global_pool": "avg"})
+        teacher, spec_t = load_model(cfg.teacher.split(".")[0], "", teacher_kwargs, cfg.img_size, device)
     student, spec_s = load_model(cfg.student, cfg.student_weights, cfg.student_kwargs, 0, device)
-    grid = setup_sizes(cfg, spec_t, spec_s)
+    return teacher, spec_t, student, spec_s, teacher_kwargs
+
+def resolve_config(cfg, device, spec_t, spec_s, n_train, teacher_kwargs):
+    """The config with every derived value filled in, once (precision, workers, sizes, steps, the demo's teacher
+    kwargs): nothing changes it afterwards, and config.json records it."""
+    precision = cfg.precision  # one line of policy: bf16 autocast where supported, fp32 on CPU
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cfg.workers > cores:  # more decoders than cores only adds contention and memory
+        print0(f"note: --workers {cfg.workers} is more than the {cores} CPU cores available; using {cores}")
+    return dataclasses.replace(cfg, precision=precision, workers=min(cfg.workers, cores), teacher_kwargs=teacher_kwargs,
+                               steps=run_steps(cfg, n_train), **resolve_sizes(cfg, spec_t, spec_s))
+
+def build_student(cfg, teacher, spec_t, student, spec_s, device, amp):
+    """Frozen teacher, trainable student + heads at the resolved sizes; shapes checked once, loudly."""
+    grid = (cfg.img_size // spec_t.patch,) * 2
     if spec_s.patch and hasattr(student, "set_input_size"):
         student.set_input_size(img_size=cfg.student_img_size)
     teacher.eval().requires_grad_(False)  # frozen: never trained, never in the optimizer or a checkpoint
-    if device.type == "cuda" and dtype != torch.float32:
-        teacher.to(dtype)  # no optimizer state, so the weights can live in bf16/fp16 outright
+    if device.type == "cuda" and cfg.precision != "fp32":
+        teacher.to(DTYPES[cfg.precision])  # no optimizer state, so the weights can live in bf16/fp16 outright
     raw = Student(student, spec_s, spec_t.dim, spec_t.width, cfg.local_loss != "none" and cfg.w_local > 0, cfg.head)
     raw.to(device)
     if cfg.grad_checkpointing:
@@ -1091,7 +1104,7 @@ def build_models(cfg, device, dtype, amp):
            f"grid {grid[0]}x{grid[1]}, dim {spec_t.dim}")
     print0(f"student {cfg.student} ({spec_s.source}): {n(student):.1f}M params, {cfg.student_img_size}px, "
            f"patch {spec_s.patch or '-'}, dim {spec_s.dim}")
-    return teacher, spec_t, raw, spec_s, grid
+    return raw, grid
 
 def check_readable(tiles, flag, tries=50):
     """Decode up to `tries` tiles spread over the Tiles: if none can be read, stop now with the first error,
@@ -1198,10 +1211,13 @@ def main(argv=None):
     cfg = parse_args(argv)
     check_args(cfg)
     with run_lock(cfg), contextlib.ExitStack() as cleanup:
-        device, dtype, amp = set_up(cfg)
+        device = set_up(cfg)
         tiles, val_tiles = load_data(cfg)  # a bad --data fails before any model
-        teacher, spec_t, raw, spec_s, grid = build_models(cfg, device, dtype, amp)
-        tiles_per_step = plan_steps(cfg, len(tiles))
+        teacher, spec_t, student, spec_s, teacher_kwargs = load_models(cfg, device)
+        cfg = resolve_config(cfg, device, spec_t, spec_s, len(tiles), teacher_kwargs)  # final: never changed after
+        amp = autocast(cfg, device)
+        raw, grid = build_student(cfg, teacher, spec_t, student, spec_s, device, amp)
+        tiles_per_step = cfg.batch_size * rank_world()[1] * cfg.grad_accum  # all ranks' tiles
         opt, scaler = make_optimizer(cfg, raw, device)
         state = resume(cfg, raw, opt, scaler, device, tiles_per_step)
         metrics = start_run_folder(cfg, spec_t, spec_s, len(tiles), len(val_tiles), state["step"])
@@ -1239,46 +1255,41 @@ def main(argv=None):
         return last
 
 def set_up(cfg):
-    """Processes, seeds and precision: (device, dtype, amp context factory)."""
+    """Processes and seeds: the device."""
     device = init_distributed()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    # precision is one line of policy: bf16 autocast where supported, fp32 on CPU, a GradScaler only for fp16
-    if cfg.precision == "auto":
-        cfg.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    dtype = DTYPES[cfg.precision]
-    amp = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return device, dtype, amp
+    return device
+
+def autocast(cfg, device):
+    """The amp context factory: autocast to --precision (off for fp32)."""
+    dtype = DTYPES[cfg.precision]
+    return lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 def load_data(cfg):
-    """Training and validation Tiles, checked readable; --workers capped at the cores there are."""
+    """Training and validation Tiles, checked readable."""
     tiles, val_tiles = split_data(cfg) if not cfg.synthetic else ([], [])
     check_readable(tiles, "--data")
     check_readable(val_tiles, "--val-data (or the held-out slides)")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if cfg.workers > cores:  # more decoders than cores only adds contention and memory
-        print0(f"note: --workers {cfg.workers} is more than the {cores} CPU cores available; using {cores}")
-        cfg.workers = cores
     if 0 < len(val_tiles) < 64:
         print0(f"warning: only {len(val_tiles)} validation tiles; agreement (val cos, cka) on so few means little "
                "(give --val-data or more slides)")
     return tiles, val_tiles
 
-def plan_steps(cfg, n_train):
-    """The run's length in optimizer steps (from --epochs when --steps is 0); returns tiles per step, all ranks."""
-    world = rank_world()[1]
-    tiles_per_step = cfg.batch_size * world * cfg.grad_accum
-    if not cfg.synthetic and n_train < cfg.batch_size * world:
+def run_steps(cfg, n_train):
+    """The run's length in optimizer steps (from --epochs when --steps is 0)."""
+    per_batch = cfg.batch_size * rank_world()[1]
+    if not cfg.synthetic and n_train < per_batch:
         raise SystemExit(f"error: {n_train} training tiles is fewer than one batch over all processes "
-                         f"({cfg.batch_size * world}); lower --batch-size")
-    cfg.steps = cfg.steps or max(1, int(cfg.epochs * n_train / tiles_per_step))
-    if cfg.warmup_steps > cfg.steps:
-        print0(f"warning: --warmup-steps {cfg.warmup_steps} is more than the run's {cfg.steps} steps: the learning "
-               f"rate never reaches --lr {cfg.lr:g} (it ends at {cfg.lr * cfg.steps / cfg.warmup_steps:.2g})")
-    return tiles_per_step
+                         f"({per_batch}); lower --batch-size")
+    steps = cfg.steps or max(1, int(cfg.epochs * n_train / (per_batch * cfg.grad_accum)))
+    if cfg.warmup_steps > steps:
+        print0(f"warning: --warmup-steps {cfg.warmup_steps} is more than the run's {steps} steps: the learning "
+               f"rate never reaches --lr {cfg.lr:g} (it ends at {cfg.lr * steps / cfg.warmup_steps:.2g})")
+    return steps
 
 def make_optimizer(cfg, raw, device):
     """AdamW (fused on CUDA); no weight decay on biases, norms, tokens and position embeddings."""

@@ -253,8 +253,9 @@ def test_tokens_split_with_prefix_tokens_and_grid():
 
 def test_student_size_matches_teacher_grid_and_resize_fallback():
     cfg = g2l.Config(img_size=224)
-    grid = g2l.setup_sizes(cfg, types.SimpleNamespace(size=224, patch=14), types.SimpleNamespace(patch=16))
-    assert grid == (16, 16) and cfg.student_img_size == 256  # /14 at 224 -> /16 at 256
+    sizes = g2l.resolve_sizes(cfg, types.SimpleNamespace(size=224, patch=14), types.SimpleNamespace(patch=16))
+    assert sizes["img_size"] // 14 == 16 and sizes["student_img_size"] == 256  # /14 at 224 -> /16 at 256
+    assert cfg == g2l.Config(img_size=224)  # the config itself is not changed
     # fallback: a student whose grid differs (8x8 at 128 px vs teacher 16x16) -> bilinear resize of its token map
     student, spec = g2l.load_model("vit_tiny_patch16_224", kwargs='{"depth": 1, "embed_dim": 48, "num_heads": 2}', img_size=128)
     raw = g2l.Student(student, spec, 64, 64, local=True)
