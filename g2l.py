@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import timm
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 # ----------------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True)  # frozen: derived values come from resolve_config, never by assignment
@@ -554,12 +555,14 @@ def load_weights(model, path, name):
     if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in sd):  # transformers DINOv2 format
         sd = dinov2_to_timm(sd, model)
         how = dict(antialias="reg_token" in sd)  # resample positions as transformers does (antialias: registers)
-    filt = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-    if filt is not None:  # timm's own converter: resamples position embeddings, renames legacy keys
+    fix = "pass the matching architecture/preset or fix --*-kwargs"
+    if isinstance(model, VisionTransformer):  # timm's ViT converter: resamples position embeddings, legacy keys
         try:
-            sd = filt(sd, model, **how)
-        except Exception:
-            pass  # a file it cannot convert is reported key by key below
+            sd = checkpoint_filter_fn(sd, model, **how)
+        except (RuntimeError, ValueError, KeyError, IndexError) as e:
+            msg = str(e).splitlines()[0][:200] if str(e) else ""
+            raise SystemExit(f"error: weights file {path} does not fit {name}: timm's ViT converter failed "
+                             f"({type(e).__name__}: {msg}); {fix}")
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # classifier heads are not used
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -570,8 +573,7 @@ def load_weights(model, path, name):
         raise SystemExit(f"error: weights file {path} does not fit {name}: "
                          f"{len(missing)} missing (e.g. {missing[:3]}), "
                          f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
-                         f"{len(wrong)} wrong shapes (e.g. {wrong[:2]}); "
-                         "pass the matching architecture/preset or fix --*-kwargs")
+                         f"{len(wrong)} wrong shapes (e.g. {wrong[:2]}); {fix}")
     model.load_state_dict(sd)
 
 def hf_file(where, fname):
