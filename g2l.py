@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -116,17 +117,6 @@ def parse_args(argv=None):
     return Config(**vars(p.parse_args(argv)))
 
 # ----------------------------------------------------------------------------- compute init
-def init_distributed():
-    """One process, or one per GPU under torchrun (NCCL on GPU, gloo on CPU): the device."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
 def rank_world():
     """(rank, world size) from torch.distributed itself: (0, 1) for a single process."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -135,23 +125,11 @@ def print0(*a, **k):
     if rank_world()[0] == 0:
         print(*a, **k, flush=True)
 
-class AllSum(torch.autograd.Function):
-    """Sum over ranks, differentiable: the backward sums the gradients too (as SyncBatchNorm does). Every
-    loss ends in a global sum, so with DDP's gradient averaging each step gets exactly the gradient of the
-    global-batch loss, the same as one process with the same global batch."""
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-    @staticmethod
-    def backward(ctx, g):
-        g = g.clone()
-        dist.all_reduce(g)
-        return g
-
 def all_sum(x):
-    return AllSum.apply(x) if rank_world()[1] > 1 else x
+    """Sum over ranks, differentiable: torch's autograd all_reduce sums the gradients in backward too (as SyncBatchNorm
+    does). Every loss ends in a global sum, so with DDP's gradient averaging each step gets exactly the gradient of the
+    global-batch loss, the same as one process with the same global batch."""
+    return dist_nn.all_reduce(x) if rank_world()[1] > 1 else x
 
 # ----------------------------------------------------------------------------- data
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
@@ -771,29 +749,23 @@ def batchnorm(z, eps=1e-5):
     var = all_sum(((z - mean) ** 2).sum(0)) / n
     return (z - mean) / torch.sqrt(var + eps)
 
-def global_mean(x):
-    """Mean over the global batch (all ranks) of a per-sample loss."""
-    return all_sum(x.sum()) / all_sum(torch.tensor(float(x.numel()), device=x.device))
-
-def logsum_loss(zs, zt, alpha=4.0):
-    """G2L / Miles & Mikolajczyk: log( sum_{b,j} |BN(W z_s) - BN(z_t)|^alpha ), one log over all dims."""
-    return torch.log(all_sum((batchnorm(zs) - batchnorm(zt)).abs().pow(alpha).sum()))
-
 def pair_loss(kind, zs, zt, alpha=4.0):
-    """Loss between [N, D] student and teacher features (fp32)."""
+    """Loss between [N, D] student and teacher features (fp32), over the global batch (all ranks)."""
     zs, zt = zs.float(), zt.float()
-    if kind == "logsum":
-        return logsum_loss(zs, zt, alpha)
+    if kind == "logsum":  # G2L / Miles & Mikolajczyk: log( sum_{b,j} |BN(W z_s) - BN(z_t)|^alpha ), one log
+        return torch.log(all_sum((batchnorm(zs) - batchnorm(zt)).abs().pow(alpha).sum()))
     cos = 1 - F.cosine_similarity(zs, zt, dim=-1)
     if kind == "cosine":
-        return global_mean(cos)
-    if kind == "smoothl1":
-        return global_mean(F.smooth_l1_loss(zs, zt, reduction="none").mean(-1))
-    if kind == "mse":
-        return global_mean(F.mse_loss(zs, zt, reduction="none").mean(-1))
-    if kind == "cosine-smoothl1":  # RADIO / GPFM weighting
-        return global_mean(0.9 * cos + 0.1 * F.smooth_l1_loss(zs, zt, reduction="none").mean(-1))
-    raise ValueError(f"unknown loss {kind!r}")
+        per_sample = cos
+    elif kind == "smoothl1":
+        per_sample = F.smooth_l1_loss(zs, zt, reduction="none").mean(-1)
+    elif kind == "mse":
+        per_sample = F.mse_loss(zs, zt, reduction="none").mean(-1)
+    elif kind == "cosine-smoothl1":  # RADIO / GPFM weighting
+        per_sample = 0.9 * cos + 0.1 * F.smooth_l1_loss(zs, zt, reduction="none").mean(-1)
+    else:
+        raise ValueError(f"unknown loss {kind!r}")
+    return all_sum(per_sample.sum()) / all_sum(torch.tensor(float(per_sample.numel()), device=zs.device))
 
 def linear_cka(a, b):
     """Linear CKA between feature matrices [N, D1], [N, D2] (Kornblith et al. 2019)."""
@@ -1146,30 +1118,30 @@ def make_batches(cfg, tiles, start, device):
 
 def check_args(cfg):
     """Every option checked before any model is built or any file written: one clear line per problem."""
-    def need(ok, flag, what):
-        if not ok:
-            raise SystemExit(f"error: --{flag} {getattr(cfg, flag.replace('-', '_'))}: {what}")
-    for flag in ("batch-size", "grad-accum", "log-every", "eval-every", "ckpt-every", "max-val"):
-        need(getattr(cfg, flag.replace("-", "_")) >= 1, flag, "must be >= 1")
-    for flag in ("steps", "warmup-steps", "workers", "img-size", "student-img-size", "load-size", "teacher-chunk"):
-        need(getattr(cfg, flag.replace("-", "_")) >= 0, flag, "must be >= 0")
-    for flag in ("lr", "alpha"):
-        need(math.isfinite(getattr(cfg, flag)) and getattr(cfg, flag) > 0, flag, "must be a finite number > 0")
-    for flag in ("weight-decay", "clip-grad", "w-global", "w-local"):
-        need(0 <= getattr(cfg, flag.replace("-", "_")) < math.inf, flag, "must be a finite number >= 0")
-    need(cfg.steps or (0 < cfg.epochs < math.inf), "epochs", "must be > 0 (or give --steps)")
-    need(cfg.w_global > 0 or (cfg.w_local > 0 and cfg.local_loss != "none"), "w-global", "and --w-local leave no loss")
-    for flag in ("min-lr-frac", "max-bad-frac"):
-        need(0 <= getattr(cfg, flag.replace("-", "_")) <= 1, flag, "must be in [0, 1]")
-    need(0 < cfg.val_frac < 1, "val-frac", "must be in (0, 1)")
-    need(not (cfg.load_size and cfg.img_size) or cfg.load_size >= cfg.img_size, "load-size", "must be >= --img-size")
-    for flag in ("teacher-kwargs", "student-kwargs"):
-        text = getattr(cfg, flag.replace("-", "_"))
+    def json_object(text):
         try:
-            ok = not text or isinstance(json.loads(text), dict)
+            return not text or isinstance(json.loads(text), dict)
         except ValueError:
-            ok = False
-        need(ok, flag, 'must be a JSON object, e.g. \'{"depth": 2}\'')
+            return False
+    rules = [(("batch-size", "grad-accum", "log-every", "eval-every", "ckpt-every", "max-val"), lambda v: v >= 1,
+              "must be >= 1"),
+             (("steps", "warmup-steps", "workers", "img-size", "student-img-size", "load-size", "teacher-chunk"),
+              lambda v: v >= 0, "must be >= 0"),
+             (("lr", "alpha"), lambda v: 0 < v < math.inf, "must be a finite number > 0"),
+             (("weight-decay", "clip-grad", "w-global", "w-local"), lambda v: 0 <= v < math.inf,
+              "must be a finite number >= 0"),
+             (("min-lr-frac", "max-bad-frac"), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+             (("val-frac",), lambda v: 0 < v < 1, "must be in (0, 1)"),
+             (("teacher-kwargs", "student-kwargs"), json_object, 'must be a JSON object, e.g. \'{"depth": 2}\''),
+             (("epochs",), lambda v: cfg.steps or 0 < v < math.inf, "must be > 0 (or give --steps)"),
+             (("w-global",), lambda v: v > 0 or (cfg.w_local > 0 and cfg.local_loss != "none"),
+              "and --w-local leave no loss"),
+             (("load-size",), lambda v: not (v and cfg.img_size) or v >= cfg.img_size, "must be >= --img-size")]
+    for flags, ok, what in rules:
+        for flag in flags:
+            value = getattr(cfg, flag.replace("-", "_"))
+            if not ok(value):
+                raise SystemExit(f"error: --{flag} {value}: {what}")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --out {out} is a file; give a folder for the run (config, checkpoint, student)")
@@ -1257,8 +1229,12 @@ def main(argv=None):
         return last
 
 def set_up(cfg):
-    """Processes and seeds: the device."""
-    device = init_distributed()
+    """One process, or one per GPU under torchrun (NCCL on GPU, gloo on CPU), and seeds: the device."""
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
