@@ -279,8 +279,7 @@ def load_tile(path, size):
         return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
 class TileDataset(torch.utils.data.Dataset):
-    """Tiles as uint8 tensors. Augmentation and normalisation run batched on the training device.
-    A tile that cannot be read is replaced by the next readable one and counted (never a crash)."""
+    """uint8 tiles, augmented later on the device; an unreadable tile is replaced by the next readable one, counted."""
     def __init__(self, tiles, size):  # tiles: Tiles, or a list of paths
         self.tiles = tiles if isinstance(tiles, Tiles) else tiles_from_paths(list(tiles))
         self.size = size
@@ -395,8 +394,7 @@ def colour_blur(x, p):
     return x
 
 def make_views(x, cfg, step, micro, device):
-    """uint8 tiles -> (teacher view, student view) as float [0,1] on the device.
-    G2L: both models see the same augmented view (cfg.views='same')."""
+    """uint8 tiles -> (teacher view, student view), float [0,1] on the device. G2L: the same view (--views same)."""
     n, (rank, world) = x.shape[0], rank_world()
     mine = lambda seed: {k: v[rank * n:(rank + 1) * n].to(device)  # this rank's slice of the global batch
                          for k, v in aug_params(n * world, seed, step, micro).items()}
@@ -511,8 +509,7 @@ HF_DINOV2 = [  # transformers DINOv2 key -> timm VisionTransformer key (legacy n
 ]
 
 def dinov2_to_timm(sd, model):
-    """transformers DINOv2 (with or without registers) state dict -> timm VisionTransformer state dict.
-    Checked against transformers' own model in the tests (same CLS and patch tokens)."""
+    """transformers DINOv2 (with or without registers) state dict -> timm ViT's (tests: identical tokens)."""
     out = {}
     for k, v in sd.items():
         for pattern, new in HF_DINOV2:
@@ -699,8 +696,7 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --precision
 
 def encode(model, spec, x):
-    """Normalise a float [0,1] batch with the model's own mean/std, run it, and split the tokens:
-    returns (global feature [B, dim], patch-token map [B, width, h, w])."""
+    """(global feature [B, dim], patch-token map [B, width, h, w]) of a float [0,1] batch, in its own mean/std."""
     mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
     feats = model.forward_features((x - mean) / std)
@@ -959,8 +955,7 @@ def export(raw, spec, cfg, out):
 
 # ----------------------------------------------------------------------------- training
 def resolve_sizes(cfg, spec_t, spec_s):
-    """Teacher input size, then the student size whose patch grid equals the teacher's
-    (a /14 teacher at 224 px -> 16x16 -> a /16 student at 256 px), and the load size."""
+    """Teacher px, the student px whose patch grid equals the teacher's (/14 at 224 -> 16x16 -> /16 at 256), load px."""
     img = cfg.img_size or spec_t.size
     if not spec_t.patch:
         raise SystemExit(f"error: the teacher {cfg.teacher} has no patch embedding; g2l distils from ViT teachers")
@@ -1045,8 +1040,7 @@ def load_models(cfg, device):
     return teacher, spec_t, student, spec_s, teacher_kwargs
 
 def resolve_config(cfg, device, spec_t, spec_s, n_train, teacher_kwargs):
-    """The config with every derived value filled in, once (precision, workers, sizes, steps, the demo's teacher
-    kwargs): nothing changes it afterwards, and config.json records it."""
+    """cfg with every derived value set once (precision, workers, sizes, steps, demo teacher kwargs): config.json."""
     precision = cfg.precision  # one line of policy: bf16 autocast where supported, fp32 on CPU
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -1096,8 +1090,7 @@ def check_readable(tiles, flag, tries=50):
                          "re-make the tiles (prep_tiles.py) or point at the right folder")
 
 def slide_weights(slide):
-    """Per-tile sampling weights that make each slide equally likely, whatever its tile count (--balance);
-    `slide` holds each tile's slide index (Tiles.slide)."""
+    """Per-tile weights making each slide equally likely, whatever its tile count (--balance); slide: Tiles.slide."""
     return torch.from_numpy(1.0 / np.bincount(slide)[slide])
 
 def make_batches(cfg, tiles, start, device):
@@ -1233,13 +1226,12 @@ def set_up(cfg):
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device
 
 def autocast(cfg, device):
