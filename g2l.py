@@ -1182,7 +1182,7 @@ def main(argv=None):
         tiles, val_tiles = load_data(cfg)  # a bad --data fails before any model
         teacher, spec_t, student, spec_s, teacher_kwargs = load_models(cfg, device)
         cfg = resolve_config(cfg, device, spec_t, spec_s, len(tiles), teacher_kwargs)  # final: never changed after
-        amp = autocast(cfg, device)
+        amp = lambda: torch.autocast(device.type, dtype=DTYPES[cfg.precision], enabled=cfg.precision != "fp32")
         raw, grid = build_student(cfg, teacher, spec_t, student, spec_s, device, amp)
         tiles_per_step = cfg.batch_size * rank_world()[1] * cfg.grad_accum  # all ranks' tiles
         opt, scaler = make_optimizer(cfg, raw, device)
@@ -1233,11 +1233,6 @@ def set_up(cfg):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     return device
-
-def autocast(cfg, device):
-    """The amp context factory: autocast to --precision (off for fp32)."""
-    dtype = DTYPES[cfg.precision]
-    return lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 def load_data(cfg):
     """Training and validation Tiles, checked readable."""
