@@ -22,7 +22,7 @@ Sections (search for the title):
 
     pytest -q
 """
-import csv, json, math, os, re, shutil, socket, subprocess, types
+import csv, dataclasses, json, math, os, re, shutil, socket, subprocess, types
 from pathlib import Path
 
 import numpy as np
@@ -455,6 +455,24 @@ def keep_checkpoints(monkeypatch):
         real(obj, path)
         shutil.copy(path, f"{path}.{obj['step']}")
     monkeypatch.setattr(g2l, "atomic_save", keep)
+
+def test_derived_options_are_recorded_and_the_parsed_config_is_never_changed(tmp_path, tiles, monkeypatch):
+    """Sizes, steps, precision and workers are derived once into a new config (config.json records them); the
+    parsed one keeps what the user gave."""
+    parsed, parse = [], g2l.parse_args
+    monkeypatch.setattr(g2l, "parse_args", lambda argv: parsed.append(parse(argv)) or parsed[-1])
+    kw = '{"depth": 1, "embed_dim": 32, "num_heads": 2, "global_pool": "avg", "img_size": 28}'  # native size 28 px
+    run(tmp_path, tiles, "--teacher-kwargs", kw, "--img-size", "0", "--epochs", "0.25", "--workers", "999", steps=0)
+    conf = json.loads((tmp_path / "run" / "config.json").read_text())
+    cores = len(os.sched_getaffinity(0))
+    assert (conf["img_size"], conf["student_img_size"], conf["load_size"]) == (28, 32, 28)  # /14 at 28 -> /16 at 32
+    assert conf["steps"] == max(1, int(0.25 * conf["n_train"] / 8)) and conf["precision"] == "fp32"
+    assert conf["workers"] == min(999, cores) and json.loads(conf["teacher_kwargs"])["img_size"] == 28
+    cfg = parsed[0]
+    assert (cfg.img_size, cfg.student_img_size, cfg.load_size, cfg.steps, cfg.precision, cfg.workers) == \
+        (0, 0, 0, 0, "auto", 999)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.steps = 1
 
 def test_resume_is_exact(tmp_path, tiles, monkeypatch):
     keep_checkpoints(monkeypatch)
