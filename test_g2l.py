@@ -240,6 +240,16 @@ def test_unreadable_weights_give_one_clear_line(tmp_path, content, message):
     assert str(e.value).startswith("error: ") and message in str(e.value) and path in str(e.value)
     assert "\n" not in str(e.value)
 
+def test_weights_timm_cannot_convert_give_one_clear_line(tmp_path):
+    from safetensors.torch import save_file
+    kw = json.dumps({"depth": 1, "embed_dim": 32, "num_heads": 2})
+    model, _ = g2l.load_model("vit_small_patch14_dinov2", kwargs=kw, img_size=28)
+    path = str(tmp_path / "w.safetensors")
+    save_file(dict(model.state_dict(), pos_embed=torch.zeros(7, 32)), path)  # no token grid timm's converter can resize
+    with pytest.raises(SystemExit) as e:
+        g2l.load_model("vit_small_patch14_dinov2", weights=path, kwargs=kw, img_size=28)
+    assert str(e.value).startswith(f"error: weights file {path} does not fit") and "\n" not in str(e.value)
+
 def test_tokens_split_with_prefix_tokens_and_grid():
     model, spec = g2l.load_model("vit_small_patch14_reg4_dinov2", kwargs='{"depth": 1, "embed_dim": 32, "num_heads": 2}',
                                  img_size=56)
