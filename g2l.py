@@ -1215,7 +1215,7 @@ def main(argv=None):
             signal.signal(s, h)
         if dist.is_initialized():
             dist.barrier()
-            dist.destroy_process_group()
+            cleanup.callback(dist.destroy_process_group)  # after the summary: print0 asks torch.distributed its rank
         summary(cfg, reason, run.baseline, last, Path(cfg.out))
         if code:  # the job was not done: a scheduler or script must see it (after saving and exporting)
             raise SystemExit(code)
