@@ -27,15 +27,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
 import timm
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 # ----------------------------------------------------------------------------- config
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)  # frozen: derived values come from resolve_config, never by assignment
 class Config:
     teacher: str = "h-optimus-0"        # preset, timm name, hf-hub:ORG/NAME, local-dir:PATH or a g2l run folder
     student: str = "uni"                # the same naming rules as --teacher
@@ -115,39 +117,19 @@ def parse_args(argv=None):
     return Config(**vars(p.parse_args(argv)))
 
 # ----------------------------------------------------------------------------- compute init
-def init_distributed():
-    """One process, or one per GPU under torchrun (NCCL on GPU, gloo on CPU)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+def rank_world():
+    """(rank, world size) from torch.distributed itself: (0, 1) for a single process."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
-RANK, WORLD = 0, 1
 def print0(*a, **k):
-    if RANK == 0:
+    if rank_world()[0] == 0:
         print(*a, **k, flush=True)
 
-class AllSum(torch.autograd.Function):
-    """Sum over ranks, differentiable: the backward sums the gradients too (as SyncBatchNorm does). Every
-    loss ends in a global sum, so with DDP's gradient averaging each step gets exactly the gradient of the
-    global-batch loss, the same as one process with the same global batch."""
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-    @staticmethod
-    def backward(ctx, g):
-        g = g.clone()
-        dist.all_reduce(g)
-        return g
-
 def all_sum(x):
-    return AllSum.apply(x) if WORLD > 1 else x
+    """Sum over ranks, differentiable: torch's autograd all_reduce sums the gradients in backward too (as SyncBatchNorm
+    does). Every loss ends in a global sum, so with DDP's gradient averaging each step gets exactly the gradient of the
+    global-batch loss, the same as one process with the same global batch."""
+    return dist_nn.all_reduce(x) if rank_world()[1] > 1 else x
 
 # ----------------------------------------------------------------------------- data
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
@@ -265,13 +247,13 @@ def index_folder(folder):
 
 def index_tiles(folders):
     """All tiles under the folders. Only rank 0 touches the disk; the other ranks receive the arrays."""
-    box = [None]
-    if RANK == 0:
+    box, (rank, world) = [None], rank_world()
+    if rank == 0:
         try:
             box = [concat_tiles([index_folder(f) for f in folders])]
         except SystemExit as e:  # every rank stops with rank 0's message instead of waiting for the broadcast
             box = [str(e)]
-    if WORLD > 1:
+    if world > 1:
         dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], str):
         raise SystemExit(box[0])
@@ -297,8 +279,7 @@ def load_tile(path, size):
         return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
 class TileDataset(torch.utils.data.Dataset):
-    """Tiles as uint8 tensors. Augmentation and normalisation run batched on the training device.
-    A tile that cannot be read is replaced by the next readable one and counted (never a crash)."""
+    """uint8 tiles, augmented later on the device; an unreadable tile is replaced by the next readable one, counted."""
     def __init__(self, tiles, size):  # tiles: Tiles, or a list of paths
         self.tiles = tiles if isinstance(tiles, Tiles) else tiles_from_paths(list(tiles))
         self.size = size
@@ -347,12 +328,13 @@ class InfiniteSampler(torch.utils.data.Sampler):
         return torch.randperm(self.n, generator=g)
     def __iter__(self):
         per_epoch = self.n // self.global_batch * self.global_batch  # whole global batches per epoch
-        pos, b = self.start, self.global_batch // WORLD
+        rank, world = rank_world()
+        pos, b = self.start, self.global_batch // world
         while True:
             epoch, off = divmod(pos, per_epoch)
             order = self.order(epoch)
             for s in range(off, per_epoch, self.global_batch):
-                yield from order[s + RANK * b: s + (RANK + 1) * b].tolist()
+                yield from order[s + rank * b: s + (rank + 1) * b].tolist()
             pos = (epoch + 1) * per_epoch
 
 def aug_params(n, seed, step, micro):
@@ -412,11 +394,10 @@ def colour_blur(x, p):
     return x
 
 def make_views(x, cfg, step, micro, device):
-    """uint8 tiles -> (teacher view, student view) as float [0,1] on the device.
-    G2L: both models see the same augmented view (cfg.views='same')."""
-    n = x.shape[0]
-    mine = lambda seed: {k: v[RANK * n:(RANK + 1) * n].to(device)  # this rank's slice of the global batch
-                         for k, v in aug_params(n * WORLD, seed, step, micro).items()}
+    """uint8 tiles -> (teacher view, student view), float [0,1] on the device. G2L: the same view (--views same)."""
+    n, (rank, world) = x.shape[0], rank_world()
+    mine = lambda seed: {k: v[rank * n:(rank + 1) * n].to(device)  # this rank's slice of the global batch
+                         for k, v in aug_params(n * world, seed, step, micro).items()}
     p = mine(cfg.seed)
     if not cfg.augment:  # the random crop (when --load-size > --img-size) stays; flips, colour and blur go
         p["hflip"], p["vflip"] = torch.zeros_like(p["hflip"]), torch.zeros_like(p["vflip"])
@@ -528,8 +509,7 @@ HF_DINOV2 = [  # transformers DINOv2 key -> timm VisionTransformer key (legacy n
 ]
 
 def dinov2_to_timm(sd, model):
-    """transformers DINOv2 (with or without registers) state dict -> timm VisionTransformer state dict.
-    Checked against transformers' own model in the tests (same CLS and patch tokens)."""
+    """transformers DINOv2 (with or without registers) state dict -> timm ViT's (tests: identical tokens)."""
     out = {}
     for k, v in sd.items():
         for pattern, new in HF_DINOV2:
@@ -550,12 +530,14 @@ def load_weights(model, path, name):
     if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in sd):  # transformers DINOv2 format
         sd = dinov2_to_timm(sd, model)
         how = dict(antialias="reg_token" in sd)  # resample positions as transformers does (antialias: registers)
-    filt = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
-    if filt is not None:  # timm's own converter: resamples position embeddings, renames legacy keys
+    fix = "pass the matching architecture/preset or fix --*-kwargs"
+    if isinstance(model, VisionTransformer):  # timm's ViT converter: resamples position embeddings, legacy keys
         try:
-            sd = filt(sd, model, **how)
-        except Exception:
-            pass  # a file it cannot convert is reported key by key below
+            sd = checkpoint_filter_fn(sd, model, **how)
+        except (RuntimeError, ValueError, KeyError, IndexError) as e:
+            msg = str(e).splitlines()[0][:200] if str(e) else ""
+            raise SystemExit(f"error: weights file {path} does not fit {name}: timm's ViT converter failed "
+                             f"({type(e).__name__}: {msg}); {fix}")
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # classifier heads are not used
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -566,8 +548,7 @@ def load_weights(model, path, name):
         raise SystemExit(f"error: weights file {path} does not fit {name}: "
                          f"{len(missing)} missing (e.g. {missing[:3]}), "
                          f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
-                         f"{len(wrong)} wrong shapes (e.g. {wrong[:2]}); "
-                         "pass the matching architecture/preset or fix --*-kwargs")
+                         f"{len(wrong)} wrong shapes (e.g. {wrong[:2]}); {fix}")
     model.load_state_dict(sd)
 
 def hf_file(where, fname):
@@ -715,8 +696,7 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --precision
 
 def encode(model, spec, x):
-    """Normalise a float [0,1] batch with the model's own mean/std, run it, and split the tokens:
-    returns (global feature [B, dim], patch-token map [B, width, h, w])."""
+    """(global feature [B, dim], patch-token map [B, width, h, w]) of a float [0,1] batch, in its own mean/std."""
     mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
     feats = model.forward_features((x - mean) / std)
@@ -765,29 +745,23 @@ def batchnorm(z, eps=1e-5):
     var = all_sum(((z - mean) ** 2).sum(0)) / n
     return (z - mean) / torch.sqrt(var + eps)
 
-def global_mean(x):
-    """Mean over the global batch (all ranks) of a per-sample loss."""
-    return all_sum(x.sum()) / all_sum(torch.tensor(float(x.numel()), device=x.device))
-
-def logsum_loss(zs, zt, alpha=4.0):
-    """G2L / Miles & Mikolajczyk: log( sum_{b,j} |BN(W z_s) - BN(z_t)|^alpha ), one log over all dims."""
-    return torch.log(all_sum((batchnorm(zs) - batchnorm(zt)).abs().pow(alpha).sum()))
-
 def pair_loss(kind, zs, zt, alpha=4.0):
-    """Loss between [N, D] student and teacher features (fp32)."""
+    """Loss between [N, D] student and teacher features (fp32), over the global batch (all ranks)."""
     zs, zt = zs.float(), zt.float()
-    if kind == "logsum":
-        return logsum_loss(zs, zt, alpha)
+    if kind == "logsum":  # G2L / Miles & Mikolajczyk: log( sum_{b,j} |BN(W z_s) - BN(z_t)|^alpha ), one log
+        return torch.log(all_sum((batchnorm(zs) - batchnorm(zt)).abs().pow(alpha).sum()))
     cos = 1 - F.cosine_similarity(zs, zt, dim=-1)
     if kind == "cosine":
-        return global_mean(cos)
-    if kind == "smoothl1":
-        return global_mean(F.smooth_l1_loss(zs, zt, reduction="none").mean(-1))
-    if kind == "mse":
-        return global_mean(F.mse_loss(zs, zt, reduction="none").mean(-1))
-    if kind == "cosine-smoothl1":  # RADIO / GPFM weighting
-        return global_mean(0.9 * cos + 0.1 * F.smooth_l1_loss(zs, zt, reduction="none").mean(-1))
-    raise ValueError(f"unknown loss {kind!r}")
+        per_sample = cos
+    elif kind == "smoothl1":
+        per_sample = F.smooth_l1_loss(zs, zt, reduction="none").mean(-1)
+    elif kind == "mse":
+        per_sample = F.mse_loss(zs, zt, reduction="none").mean(-1)
+    elif kind == "cosine-smoothl1":  # RADIO / GPFM weighting
+        per_sample = 0.9 * cos + 0.1 * F.smooth_l1_loss(zs, zt, reduction="none").mean(-1)
+    else:
+        raise ValueError(f"unknown loss {kind!r}")
+    return all_sum(per_sample.sum()) / all_sum(torch.tensor(float(per_sample.numel()), device=zs.device))
 
 def linear_cka(a, b):
     """Linear CKA between feature matrices [N, D1], [N, D2] (Kornblith et al. 2019)."""
@@ -980,22 +954,17 @@ def export(raw, spec, cfg, out):
         f.write(save(heads))
 
 # ----------------------------------------------------------------------------- training
-def setup_sizes(cfg, spec_t, spec_s):
-    """Teacher input size, then the student size whose patch grid equals the teacher's
-    (a /14 teacher at 224 px -> 16x16 -> a /16 student at 256 px). Returns the teacher grid."""
-    cfg.img_size = cfg.img_size or spec_t.size
+def resolve_sizes(cfg, spec_t, spec_s):
+    """Teacher px, the student px whose patch grid equals the teacher's (/14 at 224 -> 16x16 -> /16 at 256), load px."""
+    img = cfg.img_size or spec_t.size
     if not spec_t.patch:
         raise SystemExit(f"error: the teacher {cfg.teacher} has no patch embedding; g2l distils from ViT teachers")
-    if cfg.img_size % spec_t.patch:
-        raise SystemExit(f"error: --img-size {cfg.img_size} is not a multiple of the teacher's patch size "
-                         f"{spec_t.patch}")
-    grid = cfg.img_size // spec_t.patch
-    if not cfg.student_img_size:
-        cfg.student_img_size = grid * spec_s.patch if spec_s.patch else cfg.img_size
-    cfg.load_size = cfg.load_size or cfg.img_size
-    if cfg.load_size < cfg.img_size:
-        raise SystemExit(f"error: --load-size {cfg.load_size} is smaller than --img-size {cfg.img_size}")
-    return (grid, grid)
+    if img % spec_t.patch:
+        raise SystemExit(f"error: --img-size {img} is not a multiple of the teacher's patch size {spec_t.patch}")
+    student = cfg.student_img_size or (img // spec_t.patch * spec_s.patch if spec_s.patch else img)
+    if (cfg.load_size or img) < img:
+        raise SystemExit(f"error: --load-size {cfg.load_size} is smaller than --img-size {img}")
+    return dict(img_size=img, student_img_size=student, load_size=cfg.load_size or img)
 
 def lr_factor(step, cfg):
     """Linear warm-up, then cosine decay to min_lr_frac (used for both lr and weight decay)."""
@@ -1055,24 +1024,40 @@ def split_data(cfg):
         tiles, val = tiles.subset(~held), tiles.subset(held)
     return tiles, val.subset(np.sort(rng.choice(len(val), min(cfg.max_val, len(val)), replace=False)))
 
-def build_models(cfg, device, dtype, amp):
-    """Frozen teacher, trainable student + heads, input sizes; shapes checked once, loudly."""
+def load_models(cfg, device):
+    """Teacher and student as named, and the teacher kwargs used: the demo falls back to a random-init teacher."""
     try:
         teacher, spec_t = load_model(cfg.teacher, cfg.teacher_weights, cfg.teacher_kwargs, cfg.img_size, device)
+        teacher_kwargs = cfg.teacher_kwargs
     except SystemExit:
         if not (cfg.teacher == DEMO["teacher"] and cfg.data == DEMO["data"]):
             raise
         print0("note: the demo teacher's pretrained weights are not reachable; continuing with a random-init "
                "teacher that pools its patch tokens (a random ViT's CLS token barely depends on the image)")
-        cfg.teacher_kwargs = json.dumps({**json.loads(cfg.teacher_kwargs or "{}"), "global_pool": "avg"})
-        teacher, spec_t = load_model(cfg.teacher.split(".")[0], "", cfg.teacher_kwargs, cfg.img_size, device)
+        teacher_kwargs = json.dumps({**json.loads(cfg.teacher_kwargs or "{}"), "global_pool": "avg"})
+        teacher, spec_t = load_model(cfg.teacher.split(".")[0], "", teacher_kwargs, cfg.img_size, device)
     student, spec_s = load_model(cfg.student, cfg.student_weights, cfg.student_kwargs, 0, device)
-    grid = setup_sizes(cfg, spec_t, spec_s)
+    return teacher, spec_t, student, spec_s, teacher_kwargs
+
+def resolve_config(cfg, device, spec_t, spec_s, n_train, teacher_kwargs):
+    """cfg with every derived value set once (precision, workers, sizes, steps, demo teacher kwargs): config.json."""
+    precision = cfg.precision  # one line of policy: bf16 autocast where supported, fp32 on CPU
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cfg.workers > cores:  # more decoders than cores only adds contention and memory
+        print0(f"note: --workers {cfg.workers} is more than the {cores} CPU cores available; using {cores}")
+    return dataclasses.replace(cfg, precision=precision, workers=min(cfg.workers, cores), teacher_kwargs=teacher_kwargs,
+                               steps=run_steps(cfg, n_train), **resolve_sizes(cfg, spec_t, spec_s))
+
+def build_student(cfg, teacher, spec_t, student, spec_s, device, amp):
+    """Frozen teacher, trainable student + heads at the resolved sizes; shapes checked once, loudly."""
+    grid = (cfg.img_size // spec_t.patch,) * 2
     if spec_s.patch and hasattr(student, "set_input_size"):
         student.set_input_size(img_size=cfg.student_img_size)
     teacher.eval().requires_grad_(False)  # frozen: never trained, never in the optimizer or a checkpoint
-    if device.type == "cuda" and dtype != torch.float32:
-        teacher.to(dtype)  # no optimizer state, so the weights can live in bf16/fp16 outright
+    if device.type == "cuda" and cfg.precision != "fp32":
+        teacher.to(DTYPES[cfg.precision])  # no optimizer state, so the weights can live in bf16/fp16 outright
     raw = Student(student, spec_s, spec_t.dim, spec_t.width, cfg.local_loss != "none" and cfg.w_local > 0, cfg.head)
     raw.to(device)
     if cfg.grad_checkpointing:
@@ -1087,7 +1072,7 @@ def build_models(cfg, device, dtype, amp):
            f"grid {grid[0]}x{grid[1]}, dim {spec_t.dim}")
     print0(f"student {cfg.student} ({spec_s.source}): {n(student):.1f}M params, {cfg.student_img_size}px, "
            f"patch {spec_s.patch or '-'}, dim {spec_s.dim}")
-    return teacher, spec_t, raw, spec_s, grid
+    return raw, grid
 
 def check_readable(tiles, flag, tries=50):
     """Decode up to `tries` tiles spread over the Tiles: if none can be read, stop now with the first error,
@@ -1105,8 +1090,7 @@ def check_readable(tiles, flag, tries=50):
                          "re-make the tiles (prep_tiles.py) or point at the right folder")
 
 def slide_weights(slide):
-    """Per-tile sampling weights that make each slide equally likely, whatever its tile count (--balance);
-    `slide` holds each tile's slide index (Tiles.slide)."""
+    """Per-tile weights making each slide equally likely, whatever its tile count (--balance); slide: Tiles.slide."""
     return torch.from_numpy(1.0 / np.bincount(slide)[slide])
 
 def make_batches(cfg, tiles, start, device):
@@ -1114,8 +1098,8 @@ def make_batches(cfg, tiles, start, device):
     if cfg.synthetic:  # the same step on random tensors: no I/O
         return iter(lambda: (torch.randint(0, 256, (cfg.batch_size, 3, cfg.load_size, cfg.load_size),
                                            dtype=torch.uint8), torch.zeros(cfg.batch_size, dtype=torch.long)), None)
-    sampler = InfiniteSampler(len(tiles), slide_weights(tiles.slide) if cfg.balance else None, cfg.batch_size * WORLD,
-                              cfg.seed, start)
+    weights = slide_weights(tiles.slide) if cfg.balance else None
+    sampler = InfiniteSampler(len(tiles), weights, cfg.batch_size * rank_world()[1], cfg.seed, start)
     if cfg.workers:  # the workers fork now: frozen objects are never scanned by gc, so no gc pass copies their pages
         gc.collect()
         gc.freeze()
@@ -1127,30 +1111,30 @@ def make_batches(cfg, tiles, start, device):
 
 def check_args(cfg):
     """Every option checked before any model is built or any file written: one clear line per problem."""
-    def need(ok, flag, what):
-        if not ok:
-            raise SystemExit(f"error: --{flag} {getattr(cfg, flag.replace('-', '_'))}: {what}")
-    for flag in ("batch-size", "grad-accum", "log-every", "eval-every", "ckpt-every", "max-val"):
-        need(getattr(cfg, flag.replace("-", "_")) >= 1, flag, "must be >= 1")
-    for flag in ("steps", "warmup-steps", "workers", "img-size", "student-img-size", "load-size", "teacher-chunk"):
-        need(getattr(cfg, flag.replace("-", "_")) >= 0, flag, "must be >= 0")
-    for flag in ("lr", "alpha"):
-        need(math.isfinite(getattr(cfg, flag)) and getattr(cfg, flag) > 0, flag, "must be a finite number > 0")
-    for flag in ("weight-decay", "clip-grad", "w-global", "w-local"):
-        need(0 <= getattr(cfg, flag.replace("-", "_")) < math.inf, flag, "must be a finite number >= 0")
-    need(cfg.steps or (0 < cfg.epochs < math.inf), "epochs", "must be > 0 (or give --steps)")
-    need(cfg.w_global > 0 or (cfg.w_local > 0 and cfg.local_loss != "none"), "w-global", "and --w-local leave no loss")
-    for flag in ("min-lr-frac", "max-bad-frac"):
-        need(0 <= getattr(cfg, flag.replace("-", "_")) <= 1, flag, "must be in [0, 1]")
-    need(0 < cfg.val_frac < 1, "val-frac", "must be in (0, 1)")
-    need(not (cfg.load_size and cfg.img_size) or cfg.load_size >= cfg.img_size, "load-size", "must be >= --img-size")
-    for flag in ("teacher-kwargs", "student-kwargs"):
-        text = getattr(cfg, flag.replace("-", "_"))
+    def json_object(text):
         try:
-            ok = not text or isinstance(json.loads(text), dict)
+            return not text or isinstance(json.loads(text), dict)
         except ValueError:
-            ok = False
-        need(ok, flag, 'must be a JSON object, e.g. \'{"depth": 2}\'')
+            return False
+    rules = [(("batch-size", "grad-accum", "log-every", "eval-every", "ckpt-every", "max-val"), lambda v: v >= 1,
+              "must be >= 1"),
+             (("steps", "warmup-steps", "workers", "img-size", "student-img-size", "load-size", "teacher-chunk"),
+              lambda v: v >= 0, "must be >= 0"),
+             (("lr", "alpha"), lambda v: 0 < v < math.inf, "must be a finite number > 0"),
+             (("weight-decay", "clip-grad", "w-global", "w-local"), lambda v: 0 <= v < math.inf,
+              "must be a finite number >= 0"),
+             (("min-lr-frac", "max-bad-frac"), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+             (("val-frac",), lambda v: 0 < v < 1, "must be in (0, 1)"),
+             (("teacher-kwargs", "student-kwargs"), json_object, 'must be a JSON object, e.g. \'{"depth": 2}\''),
+             (("epochs",), lambda v: cfg.steps or 0 < v < math.inf, "must be > 0 (or give --steps)"),
+             (("w-global",), lambda v: v > 0 or (cfg.w_local > 0 and cfg.local_loss != "none"),
+              "and --w-local leave no loss"),
+             (("load-size",), lambda v: not (v and cfg.img_size) or v >= cfg.img_size, "must be >= --img-size")]
+    for flags, ok, what in rules:
+        for flag in flags:
+            value = getattr(cfg, flag.replace("-", "_"))
+            if not ok(value):
+                raise SystemExit(f"error: --{flag} {value}: {what}")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --out {out} is a file; give a folder for the run (config, checkpoint, student)")
@@ -1194,10 +1178,13 @@ def main(argv=None):
     cfg = parse_args(argv)
     check_args(cfg)
     with run_lock(cfg), contextlib.ExitStack() as cleanup:
-        device, dtype, amp = set_up(cfg)
+        device = set_up(cfg)
         tiles, val_tiles = load_data(cfg)  # a bad --data fails before any model
-        teacher, spec_t, raw, spec_s, grid = build_models(cfg, device, dtype, amp)
-        tiles_per_step = plan_steps(cfg, len(tiles))
+        teacher, spec_t, student, spec_s, teacher_kwargs = load_models(cfg, device)
+        cfg = resolve_config(cfg, device, spec_t, spec_s, len(tiles), teacher_kwargs)  # final: never changed after
+        amp = lambda: torch.autocast(device.type, dtype=DTYPES[cfg.precision], enabled=cfg.precision != "fp32")
+        raw, grid = build_student(cfg, teacher, spec_t, student, spec_s, device, amp)
+        tiles_per_step = cfg.batch_size * rank_world()[1] * cfg.grad_accum  # all ranks' tiles
         opt, scaler = make_optimizer(cfg, raw, device)
         state = resume(cfg, raw, opt, scaler, device, tiles_per_step)
         metrics = start_run_folder(cfg, spec_t, spec_s, len(tiles), len(val_tiles), state["step"])
@@ -1211,14 +1198,14 @@ def main(argv=None):
         cleanup.callback(getattr(batches, "_shutdown_workers", lambda: None))
         val = torch.utils.data.DataLoader(TileDataset(val_tiles, cfg.img_size), batch_size=cfg.batch_size,
                                           num_workers=min(cfg.workers, 2), worker_init_fn=quiet_worker) \
-            if RANK == 0 and val_tiles else None
+            if rank_world()[0] == 0 and val_tiles else None
         run = types.SimpleNamespace(cfg=cfg, device=device, amp=amp, teacher=teacher, spec_t=spec_t, raw=raw,
                                     model=model, teacher_fwd=teacher_fwd, opt=opt, scaler=scaler, grid=grid,
                                     tiles_per_step=tiles_per_step, batches=batches, val=val, metrics=metrics,
                                     stop=stop, **state)  # everything the loop reads, in one place
         reason, code, last = train_loop(run)
         save_checkpoint(run)
-        if RANK == 0:
+        if rank_world()[0] == 0:
             metrics.close()
             if not cfg.synthetic:
                 out = Path(cfg.out)
@@ -1226,55 +1213,48 @@ def main(argv=None):
                     export(raw, spec_s, cfg, out)
         for s, h in handlers.items():  # only now: a signal during the last save or export must not cut it short
             signal.signal(s, h)
-        if WORLD > 1:
+        if dist.is_initialized():
             dist.barrier()
-            dist.destroy_process_group()
+            cleanup.callback(dist.destroy_process_group)  # after the summary: print0 asks torch.distributed its rank
         summary(cfg, reason, run.baseline, last, Path(cfg.out))
         if code:  # the job was not done: a scheduler or script must see it (after saving and exporting)
             raise SystemExit(code)
         return last
 
 def set_up(cfg):
-    """Processes, seeds and precision: (device, dtype, amp context factory)."""
-    global RANK, WORLD
-    RANK, WORLD, device = init_distributed()
+    """One process, or one per GPU under torchrun (NCCL on GPU, gloo on CPU), and seeds: the device."""
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    # precision is one line of policy: bf16 autocast where supported, fp32 on CPU, a GradScaler only for fp16
-    if cfg.precision == "auto":
-        cfg.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    dtype = DTYPES[cfg.precision]
-    amp = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return device, dtype, amp
+    return device
 
 def load_data(cfg):
-    """Training and validation Tiles, checked readable; --workers capped at the cores there are."""
+    """Training and validation Tiles, checked readable."""
     tiles, val_tiles = split_data(cfg) if not cfg.synthetic else ([], [])
     check_readable(tiles, "--data")
     check_readable(val_tiles, "--val-data (or the held-out slides)")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if cfg.workers > cores:  # more decoders than cores only adds contention and memory
-        print0(f"note: --workers {cfg.workers} is more than the {cores} CPU cores available; using {cores}")
-        cfg.workers = cores
     if 0 < len(val_tiles) < 64:
         print0(f"warning: only {len(val_tiles)} validation tiles; agreement (val cos, cka) on so few means little "
                "(give --val-data or more slides)")
     return tiles, val_tiles
 
-def plan_steps(cfg, n_train):
-    """The run's length in optimizer steps (from --epochs when --steps is 0); returns tiles per step, all ranks."""
-    tiles_per_step = cfg.batch_size * WORLD * cfg.grad_accum
-    if not cfg.synthetic and n_train < cfg.batch_size * WORLD:
+def run_steps(cfg, n_train):
+    """The run's length in optimizer steps (from --epochs when --steps is 0)."""
+    per_batch = cfg.batch_size * rank_world()[1]
+    if not cfg.synthetic and n_train < per_batch:
         raise SystemExit(f"error: {n_train} training tiles is fewer than one batch over all processes "
-                         f"({cfg.batch_size * WORLD}); lower --batch-size")
-    cfg.steps = cfg.steps or max(1, int(cfg.epochs * n_train / tiles_per_step))
-    if cfg.warmup_steps > cfg.steps:
-        print0(f"warning: --warmup-steps {cfg.warmup_steps} is more than the run's {cfg.steps} steps: the learning "
-               f"rate never reaches --lr {cfg.lr:g} (it ends at {cfg.lr * cfg.steps / cfg.warmup_steps:.2g})")
-    return tiles_per_step
+                         f"({per_batch}); lower --batch-size")
+    steps = cfg.steps or max(1, int(cfg.epochs * n_train / (per_batch * cfg.grad_accum)))
+    if cfg.warmup_steps > steps:
+        print0(f"warning: --warmup-steps {cfg.warmup_steps} is more than the run's {steps} steps: the learning "
+               f"rate never reaches --lr {cfg.lr:g} (it ends at {cfg.lr * steps / cfg.warmup_steps:.2g})")
+    return steps
 
 def make_optimizer(cfg, raw, device):
     """AdamW (fused on CUDA); no weight decay on biases, norms, tokens and position embeddings."""
@@ -1305,11 +1285,11 @@ def resume(cfg, raw, opt, scaler, device, tiles_per_step):
 
 def start_run_folder(cfg, spec_t, spec_s, n_train, n_val, step):
     """config.json (every resolved option) and metrics.jsonl, opened for appending (rank 0 only)."""
-    if RANK != 0:
+    if rank_world()[0] != 0:
         return None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    conf = dict(dataclasses.asdict(cfg), world_size=WORLD, torch=torch.__version__, timm=timm.__version__,
+    conf = dict(dataclasses.asdict(cfg), world_size=rank_world()[1], torch=torch.__version__, timm=timm.__version__,
                 teacher_source=spec_t.source, student_source=spec_s.source, n_train=n_train, n_val=n_val)
     with writing(out / "config.json", out / "config.json.tmp"), atomic_open(out / "config.json") as f:
         f.write(json.dumps(conf, indent=2))
@@ -1319,7 +1299,7 @@ def start_run_folder(cfg, spec_t, spec_s, n_train, n_val, step):
 def wrap(cfg, raw, teacher, spec_t, device):
     """Only student + heads go into DDP; raw stays uncompiled for saving and evaluation."""
     model = raw
-    if WORLD > 1:
+    if rank_world()[1] > 1:
         model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
     teacher_fwd = lambda x: encode(teacher, spec_t, x)  # compiled as a whole: forward_features is not `forward`
     if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
@@ -1327,7 +1307,7 @@ def wrap(cfg, raw, teacher, spec_t, device):
     return model, teacher_fwd
 
 def save_checkpoint(run):
-    if RANK == 0 and not run.cfg.synthetic:  # a --synthetic run is a measurement: nothing worth keeping
+    if rank_world()[0] == 0 and not run.cfg.synthetic:  # a --synthetic run is a measurement: nothing worth keeping
         cuda = run.device.type == "cuda"
         rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
                    cuda=torch.cuda.get_rng_state(run.device) if cuda else None)
@@ -1349,7 +1329,7 @@ def distil_step(cfg, step, batches, model, teacher_fwd, opt, scaler, grid, devic
         n_bad += int((skipped > 0).sum())
         xt, xs = make_views(x, cfg, step, micro, device)  # G2L: the same augmented view for both models
         xs = student_view(xs, cfg)
-        sync = contextlib.nullcontext if WORLD == 1 or micro == cfg.grad_accum - 1 else model.no_sync
+        sync = contextlib.nullcontext if rank_world()[1] == 1 or micro == cfg.grad_accum - 1 else model.no_sync
         with amp(), sync():
             with torch.no_grad():  # not inference_mode: these tensors enter the loss
                 outs = [teacher_fwd(c) for c in xt.split(cfg.teacher_chunk or len(xt))]
@@ -1375,10 +1355,10 @@ def distil_step(cfg, step, batches, model, teacher_fwd, opt, scaler, grid, devic
 # ----------------------------------------------------------------------------- the loop
 def train_loop(run):
     """Steps until --steps, a stop signal, G2L's early stop or too many bad steps/tiles: (reason, exit code, last)."""
-    cfg = run.cfg
+    cfg, (rank, world) = run.cfg, rank_world()
     student_flops = forward_flops(run.raw.backbone, cfg.student_img_size)  # forward + backward = 3 forwards
     run.flops = (forward_flops(run.teacher, cfg.img_size) + 3 * student_flops) * run.tiles_per_step
-    run.peak = peak_flops(run.device, cfg.precision) * WORLD
+    run.peak = peak_flops(run.device, cfg.precision) * world
     n_bad, seen, bad_steps, recent, above, last = 0, 0, 0, deque(maxlen=100), 0, {}  # this session
     if run.val is not None and run.step == 0:
         run.baseline = evaluate(run.raw, run.teacher, run.spec_t, run.val, cfg, run.device, run.amp)
@@ -1387,7 +1367,7 @@ def train_loop(run):
     t0, n_timed = time.perf_counter(), 0
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
-    with tqdm(total=cfg.steps, initial=run.step, disable=RANK != 0, desc="distil", dynamic_ncols=True) as bar:
+    with tqdm(total=cfg.steps, initial=run.step, disable=rank != 0, desc="distil", dynamic_ncols=True) as bar:
         while run.step < cfg.steps:
             parts, gnorm, skipped = distil_step(cfg, run.step, run.batches, run.model, run.teacher_fwd, run.opt,
                                                 run.scaler, run.grid, run.device, run.amp)
@@ -1418,7 +1398,7 @@ def train_loop(run):
                 t0, n_timed = time.perf_counter(), 0
             if run.step % cfg.ckpt_every == 0 and run.step < cfg.steps:
                 save_checkpoint(run)
-            if WORLD > 1 and all_sum(torch.tensor(float(bool(run.stop)), device=run.device)) > 0:
+            if world > 1 and all_sum(torch.tensor(float(bool(run.stop)), device=run.device)) > 0:
                 run.stop.setdefault("by", signal.SIGTERM)  # signals reach ranks at different steps: stop together
             if run.stop:
                 return f"stopped by {run.stop['by'].name} at step {run.step}; continue with --resume auto", \
@@ -1438,7 +1418,7 @@ def log_step(run, parts, gnorm, n_timed, t0, bad, evaluating):
     if evaluating:
         last.update(evaluate(run.raw, run.teacher, run.spec_t, run.val, cfg, run.device, run.amp))
     run.baseline.setdefault("loss", last["loss"])
-    if RANK == 0:
+    if rank_world()[0] == 0:
         with writing(run.metrics.name):  # a full disk: one line; the checkpoint and export are untouched
             run.metrics.write(json.dumps(last) + "\n")
             run.metrics.flush()

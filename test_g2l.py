@@ -23,7 +23,7 @@ Sections (search for the title):
 
     pytest -q
 """
-import csv, json, math, os, re, shutil, socket, subprocess, types
+import csv, dataclasses, json, math, os, re, shutil, socket, subprocess, types
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +244,16 @@ def test_unreadable_weights_give_one_clear_line(tmp_path, content, message):
     assert str(e.value).startswith("error: ") and message in str(e.value) and path in str(e.value)
     assert "\n" not in str(e.value)
 
+def test_weights_timm_cannot_convert_give_one_clear_line(tmp_path):
+    from safetensors.torch import save_file
+    kw = json.dumps({"depth": 1, "embed_dim": 32, "num_heads": 2})
+    model, _ = g2l.load_model("vit_small_patch14_dinov2", kwargs=kw, img_size=28)
+    path = str(tmp_path / "w.safetensors")
+    save_file(dict(model.state_dict(), pos_embed=torch.zeros(7, 32)), path)  # no token grid timm's converter can resize
+    with pytest.raises(SystemExit) as e:
+        g2l.load_model("vit_small_patch14_dinov2", weights=path, kwargs=kw, img_size=28)
+    assert str(e.value).startswith(f"error: weights file {path} does not fit") and "\n" not in str(e.value)
+
 def test_tokens_split_with_prefix_tokens_and_grid():
     model, spec = g2l.load_model("vit_small_patch14_reg4_dinov2",
                                  kwargs='{"depth": 1, "embed_dim": 32, "num_heads": 2}', img_size=56)
@@ -258,8 +268,9 @@ def test_tokens_split_with_prefix_tokens_and_grid():
 
 def test_student_size_matches_teacher_grid_and_resize_fallback():
     cfg = g2l.Config(img_size=224)
-    grid = g2l.setup_sizes(cfg, types.SimpleNamespace(size=224, patch=14), types.SimpleNamespace(patch=16))
-    assert grid == (16, 16) and cfg.student_img_size == 256  # /14 at 224 -> /16 at 256
+    sizes = g2l.resolve_sizes(cfg, types.SimpleNamespace(size=224, patch=14), types.SimpleNamespace(patch=16))
+    assert sizes["img_size"] // 14 == 16 and sizes["student_img_size"] == 256  # /14 at 224 -> /16 at 256
+    assert cfg == g2l.Config(img_size=224)  # the config itself is not changed
     # fallback: a student whose grid differs (8x8 at 128 px vs teacher 16x16) -> bilinear resize of its token map
     student, spec = g2l.load_model("vit_tiny_patch16_224", kwargs='{"depth": 1, "embed_dim": 48, "num_heads": 2}',
                                    img_size=128)
@@ -410,8 +421,9 @@ def test_manifest_is_read_and_large_scans_are_cached(tmp_path, monkeypatch):
 
 def test_only_rank_0_reads_the_disk(tmp_path, monkeypatch):
     sent = g2l.Tiles(np.array([b"/x/s"]), np.zeros(2, np.int32), np.array([b"a.jpg", b"b.jpg"]))
-    monkeypatch.setattr(g2l, "RANK", 1)
-    monkeypatch.setattr(g2l, "WORLD", 2)
+    monkeypatch.setattr(g2l.dist, "is_initialized", lambda: True)  # rank 1 of 2, as torch.distributed reports it
+    monkeypatch.setattr(g2l.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(g2l.dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(g2l, "index_folder", lambda f: pytest.fail("rank 1 read the disk"))
     monkeypatch.setattr(g2l.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, sent))
     assert g2l.find_images(["/nowhere"]) == ["/x/s/a.jpg", "/x/s/b.jpg"]
@@ -459,6 +471,24 @@ def keep_checkpoints(monkeypatch):
         real(obj, path)
         shutil.copy(path, f"{path}.{obj['step']}")
     monkeypatch.setattr(g2l, "atomic_save", keep)
+
+def test_derived_options_are_recorded_and_the_parsed_config_is_never_changed(tmp_path, tiles, monkeypatch):
+    """Sizes, steps, precision and workers are derived once into a new config (config.json records them); the
+    parsed one keeps what the user gave."""
+    parsed, parse = [], g2l.parse_args
+    monkeypatch.setattr(g2l, "parse_args", lambda argv: parsed.append(parse(argv)) or parsed[-1])
+    kw = '{"depth": 1, "embed_dim": 32, "num_heads": 2, "global_pool": "avg", "img_size": 28}'  # native size 28 px
+    run(tmp_path, tiles, "--teacher-kwargs", kw, "--img-size", "0", "--epochs", "0.25", "--workers", "999", steps=0)
+    conf = json.loads((tmp_path / "run" / "config.json").read_text())
+    cores = len(os.sched_getaffinity(0))
+    assert (conf["img_size"], conf["student_img_size"], conf["load_size"]) == (28, 32, 28)  # /14 at 28 -> /16 at 32
+    assert conf["steps"] == max(1, int(0.25 * conf["n_train"] / 8)) and conf["precision"] == "fp32"
+    assert conf["workers"] == min(999, cores) and json.loads(conf["teacher_kwargs"])["img_size"] == 28
+    cfg = parsed[0]
+    assert (cfg.img_size, cfg.student_img_size, cfg.load_size, cfg.steps, cfg.precision, cfg.workers) == \
+        (0, 0, 0, 0, "auto", 999)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.steps = 1
 
 def test_resume_is_exact(tmp_path, tiles, monkeypatch):
     keep_checkpoints(monkeypatch)
