@@ -61,6 +61,7 @@ ONE_SEED=(  # one seed each: settings tried against even6_gl (a difference must 
   "even6_gl_cosine|$E6 --lr 1e-4 --w-local 1 --global-loss cosine"
   "even6_gl_mlp|$E6 --lr 1e-4 --w-local 1 --head mlp"
   "even6_gl_lr3e-4|$E6 --lr 3e-4 --w-local 1"
+  "vitti_gl|--student vit_tiny_patch16_224 --lr 5e-4 --w-local 1"   # from scratch (the reproduction's lr)
   "first6_gl|--student $T --student-kwargs $SIX --student-weights $OUT/first6.safetensors --lr 1e-4 --w-local 1"
 )
 runs() {  # every run name, in table order
