@@ -16,7 +16,8 @@ LABEL = {"teacher": "teacher: DINOv2 ViT-S/14, 12 blocks", "every6": "start: tea
          "even6_gl_cosine": "blocks 0,2,..,10, global `cosine` + local",
          "even6_gl_mlp": "blocks 0,2,..,10, global + local, MLP heads",
          "even6_gl_lr3e-4": "blocks 0,2,..,10, global + local, lr 3e-4",
-         "vitti_gl": "ViT-Ti from scratch, global + local, lr 5e-4", "first6_gl": "blocks 0..5, distilled, global + local"}
+         "vitti_gl": "ViT-Ti from scratch, global + local, lr 5e-4",
+         "first6_gl": "blocks 0..5, distilled, global + local"}
 ARCH = {"teacher": 0, "every6": 1, "first6": 1, "even6": 1, "vitti": 2}  # row of bench.json (batch 64)
 
 def ms(xs, fmt="{:.3f}"):

@@ -74,8 +74,8 @@ def repro(pcam, out):
           f"val {len(list(vd.iterdir()))}")
 
 def lift(train, evaluate, out, n_val):
-    """Distil on PCAM_TRAIN (its last n_val tiles of each class by row, at most a tenth, held out for the agreement log), evaluate
-    on PCAM_EVAL: PCam draws its splits from different slides, so the two share none."""
+    """Distil on PCAM_TRAIN (its last n_val tiles of each class by row, at most a tenth, held out for the agreement
+    log), evaluate on PCAM_EVAL: PCam draws its splits from different slides, so the two share none."""
     tiles = pcam_tiles(train)
     for c in "01":
         mine = sorted((t for t in tiles if t[1] == c), key=lambda t: t[2])
