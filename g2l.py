@@ -1011,14 +1011,18 @@ def split_data(cfg):
         val = index_tiles(cfg.val_data)
     else:
         counts = np.bincount(tiles.slide, minlength=len(tiles.dirs))
-        slides = rng.permutation(np.flatnonzero(counts))
+        slides, held = rng.permutation(np.flatnonzero(counts)), np.zeros(len(tiles), bool)
         if len(slides) >= 2:
             k = int(np.searchsorted(np.cumsum(counts[slides]), cfg.max_val)) + 1  # slides whose tiles reach max_val
             k = min(max(k, 2 if len(slides) >= 10 else 1), len(slides) - 1)  # and at least one slide to train on
             held = np.isin(tiles.slide, slides[:k])
+        if 0 < held.sum() <= len(tiles) / 4:
             print0(f"validation: held out {k} of {len(slides)} slides ({int(held.sum())} tiles, not trained on)")
-        else:  # one slide: hold out tiles instead, and say so (it leaks the slide)
-            print0(f"note: only one slide in --data; holding out {cfg.val_frac:.0%} of its tiles for validation")
+        else:  # one slide, or a few big folders (e.g. PCam's class folders 0/ 1/): hold out tiles, and say so
+            why = "only one slide in --data" if len(slides) < 2 else \
+                f"held-out folders would take {int(held.sum())} of {len(tiles)} tiles from training"
+            print0(f"note: {why}; holding out {cfg.val_frac:.0%} of its tiles for validation (tiles of one slide may "
+                   "then be on both sides; --val-data avoids that)")
             held = np.zeros(len(tiles), bool)
             held[rng.choice(len(tiles), max(1, round(cfg.val_frac * len(tiles))), replace=False)] = True
         tiles, val = tiles.subset(~held), tiles.subset(held)

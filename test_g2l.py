@@ -441,6 +441,11 @@ def test_validation_holds_out_whole_slides_sized_to_max_val(tmp_path, capsys):
     assert "held out 3 of 20 slides (90 tiles" in capsys.readouterr().out
     train, val = g2l.split_data(g2l.Config(data=[str(tmp_path)], max_val=8))
     assert len(val) == 8 and len(train) == 18 * 30  # many slides: at least two held out
+    # a few big folders (PCam's class folders 0/ 1/): holding one out would drop half the data and a whole class
+    touch_tiles(tmp_path / "pcam", ["0", "1"], 40)
+    train, val = g2l.split_data(g2l.Config(data=[str(tmp_path / "pcam")], max_val=64, val_frac=0.1))
+    assert len(train) == 72 and len(val) == 8 and "would take 40 of 80 tiles" in capsys.readouterr().out
+    assert {Path(train.path(i)).parent.name for i in range(len(train))} == {"0", "1"}
 
 def test_16_bit_png_tile_keeps_its_values(tmp_path):
     a = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
