@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from prep_tiles import write_manifest  # tiles.csv exactly as prep_tiles.py writes it (dot folders skipped)
 
 def make_tree(root, n, per_slide):
     """root/slideNNNNN/slideNNNNN_x<X>_y0.jpg: hard links to the bundled tiles shrunk to 32 px (root/.src)."""
@@ -34,16 +36,6 @@ def make_tree(root, n, per_slide):
         d.mkdir(exist_ok=True)
         for i in range(s * per_slide, min(n, (s + 1) * per_slide)):
             os.link(srcs[i % len(srcs)], d / f"slide{s:05d}_x{i}_y0.jpg")
-
-def write_manifest(root):
-    """tiles.csv as prep_tiles.py writes it (path relative to root, slide_id, x, y)."""
-    with open(root / "tiles.csv.tmp", "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["path", "slide_id", "x", "y"])
-        for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for n in sorted(os.listdir(d)):
-                w.writerow([f"{d.name}/{n}", d.name, n.rsplit("_x", 1)[1].split("_y")[0], 0])
-    os.replace(root / "tiles.csv.tmp", root / "tiles.csv")
 
 def worker_mem():
     """(USS, PSS) in MB of each DataLoader worker (the children of this process)."""
@@ -93,7 +85,8 @@ def main():
                 samples.append(worker_mem())
         last = worker_mem()
         peak = [max(s[w][0] for s in samples + [last]) for w in range(len(first))]
-        res.update(pass_s=round(time.perf_counter() - t2, 1), batches=n, uss_worker0_mb=[round(s[0][0]) for s in samples],
+        res.update(pass_s=round(time.perf_counter() - t2, 1), batches=n,
+                   uss_worker0_mb=[round(s[0][0]) for s in samples],
                    uss_first_mb=[round(u) for u, _ in first], uss_last_mb=[round(u) for u, _ in last],
                    uss_growth_mb=[round(p - f[0]) for p, f in zip(peak, first)],
                    pss_first_mb=[round(p) for _, p in first], pss_last_mb=[round(p) for _, p in last])
