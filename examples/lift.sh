@@ -79,17 +79,16 @@ fi
 
 # ---- evaluation: the teacher, each start (no distillation), each distilled student
 R="$OUT/results"
-M=(--model "$T" --model-kwargs "" --model-weights "" --img-size $IMG
-   --model "$T" --model-kwargs "$SIX" --model-weights "$OUT/every6.safetensors" --img-size $IMG
-   --model "$T" --model-kwargs "$SIX" --model-weights "$OUT/first6.safetensors" --img-size $IMG
-   --model vit_tiny_patch16_224 --model-kwargs "" --model-weights "" --img-size $STU)
-S=(--student "$T" --student-kwargs "$SIX" --student-weights "$OUT/every6.safetensors" --student-img-size $IMG
-   --student "$T" --student-kwargs "$SIX" --student-weights "$OUT/first6.safetensors" --student-img-size $IMG
-   --student vit_tiny_patch16_224 --student-kwargs "" --student-weights "" --student-img-size $STU)
-for n in $(runs); do
-  M+=(--model "$OUT/runs/$n" --model-kwargs "" --model-weights "" --img-size 0)
-  S+=(--student "$OUT/runs/$n" --student-kwargs "" --student-weights "" --student-img-size 0)
-done
+M=(--model "$T" --model-kwargs "" --model-weights "" --img-size $IMG)  # eval.py probe/robustness: the teacher too
+S=()                                                                   # eval.py agree: the students only
+add() {  # name kwargs weights px: one model for both lists
+  M+=(--model "$1" --model-kwargs "$2" --model-weights "$3" --img-size "$4")
+  S+=(--student "$1" --student-kwargs "$2" --student-weights "$3" --student-img-size "$4")
+}
+add "$T" "$SIX" "$OUT/every6.safetensors" $IMG
+add "$T" "$SIX" "$OUT/first6.safetensors" $IMG
+add vit_tiny_patch16_224 "" "" $STU
+for n in $(runs); do add "$OUT/runs/$n" "" "" 0; done
 python eval.py probe "${M[@]}" --data "$OUT/eval/labels.csv" --task pcam --seeds 3 --out "$R"
 python eval.py robustness "${M[@]}" --data "$OUT/eval/robust.csv" --task pcam_2centres --out "$R"
 python eval.py agree --teacher "$T" --teacher-img-size $IMG "${S[@]}" --data "$OUT/eval/labels.csv" --task pcam \
