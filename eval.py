@@ -113,7 +113,8 @@ def model_list(names, weights, kwargs, sizes, flag="--model"):
     cols, n, size_flag = [names], len(names), "--img-size" if flag == "--model" else flag + "-img-size"
     for values, opt, default in [(weights, flag + "-weights", ""), (kwargs, flag + "-kwargs", ""),
                                  (sizes, size_flag, 0)]:
-        if len(values) > 1 and len(values) != n or opt.endswith("-weights") and len(values) == 1 and n > 1:
+        one_file_for_many = opt.endswith("-weights") and len(values) == 1 and n > 1  # a file fits one model
+        if (len(values) > 1 and len(values) != n) or one_file_for_many:
             raise SystemExit(f"error: {opt} given {len(values)} times for {n} models; give it once per model, in "
                              "order ('' for none)" + ("" if opt.endswith("-weights") else ", or once for all"))
         cols.append(values if len(values) > 1 else [values[0] if values else default] * n)
