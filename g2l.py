@@ -125,6 +125,11 @@ def print0(*a, **k):
     if rank_world()[0] == 0:
         print(*a, **k, flush=True)
 
+def one_line(e, limit=200):
+    """An exception in one short line, for the one-line errors: its type and its message (whitespace collapsed)."""
+    msg = " ".join(str(e).split())[:limit]
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
 def all_sum(x):
     """Sum over ranks, differentiable: torch's autograd all_reduce sums the gradients in backward too (as SyncBatchNorm
     does). Every loss ends in a global sum, so with DDP's gradient averaging each step gets exactly the gradient of the
@@ -292,7 +297,7 @@ class TileDataset(torch.utils.data.Dataset):
                 x = load_tile(path, self.size)
                 return x, k
             except Exception as e:  # corrupt / truncated / not an image
-                print(f"warning: skipping unreadable tile {path}: {type(e).__name__}: {e}", flush=True)
+                print(f"warning: skipping unreadable tile {path}: {one_line(e)}", flush=True)
         raise RuntimeError("no readable tile in the dataset")
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
@@ -486,8 +491,7 @@ def read_state_dict(path):
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: one line, not a traceback
-        msg = str(e).splitlines()[0][:200] if str(e) else ""
-        raise SystemExit(f"error: cannot read weights file {path} ({type(e).__name__}: {msg}); "
+        raise SystemExit(f"error: cannot read weights file {path} ({one_line(e)}); "
                          "expected .safetensors, .pth or .bin with a state dict (re-download it if it is truncated)")
     for key in ("state_dict", "model", "student"):  # common wrappers
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
@@ -535,9 +539,8 @@ def load_weights(model, path, name):
         try:
             sd = checkpoint_filter_fn(sd, model, **how)
         except (RuntimeError, ValueError, KeyError, IndexError) as e:
-            msg = str(e).splitlines()[0][:200] if str(e) else ""
             raise SystemExit(f"error: weights file {path} does not fit {name}: timm's ViT converter failed "
-                             f"({type(e).__name__}: {msg}); {fix}")
+                             f"({one_line(e)}); {fix}")
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # classifier heads are not used
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -644,9 +647,9 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
     if extra and not isinstance(extra, dict):
         raise SystemExit(f"error: --*-kwargs must be a JSON object, got {kwargs!r}")
     kw.update(extra)
-    random_init = weights == "random"  # the bare architecture with random weights (benchmarks, tests)
-    weights = "" if random_init else weights
-    converted = hints.get("hf") and not (weights or extra or meta or random_init)
+    bare = bool(weights or extra or meta)  # own weights ("random": none) or another shape: the bare architecture
+    weights = "" if weights == "random" else weights
+    converted = hints.get("hf") and not bare
     if converted:  # transformers DINOv2 weights: fetched here, converted by load_weights
         own = dinov2_spec(hints["hf"])  # for a preset too, the checkpoint's own config.json decides the architecture
         kw = dict(own["kwargs"]) if own else kw
@@ -656,14 +659,11 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
                              f"pytorch_model.bin). {offline_help(hints)}")
     build = {k: LAYERS.get(v, v) if k in ("mlp_layer", "act_layer") else v for k, v in kw.items()}
     build.update({"img_size": img_size} if img_size else {})
-    if weights or extra or meta or random_init:  # local weights / changed architecture: the bare architecture
-        target, pretrained = hints["arch"].split("hf-hub:")[-1], False
-    else:
-        target = timm_name
+    target, pretrained = (hints["arch"], False) if bare or converted else (timm_name, pretrained)
     if pretrained and not target.startswith("local-dir:"):
         hub_reachable()  # weights come from the hub (or its cache)
-    source = f"weights file {weights}" if weights else ("pretrained " + target if pretrained else "random init")
-    source = f"pretrained {hints['hf']} (transformers DINOv2, converted to timm)" if converted else source
+    source = (f"pretrained {hints['hf']} (transformers DINOv2, converted to timm)" if converted else
+              f"weights file {weights}" if weights else "pretrained " + target if pretrained else "random init")
     def create(**args):
         with torch.device("meta") if meta else contextlib.nullcontext():
             return timm.create_model(target, pretrained=pretrained, num_classes=0, **args)
@@ -675,12 +675,11 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
                 raise
             model = create(**{k: v for k, v in build.items() if k != "img_size"})
     except (OSError, RuntimeError, ValueError, TypeError, AssertionError) as e:
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        from_hub = target.startswith("hf-hub:") or "huggingface" in msg.lower() or "hub" in msg.lower()
+        from_hub = target.startswith("hf-hub:") or any(w in str(e).lower() for w in ("huggingface", "hub"))
         if from_hub or isinstance(e, OSError):
-            raise SystemExit(f"error: could not load {name} from the Hugging Face hub ({type(e).__name__}: {msg}). "
+            raise SystemExit(f"error: could not load {name} from the Hugging Face hub ({one_line(e)}). "
                              + offline_help(hints))
-        raise SystemExit(f"error: cannot build {name} with kwargs {kw}: {msg}")
+        raise SystemExit(f"error: cannot build {name} with kwargs {kw}: {one_line(e)}")
     if weights:
         load_weights(model, weights, name)
     pc, pe = model.pretrained_cfg, getattr(model, "patch_embed", None)
@@ -745,22 +744,19 @@ def batchnorm(z, eps=1e-5):
     var = all_sum(((z - mean) ** 2).sum(0)) / n
     return (z - mean) / torch.sqrt(var + eps)
 
+PER_SAMPLE = {  # the other losses: a mean over samples (and tokens) of a per-sample distance
+    "cosine": lambda s, t: 1 - F.cosine_similarity(s, t, dim=-1),
+    "smoothl1": lambda s, t: F.smooth_l1_loss(s, t, reduction="none").mean(-1),
+    "mse": lambda s, t: F.mse_loss(s, t, reduction="none").mean(-1),
+    "cosine-smoothl1": lambda s, t: 0.9 * PER_SAMPLE["cosine"](s, t) + 0.1 * PER_SAMPLE["smoothl1"](s, t),  # RADIO
+}
+
 def pair_loss(kind, zs, zt, alpha=4.0):
     """Loss between [N, D] student and teacher features (fp32), over the global batch (all ranks)."""
     zs, zt = zs.float(), zt.float()
     if kind == "logsum":  # G2L / Miles & Mikolajczyk: log( sum_{b,j} |BN(W z_s) - BN(z_t)|^alpha ), one log
         return torch.log(all_sum((batchnorm(zs) - batchnorm(zt)).abs().pow(alpha).sum()))
-    cos = 1 - F.cosine_similarity(zs, zt, dim=-1)
-    if kind == "cosine":
-        per_sample = cos
-    elif kind == "smoothl1":
-        per_sample = F.smooth_l1_loss(zs, zt, reduction="none").mean(-1)
-    elif kind == "mse":
-        per_sample = F.mse_loss(zs, zt, reduction="none").mean(-1)
-    elif kind == "cosine-smoothl1":  # RADIO / GPFM weighting
-        per_sample = 0.9 * cos + 0.1 * F.smooth_l1_loss(zs, zt, reduction="none").mean(-1)
-    else:
-        raise ValueError(f"unknown loss {kind!r}")
+    per_sample = PER_SAMPLE[kind](zs, zt)
     return all_sum(per_sample.sum()) / all_sum(torch.tensor(float(per_sample.numel()), device=zs.device))
 
 def linear_cka(a, b):
@@ -781,8 +777,8 @@ PEAK_TFLOPS = {"H200": (989, 494), "H200 NVL": (835, 418), "H100": (989, 494), "
 def gpu_peak(name, precision):
     """Peak FLOP/s of a GPU by name: the longest table key whose words all appear, in order, as whole words of the
     name ("NVIDIA L40" is not an L4; "NVIDIA H100 PCIe" is not the SXM part); NaN for a GPU not in the table."""
-    words = re.split(r"[^a-z0-9]+", name.lower())
-    found = [k for k in PEAK_TFLOPS if any(words[i:i + len(k.split())] == k.lower().split() for i in range(len(words)))]
+    words = " " + " ".join(re.split(r"[^a-z0-9]+", name.lower())) + " "
+    found = [k for k in PEAK_TFLOPS if f" {k.lower()} " in words]
     if not found:
         return float("nan")
     half, single = PEAK_TFLOPS[max(found, key=lambda k: len(k.split()))]
@@ -839,8 +835,8 @@ def state_digest(obj, h=None):
 
 @contextlib.contextmanager
 def writing(what, *tmps):
-    """Around writes of temp files renamed over `what`: a full disk or a read-only folder gives one clear line, and no
-    temp file stays behind (the previous good file is only replaced after its new version was written)."""
+    """Around writes renamed over `what` once done: a full disk or a read-only folder gives one clear line, and no
+    temp file or folder (atomic_open removes its own; `tmps` others) stays behind. The last good file is kept."""
     try:
         yield
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError ("iostream error")
@@ -848,9 +844,8 @@ def writing(what, *tmps):
             with contextlib.suppress(OSError):
                 shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
         full = getattr(e, "errno", None) == errno.ENOSPC or "iostream" in str(e) or "failed writing" in str(e)
-        why = "disk full" if full else f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        raise SystemExit(f"error: cannot write {what} ({why}); free space or fix the folder's permissions, "
-                         "then --resume auto (the last good copy is kept)")
+        raise SystemExit(f"error: cannot write {what} ({'disk full' if full else one_line(e)}); free space or fix "
+                         "the folder's permissions, then --resume auto (the last good copy is kept)")
 
 @contextlib.contextmanager
 def atomic_open(path, mode="w", **kw):
@@ -866,7 +861,7 @@ def atomic_open(path, mode="w", **kw):
 
 def atomic_save(obj, path):
     """torch.save to path.tmp with the state digest, flushed to disk, then renamed over path."""
-    with writing(path, f"{path}.tmp"), atomic_open(path, "wb") as f:
+    with writing(path), atomic_open(path, "wb") as f:
         torch.save(dict(obj, digest=state_digest(obj)), f)
         f.flush()
         os.fsync(f.fileno())
@@ -877,8 +872,7 @@ def load_checkpoint(path, raw, opt, scaler):
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated, not a zip, unpicklable
-        msg = " ".join(str(e).split())[:120]  # one line, whatever the reader said
-        raise SystemExit(f"error: checkpoint {path} cannot be read ({type(e).__name__}: {msg}); {fix}")
+        raise SystemExit(f"error: checkpoint {path} cannot be read ({one_line(e)}); {fix}")
     if not isinstance(ck, dict) or "model" not in ck:
         raise SystemExit(f"error: {path} is not a g2l checkpoint (no model state); {fix}")
     if "digest" not in ck:
@@ -890,8 +884,7 @@ def load_checkpoint(path, raw, opt, scaler):
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
     except (KeyError, RuntimeError, ValueError) as e:
-        msg = str(e).splitlines()[0][:200]
-        raise SystemExit(f"error: checkpoint {path} does not fit this run's models ({type(e).__name__}: {msg}); resume "
+        raise SystemExit(f"error: checkpoint {path} does not fit this run's models ({one_line(e)}); resume "
                          "with the --teacher/--student/--*-kwargs/--local-loss it was made with, or use a new --out")
     return ck
 
@@ -907,7 +900,7 @@ def open_metrics(path, step):
             bad += 1
     if bad:
         print0(f"warning: {path}: skipped {bad} line(s) that are not metrics rows (a damaged file?)")
-    with writing(path, f"{path}.tmp"), atomic_open(path) as f:
+    with writing(path), atomic_open(path) as f:
         f.write("".join(keep))
     return open(path, "a")
 
@@ -1088,7 +1081,7 @@ def check_readable(tiles, flag, tries=50):
             load_tile(p, 8)
             return
         except Exception as e:  # corrupt / truncated / not an image
-            errors.append(f"{p}: {type(e).__name__}: {str(e)[:100]}")
+            errors.append(f"{p}: {one_line(e, 100)}")
     if errors:
         raise SystemExit(f"error: none of {len(errors)} tiles tried in {flag} could be read (e.g. {errors[0]}); "
                          "re-make the tiles (prep_tiles.py) or point at the right folder")
@@ -1213,7 +1206,7 @@ def main(argv=None):
             metrics.close()
             if not cfg.synthetic:
                 out = Path(cfg.out)
-                with writing(out / "student", out / "student.tmp", out / "heads.safetensors.tmp"):
+                with writing(out / "student", out / "student.tmp"):
                     export(raw, spec_s, cfg, out)
         for s, h in handlers.items():  # only now: a signal during the last save or export must not cut it short
             signal.signal(s, h)
@@ -1271,9 +1264,7 @@ def make_optimizer(cfg, raw, device):
 def resume(cfg, raw, opt, scaler, device, tiles_per_step):
     """Weights, optimizer, scaler, RNG; the data position and augmentations follow from the step."""
     ckpt_path = Path(cfg.out) / "ckpt.pt" if cfg.resume in ("auto", "") else Path(cfg.resume)
-    if not (cfg.resume and ckpt_path.is_file()):
-        if cfg.resume and cfg.resume != "auto":
-            raise SystemExit(f"error: --resume {cfg.resume}: no such checkpoint")
+    if not (cfg.resume and ckpt_path.is_file()):  # (a --resume PATH that does not exist stopped in check_args)
         if ckpt_path.is_file():  # not an error (a deliberate fresh start), but never a silent loss
             print0(f"note: starting afresh in {cfg.out}: its ckpt.pt will be replaced at the first checkpoint; "
                    "stop now and add --resume auto to continue that run instead")
@@ -1291,11 +1282,10 @@ def start_run_folder(cfg, spec_t, spec_s, n_train, n_val, step):
     """config.json (every resolved option) and metrics.jsonl, opened for appending (rank 0 only)."""
     if rank_world()[0] != 0:
         return None
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)  # made by check_args
     conf = dict(dataclasses.asdict(cfg), world_size=rank_world()[1], torch=torch.__version__, timm=timm.__version__,
                 teacher_source=spec_t.source, student_source=spec_s.source, n_train=n_train, n_val=n_val)
-    with writing(out / "config.json", out / "config.json.tmp"), atomic_open(out / "config.json") as f:
+    with writing(out / "config.json"), atomic_open(out / "config.json") as f:
         f.write(json.dumps(conf, indent=2))
     print0(json.dumps(conf))
     return open_metrics(out / "metrics.jsonl", step)
@@ -1363,7 +1353,9 @@ def train_loop(run):
     student_flops = forward_flops(run.raw.backbone, cfg.student_img_size)  # forward + backward = 3 forwards
     run.flops = (forward_flops(run.teacher, cfg.img_size) + 3 * student_flops) * run.tiles_per_step
     run.peak = peak_flops(run.device, cfg.precision) * world
-    n_bad, seen, bad_steps, recent, above, last = 0, 0, 0, deque(maxlen=100), 0, {}  # this session
+    n_bad = seen = 0  # unreadable tiles and tiles drawn, this session
+    bad_steps = above = 0  # non-finite steps in a row; steps in a row above the running mean (--early-stop)
+    recent, last = deque(maxlen=100), {}  # the last 100 losses; the last metrics row
     if run.val is not None and run.step == 0:
         run.baseline = evaluate(run.raw, run.teacher, run.spec_t, run.val, cfg, run.device, run.amp)
         print0(f"step {run.step:06d} | val cos {run.baseline['val_cos']:.4f} (raw {run.baseline['val_cos_raw']:.4f}) | "

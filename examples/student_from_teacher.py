@@ -45,14 +45,16 @@ def subset_state_dict(teacher, chosen):
             out[k] = v
     for j, i in enumerate(chosen):
         prefix = f"blocks.{i}."
-        out.update({f"blocks.{j}." + k[len(prefix):]: v for k, v in teacher.state_dict().items() if k.startswith(prefix)})
+        out.update({f"blocks.{j}." + k[len(prefix):]: v for k, v in teacher.state_dict().items()
+                    if k.startswith(prefix)})
     return {k: v.detach().float().contiguous() for k, v in out.items()}
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", required=True, help="the teacher, by g2l.py's naming rules (preset, timm name, "
                     "hf-hub:, local-dir:, a folder)")
-    ap.add_argument("--teacher-weights", default="", help="local weights for the teacher's architecture (default: none)")
+    ap.add_argument("--teacher-weights", default="",
+                    help="local weights for the teacher's architecture (default: none)")
     ap.add_argument("--teacher-kwargs", default="", help="JSON architecture kwargs for the teacher (default: none)")
     ap.add_argument("--blocks", required=True, help="first:K, every:N, or a comma-separated list of block indices")
     ap.add_argument("--out", required=True, help="the student's weights file (.safetensors)")
