@@ -589,15 +589,15 @@ def dinov2_spec(where):
                 mean=tuple(pre.get("image_mean", IMAGENET["mean"])), std=tuple(pre.get("image_std", IMAGENET["std"])))
 
 def resolve(name):
-    """Model name -> (timm name, kwargs, pretrained, hints: what the name tells about the model: arch, embed and,
-    where known, mean, std, size, hf). See README 'Models and offline weights'."""
+    """What a model name tells, as a dict: load (the name timm loads it by), pretrained, arch (its bare timm
+    architecture), kwargs, embed and, where known, mean, std, size, hf. See README 'Models and offline weights'."""
     p = Path(name)
     if (p / "student" / "config.json").is_file():  # a g2l run folder
         p = p / "student"
     local = (p / "config.json").is_file() and not name.startswith(("hf-hub:", "local-dir:"))
     hf = dinov2_spec(str(p) if local else name) if local or name.startswith("hf-hub:") else None
     if hf:  # a transformers DINOv2 (Hibou, Phikon-v2, facebook/dinov2-*): built in timm, weights converted on load
-        return name, dict(hf["kwargs"]), True, hf
+        return dict(hf, load=name, pretrained=True)
     if local:
         name = f"local-dir:{p}"
     if name.startswith("local-dir:"):
@@ -607,21 +607,19 @@ def resolve(name):
                              "a local-dir model needs config.json + model.safetensors")
         cfg = json.loads((path / "config.json").read_text())
         pc = cfg.get("pretrained_cfg", cfg)
-        kw = dict(cfg.get("model_args", {}))
-        return name, kw, True, dict(embed=cfg.get("g2l", {}).get("embed", "pool"),
-                                    mean=pc.get("mean"), std=pc.get("std"),
-                                    size=pc.get("input_size", [3, 0, 0])[-1], arch=cfg["architecture"], kwargs=kw)
+        return dict(load=name, pretrained=True, arch=cfg["architecture"], kwargs=cfg.get("model_args", {}),
+                    embed=cfg.get("g2l", {}).get("embed", "pool"), mean=pc.get("mean"), std=pc.get("std"),
+                    size=pc.get("input_size", [3, 0, 0])[-1])
     if name in PRESETS:
-        pr = PRESETS[name]
-        return pr["hub"], dict(pr["kwargs"]), True, dict(pr, kwargs=dict(pr["kwargs"]))
-    arch = name.split("hf-hub:")[-1]
+        return dict(PRESETS[name], load=PRESETS[name]["hub"], pretrained=True)
     if not name.startswith("hf-hub:") and not timm.is_model(name.split(".")[0]):
         raise SystemExit(f"error: unknown model {name!r}: use a preset ({', '.join(PRESETS)}), a timm name "
                          "(timm.list_models()), hf-hub:ORG/NAME, local-dir:PATH or a g2l run folder")
-    return name, {}, "." in name or name.startswith("hf-hub:"), dict(embed="pool", arch=arch, kwargs={})
+    return dict(load=name, pretrained="." in name or name.startswith("hf-hub:"), arch=name.split("hf-hub:")[-1],
+                kwargs={}, embed="pool")
 
-def offline_help(hints):
-    return (f"Offline: pass local weights for architecture {hints['arch']} (g2l.py --teacher-weights/"
+def offline_help(info):
+    return (f"Offline: pass local weights for architecture {info['arch']} (g2l.py --teacher-weights/"
             f"--student-weights FILE, eval.py --model-weights FILE) or a local-dir:PATH. "
             "Gated model: accept its terms on huggingface.co and run `hf auth login`.")
 
@@ -642,27 +640,27 @@ class Spec:
 
 def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False):
     """Build a model by the naming rules and return (model, Spec)."""
-    timm_name, kw, pretrained, hints = resolve(name)
+    info = resolve(name)
     extra = json.loads(kwargs) if kwargs else {}
     if extra and not isinstance(extra, dict):
         raise SystemExit(f"error: --*-kwargs must be a JSON object, got {kwargs!r}")
-    kw.update(extra)
+    kw = {**info["kwargs"], **extra}
     bare = bool(weights or extra or meta)  # own weights ("random": none) or another shape: the bare architecture
     weights = "" if weights == "random" else weights
-    converted = hints.get("hf") and not bare
+    converted = info.get("hf") and not bare
     if converted:  # transformers DINOv2 weights: fetched here, converted by load_weights
-        own = dinov2_spec(hints["hf"])  # for a preset too, the checkpoint's own config.json decides the architecture
+        own = dinov2_spec(info["hf"])  # for a preset too, the checkpoint's own config.json decides the architecture
         kw = dict(own["kwargs"]) if own else kw
-        weights = hf_file(hints["hf"], "model.safetensors") or hf_file(hints["hf"], "pytorch_model.bin")
+        weights = hf_file(info["hf"], "model.safetensors") or hf_file(info["hf"], "pytorch_model.bin")
         if not weights:
-            raise SystemExit(f"error: could not get the weights of {name} ({hints['hf']}: model.safetensors or "
-                             f"pytorch_model.bin). {offline_help(hints)}")
+            raise SystemExit(f"error: could not get the weights of {name} ({info['hf']}: model.safetensors or "
+                             f"pytorch_model.bin). {offline_help(info)}")
     build = {k: LAYERS.get(v, v) if k in ("mlp_layer", "act_layer") else v for k, v in kw.items()}
     build.update({"img_size": img_size} if img_size else {})
-    target, pretrained = (hints["arch"], False) if bare or converted else (timm_name, pretrained)
+    target, pretrained = (info["arch"], False) if bare or converted else (info["load"], info["pretrained"])
     if pretrained and not target.startswith("local-dir:"):
         hub_reachable()  # weights come from the hub (or its cache)
-    source = (f"pretrained {hints['hf']} (transformers DINOv2, converted to timm)" if converted else
+    source = (f"pretrained {info['hf']} (transformers DINOv2, converted to timm)" if converted else
               f"weights file {weights}" if weights else "pretrained " + target if pretrained else "random init")
     def create(**args):
         with torch.device("meta") if meta else contextlib.nullcontext():
@@ -678,18 +676,18 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
         from_hub = target.startswith("hf-hub:") or any(w in str(e).lower() for w in ("huggingface", "hub"))
         if from_hub or isinstance(e, OSError):
             raise SystemExit(f"error: could not load {name} from the Hugging Face hub ({one_line(e)}). "
-                             + offline_help(hints))
+                             + offline_help(info))
         raise SystemExit(f"error: cannot build {name} with kwargs {kw}: {one_line(e)}")
     if weights:
         load_weights(model, weights, name)
     pc, pe = model.pretrained_cfg, getattr(model, "patch_embed", None)
-    spec = Spec(name=name, arch=pc.get("architecture") or hints["arch"], kwargs=kw, source=source,
-                mean=tuple(hints.get("mean") or pc.get("mean", IMAGENET["mean"])),
-                std=tuple(hints.get("std") or pc.get("std", IMAGENET["std"])),
+    spec = Spec(name=name, arch=pc.get("architecture") or info["arch"], kwargs=kw, source=source,
+                mean=tuple(info.get("mean") or pc.get("mean", IMAGENET["mean"])),
+                std=tuple(info.get("std") or pc.get("std", IMAGENET["std"])),
                 # the size it was built for: a kwargs img_size beats the pretrained config (DINOv2's is 518 px)
-                size=img_size or kw.get("img_size") or hints.get("size") or pc.get("input_size", (3, 224, 224))[-1],
-                patch=int(pe.patch_size[0]) if pe is not None else 0, embed=hints["embed"], width=model.num_features,
-                dim=model.num_features * (2 if hints["embed"] == "cls+mean" else 1))
+                size=img_size or kw.get("img_size") or info.get("size") or pc.get("input_size", (3, 224, 224))[-1],
+                patch=int(pe.patch_size[0]) if pe is not None else 0, embed=info["embed"], width=model.num_features,
+                dim=model.num_features * (2 if info["embed"] == "cls+mean" else 1))
     return model.to(device) if not meta else model, spec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --precision
