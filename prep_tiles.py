@@ -24,6 +24,7 @@ from tqdm import tqdm
 # ---------------------------------- constants: the mask works in physical units so it behaves the same on every scanner
 SLIDE_EXTS = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
 COLUMNS = "slide_id path status error n_tiles mpp_level0 mpp_source read_level read_mpp seconds".split()
+TILE_NAME = re.compile(r"_x(\d+)_y(\d+)\.\w+$")  # <slide_id>_x<X>_y<Y>.<format>, X, Y = level-0 top-left pixel
 MPP_RANGE = (0.05, 20.0)     # µm/px; outside it a header value is a placeholder (a 72-dpi TIFF says 352.8)
 MASK_MPP = 4.0               # µm/px of the tissue-mask thumbnail (a 224-px tile at 0.5 µm/px spans 28 mask px)
 SAT_FLOOR = 15               # Otsu never goes below this saturation (0-255), so a blank slide stays blank
@@ -31,6 +32,7 @@ MEDIAN_PX, CLOSE_PX = 5, 5   # at MASK_MPP: 20 µm median blur (noise), 20 µm c
 MIN_COMPONENT_UM2 = 10_000   # drop specks under 0.01 mm² (dust, debris)
 QC_MAX_PX = 2048             # longest side of the saved QC picture
 CACHE_MB = 256               # tile cache per open slide (OpenSlide's 32 MB drops JPEG rows the next reads need)
+CHUNK = 128                  # tiles per worker job: every worker takes a share of a large slide's tiles
 
 # ----------------------------------------------------------- resolution: from the slide's own mpp, never from "level N"
 def slide_mpp(slide, override=None):
@@ -225,8 +227,6 @@ def find_slides(inputs):
                 found.append((f.stem, f))
     return found
 
-CHUNK = 128  # tiles per worker job: every worker takes a share of a large slide's tiles
-
 def run_here(fn, *args, **kw):
     """fn's result as a finished future: the pool's interface, run in this process."""
     fut = Future()
@@ -300,8 +300,6 @@ def write_csv(path, rows):
 def finished_slides(out):
     """The finished slide folders in out/: temp folders start with a dot, QC pictures live in masks/."""
     return sorted(e.name for e in os.scandir(out) if e.is_dir() and e.name[0] != "." and e.name != "masks")
-
-TILE_NAME = re.compile(r"_x(\d+)_y(\d+)\.\w+$")
 
 def write_manifest(out):
     """tiles.csv: path (relative to out), slide_id, x, y of every tile of out/'s finished slides: g2l.py reads it
@@ -389,6 +387,7 @@ def main(argv=None):
     todo = [(sid, p) for sid, p in slides if sid not in rows]
 
     def record(row):  # rewrite slides.csv after every slide, so a killed run keeps what it finished
+        bar.update()
         rows[row["slide_id"]] = row
         if row["status"] in ("failed", "no_tissue"):
             tqdm.write(f"{row['status']}: {row['path']}: {row['error']}", file=sys.stderr)
@@ -400,7 +399,7 @@ def main(argv=None):
     t0 = time.time()
     with tqdm(total=len(todo), desc="slides", unit="slide") as bar:
         workers = a.workers if len(todo) > 1 else 1  # one slide: in this process, with a per-tile progress bar
-        run_slides(todo, out, workers, plan_opts, cut_opts, lambda row: (bar.update(), record(row))[1])
+        run_slides(todo, out, workers, plan_opts, cut_opts, record)
     write_manifest(out)
     dt, n = time.time() - t0, Counter(r["status"] for r in rows.values())
     made = sum(int(r["n_tiles"]) for r in rows.values() if r["status"] != "skipped")
