@@ -13,8 +13,7 @@ any slide failed, 2 on argument errors (found before any work).
 """
 import argparse, contextlib, csv, json, math, os, random, re, shutil, sys, tempfile, time
 from collections import Counter, deque
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +24,15 @@ from tqdm import tqdm
 # ---------------------------------- constants: the mask works in physical units so it behaves the same on every scanner
 SLIDE_EXTS = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
 COLUMNS = "slide_id path status error n_tiles mpp_level0 mpp_source read_level read_mpp seconds".split()
+TILE_NAME = re.compile(r"_x(\d+)_y(\d+)\.\w+$")  # <slide_id>_x<X>_y<Y>.<format>, X, Y = level-0 top-left pixel
 MPP_RANGE = (0.05, 20.0)     # µm/px; outside it a header value is a placeholder (a 72-dpi TIFF says 352.8)
 MASK_MPP = 4.0               # µm/px of the tissue-mask thumbnail (a 224-px tile at 0.5 µm/px spans 28 mask px)
 SAT_FLOOR = 15               # Otsu never goes below this saturation (0-255), so a blank slide stays blank
 MEDIAN_PX, CLOSE_PX = 5, 5   # at MASK_MPP: 20 µm median blur (noise), 20 µm close (gaps between cells)
 MIN_COMPONENT_UM2 = 10_000   # drop specks under 0.01 mm² (dust, debris)
 QC_MAX_PX = 2048             # longest side of the saved QC picture
-CACHE_MB = 256               # decoded-tile cache per open slide: a row of 448-px reads re-reads the JPEG
-                             # rows the previous row touched (OpenSlide's default 32 MB drops them)
+CACHE_MB = 256               # tile cache per open slide (OpenSlide's 32 MB drops JPEG rows the next reads need)
+CHUNK = 128                  # tiles per worker job: every worker takes a share of a large slide's tiles
 
 # ----------------------------------------------------------- resolution: from the slide's own mpp, never from "level N"
 def slide_mpp(slide, override=None):
@@ -130,8 +130,7 @@ def tissue_mask(thumb, mask_mpp=MASK_MPP):
     return drop_small(close(np.asarray(sat) > t, CLOSE_PX), MIN_COMPONENT_UM2 / mask_mpp ** 2)
 
 def close(mask, k):
-    """Binary close (dilate, then erode) with a k x k square, edges replicated: the pixels of Pillow's
-    MaxFilter then MinFilter, ~15x faster (separable: k shifted rows, then k shifted columns)."""
+    """Binary close (dilate, erode) with a k x k square, edges replicated: Pillow's Max- then MinFilter, 15x faster."""
     for op in (np.maximum, np.minimum):
         p = np.pad(mask, k // 2, mode="edge")
         p = op.reduce([p[:, i:i + mask.shape[1]] for i in range(k)])
@@ -162,7 +161,7 @@ def save_qc(thumb, mask, tiles, footprint0, dims, dest):
 def plan_slide(path, out, slide_id, mpp=0.5, tile_size=224, overlap=0, mpp_tolerance=0.05, min_tissue=0.5,
                max_tiles=0, seed=0, mpp_override=None):
     """Open one slide, choose its level, find its tissue tiles, save the QC picture, make its temp folder.
-    Returns (row fields, plan): plan says how to cut the tiles (cut_tiles), which workers may then share."""
+    Returns (row fields, tiles, how to cut them: cut_tiles' arguments), so that workers can share the tiles."""
     tmp = out / f".tmp_{slide_id}"
     shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed run
     try:
@@ -173,12 +172,10 @@ def plan_slide(path, out, slide_id, mpp=0.5, tile_size=224, overlap=0, mpp_toler
     with slide:
         mpp0, source = slide_mpp(slide, mpp_override)
         level, lmpp, resize = choose_level(mpp0, slide.level_downsamples, mpp, mpp_tolerance)
-        out_mpp, dims = mpp if resize else lmpp, slide.dimensions
-        row = dict(mpp_level0=f"{mpp0:.4f}", mpp_source=source, read_level=level, read_mpp=f"{out_mpp:.4f}")
-        read_px = round(tile_size * out_mpp / lmpp)  # tile side at the read level (= tile_size without resize)
+        out_mpp, dims, mask_mpp = mpp if resize else lmpp, slide.dimensions, max(MASK_MPP, mpp0)
         fp0, st0 = tile_size * out_mpp / mpp0, (tile_size - overlap) * out_mpp / mpp0  # footprint, stride (lvl 0)
-        thumb = thumbnail(slide, mpp0, max(MASK_MPP, mpp0))
-        mask = tissue_mask(thumb, max(MASK_MPP, mpp0))
+        thumb = thumbnail(slide, mpp0, mask_mpp)
+        mask = tissue_mask(thumb, mask_mpp)
         grid = tile_grid(*dims, fp0, st0)
         tiles = [t for t, f in zip(grid, tissue_fraction(mask, grid, fp0, dims)) if f >= min_tissue]
         if max_tiles and len(tiles) > max_tiles:  # seeded per slide: the same sample whatever the worker order
@@ -189,39 +186,32 @@ def plan_slide(path, out, slide_id, mpp=0.5, tile_size=224, overlap=0, mpp_toler
     empty = (f"no tile has >= {min_tissue:.0%} tissue (see masks/{slide_id}.png); lower --min-tissue if the stain is "
              "faint" if grid else f"slide {dims[0]}x{dims[1]} px is smaller than one {tile_size}-px tile at "
              f"{out_mpp:.3g} µm/px; use a smaller --tile-size or a coarser --mpp")
-    return row, dict(tiles=tiles, level=level, read_px=read_px, tile_size=tile_size, resize=resize, empty=empty)
+    row = dict(status="ok" if tiles else "no_tissue", error="" if tiles else empty, n_tiles=len(tiles),
+               mpp_level0=f"{mpp0:.4f}", mpp_source=source, read_level=level, read_mpp=f"{out_mpp:.4f}")
+    read_px = round(tile_size * out_mpp / lmpp)  # tile side at the read level (= tile_size without resize)
+    return row, tiles, dict(path=path, out=out, slide_id=slide_id, level=level, read_px=read_px,
+                            tile_size=tile_size, resize=resize)
 
-def cut_tiles(path, out, slide_id, plan, tiles, fmt="jpg", quality=90, progress=False):
-    """Read and save `tiles` (all of a slide's, or one worker's share) into its temp folder, one read_region a tile
-    (reading blocks of tiles at once was measured slower: a block's bounding box reads background too)."""
-    size = plan["tile_size"]
+def cut_tiles(tiles, path, out, slide_id, level, read_px, tile_size, resize, fmt="jpg", quality=90, progress=False):
+    """Read and save tiles (a slide's, or one worker's share) into the slide's temp folder, one read_region a tile."""
     with openslide.OpenSlide(str(path)) as slide, \
             tqdm(tiles, desc=slide_id[:20], unit="tile", leave=False, disable=not progress) as bar:
         with contextlib.suppress(AttributeError, openslide.OpenSlideError):  # OpenSlide < 4.0 keeps its own cache
             slide.set_cache(openslide.OpenSlideCache(CACHE_MB << 20))  # 6-12% more tiles/s cutting a 40x slide
         for x, y in bar:
-            tile = read_rgb(slide, (x, y), plan["level"], (plan["read_px"],) * 2)
-            if plan["resize"]:  # 40x -> 20x reads 448 px for 224: a box average in C (Image.reduce, ~15x cheaper
-                f = tile.width // size  # than LANCZOS), any other factor a LANCZOS resize
-                tile = tile.reduce(f) if f * size == tile.width else tile.resize((size, size), Image.Resampling.LANCZOS)
+            tile = read_rgb(slide, (x, y), level, (read_px, read_px))
+            if resize:  # 40x -> 20x reads 448 px for 224: a box average in C (Image.reduce, ~15x cheaper than
+                f = read_px // tile_size  # LANCZOS), any other factor a LANCZOS resize
+                tile = tile.reduce(f) if f * tile_size == read_px else tile.resize((tile_size,) * 2, Image.LANCZOS)
             tile.save(out / f".tmp_{slide_id}" / f"{slide_id}_x{x}_y{y}.{fmt}", quality=quality)
-    return len(tiles)
 
-def finish_slide(out, slide_id, s):
-    """Rename the complete temp folder into place (a slide folder appears only when whole) and fill the row."""
-    shutil.rmtree(out / slide_id, ignore_errors=True)  # only reached with --overwrite (otherwise finished = skipped)
-    os.replace(out / f".tmp_{slide_id}", out / slide_id)
-    n = len(s["plan"]["tiles"])
-    return s["row"] | dict(status="ok" if n else "no_tissue", n_tiles=n, error="" if n else s["plan"]["empty"],
-                           seconds=f"{time.time() - s['t_start']:.2f}")
-
-def failed_row(out, slide_id, s, e):
-    """The row of a slide that failed at any stage; its temp folder goes (a dot-folder is never a finished slide)."""
-    shutil.rmtree(out / f".tmp_{slide_id}", ignore_errors=True)
-    msg = (str(e) if isinstance(e, ValueError) else f"read failed ({e}); the file is corrupt or truncated: "
-           "re-copy or re-export it" if isinstance(e, openslide.OpenSlideError) else f"{type(e).__name__}: {e}")
-    return s["row"] | dict(status="failed", error=msg.replace("\n", " "), n_tiles=0,
-                           seconds=f"{time.time() - s['t_start']:.2f}")
+def error_line(e):
+    """A failed slide's error column: our own ValueErrors as they are, a read error with its fix, others by type."""
+    if isinstance(e, openslide.OpenSlideError):
+        e = ValueError(f"read failed ({e}); the file is corrupt or truncated: re-copy or re-export it")
+    elif isinstance(e, BrokenExecutor):  # its worker died, e.g. a crash inside the C library
+        e = RuntimeError(f"worker crashed ({type(e).__name__}: {e})")
+    return (str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}").replace("\n", " ")
 
 # ----------------------------------------------------------------------------------- many slides -> tiles/ + slides.csv
 def find_slides(inputs):
@@ -237,21 +227,6 @@ def find_slides(inputs):
                 found.append((f.stem, f))
     return found
 
-@contextlib.contextmanager
-def atomic_open(path, mode="w", **kw):
-    """Write to path.tmp, renamed over path at the end: a kill never leaves half a file. (g2l.py has the same
-    helper; importing it would load torch into every tiling process.)"""
-    with open(f"{path}.tmp", mode, **kw) as f:
-        yield f
-    os.replace(f"{path}.tmp", path)
-
-def write_csv(path, rows):
-    with atomic_open(path, newline="") as f:
-        w = csv.DictWriter(f, COLUMNS, lineterminator="\n")  # csv's default is \r\n
-        w.writeheader(), w.writerows(rows)
-
-CHUNK = 128  # tiles per worker job: every worker takes a share of a large slide's tiles
-
 def run_here(fn, *args, **kw):
     """fn's result as a finished future: the pool's interface, run in this process."""
     fut = Future()
@@ -263,9 +238,9 @@ def run_here(fn, *args, **kw):
 
 def run_slides(todo, out, workers, plan_opts, cut_opts, record):
     """Slides in this process one after another (workers=1: simplest to debug, a per-tile progress bar), or over
-    worker processes: one plans a slide (level, mask, QC), then all of them cut its tiles, CHUNK at a time, so one
-    large slide never leaves a core idle; a planned slide's chunks go first, so slides finish (and are recorded)
-    one after another. record(row) returns True to stop (--fail-fast): started slides finish, new ones never start."""
+    worker processes: one plans a slide (level, mask, QC) while the others cut planned slides' tiles, CHUNK a job,
+    planned slides first, so slides finish one after another and one large slide never leaves a core idle.
+    record(row) returns True to stop (--fail-fast): started slides finish, new ones never start."""
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     submit, cap = (pool.submit, 2 * workers) if pool else (run_here, 1)
     pending, chunks, running, slides, stop = deque(todo), deque(), {}, {}, False
@@ -274,14 +249,11 @@ def run_slides(todo, out, workers, plan_opts, cut_opts, record):
             while len(running) < cap and (chunks or (pending and not stop)):
                 if chunks:
                     sid, share = chunks.popleft()
-                    s = slides[sid]  # a chunk's job carries no tile list but its own
-                    job = submit(cut_tiles, s["path"], out, sid, s["plan"] | dict(tiles=[]), share, **cut_opts,
-                                 progress=not pool)
+                    job = submit(cut_tiles, share, **slides[sid]["plan"], **cut_opts, progress=not pool)
                 else:
-                    sid, p = pending.popleft()
-                    row = dict.fromkeys(COLUMNS, "") | dict(slide_id=sid, path=str(p), n_tiles=0)
-                    slides[sid] = dict(path=p, row=row, t_start=time.time())
-                    job = submit(plan_slide, p, out, sid, **plan_opts)
+                    sid, path = pending.popleft()
+                    slides[sid] = dict(row=dict(slide_id=sid, path=str(path)), t_start=time.time())
+                    job = submit(plan_slide, path, out, sid, **plan_opts)
                 running[job] = sid
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for job in done:
@@ -293,33 +265,45 @@ def run_slides(todo, out, workers, plan_opts, cut_opts, record):
                         job.result()
                         s["left"] -= 1
                     else:
-                        fields, s["plan"] = job.result()
+                        fields, tiles, s["plan"] = job.result()
                         s["row"] |= fields
-                        tiles = s["plan"]["tiles"]
                         n = CHUNK if pool else max(1, len(tiles))  # in this process: one job a slide
-                        share = [tiles[i:i + n] for i in range(0, len(tiles), n)]
-                        chunks.extend((sid, t) for t in share)
-                        s["left"] = len(share)
+                        chunks.extend((sid, tiles[i:i + n]) for i in range(0, len(tiles), n))
+                        s["left"] = math.ceil(len(tiles) / n)
                     if s["left"]:
                         continue
-                    row = finish_slide(out, sid, slides.pop(sid))
-                except Exception as e:  # the slide failed, or its worker died (e.g. a crash inside the C library)
-                    if isinstance(e, BrokenProcessPool):
-                        e = RuntimeError(f"worker crashed ({type(e).__name__}: {e})")
-                    row = failed_row(out, sid, slides.pop(sid), e)
+                    shutil.rmtree(out / sid, ignore_errors=True)  # only with --overwrite (else finished = skipped)
+                    os.replace(out / f".tmp_{sid}", out / sid)  # a slide folder appears only when complete
+                except Exception as e:  # the slide failed (any stage), or its worker died
+                    shutil.rmtree(out / f".tmp_{sid}", ignore_errors=True)
+                    s["row"] |= dict(status="failed", error=error_line(e), n_tiles=0)
                     chunks = deque(c for c in chunks if c[0] != sid)
-                stop = record(row) or stop
+                del slides[sid]
+                stop = record(s["row"] | dict(seconds=f"{time.time() - s['t_start']:.2f}")) or stop
 
-TILE_NAME = re.compile(r"_x(\d+)_y(\d+)\.\w+$")
+# --------------------------------------------------------------------------- the run's files: csv and json, atomically
+@contextlib.contextmanager
+def atomic_open(path, mode="w", **kw):
+    """Write to path.tmp, renamed over path at the end: never half a file (g2l.py has one; importing it loads torch)."""
+    try:
+        with open(f"{path}.tmp", mode, **kw) as f:
+            yield f
+        os.replace(f"{path}.tmp", path)
+    finally:
+        Path(f"{path}.tmp").unlink(missing_ok=True)  # a failed write leaves no temp file behind
+
+def write_csv(path, rows):
+    with atomic_open(path, newline="") as f:
+        w = csv.DictWriter(f, COLUMNS, extrasaction="ignore", lineterminator="\n")  # csv's default is \r\n
+        w.writeheader(), w.writerows(rows)
 
 def finished_slides(out):
     """The finished slide folders in out/: temp folders start with a dot, QC pictures live in masks/."""
     return sorted(e.name for e in os.scandir(out) if e.is_dir() and e.name[0] != "." and e.name != "masks")
 
 def write_manifest(out):
-    """tiles.csv: one row per tile of every finished slide folder in out/ (path relative to out, slide_id, x, y),
-    so g2l.py reads one file instead of walking millions. Written last, atomically (temp + rename), and removed
-    when a run starts, so a killed run leaves no stale manifest (g2l.py then walks the folder)."""
+    """tiles.csv: path (relative to out), slide_id, x, y of every tile of out/'s finished slides: g2l.py reads it
+    instead of walking millions of files. main removes it first and writes it last, so it is never stale."""
     with atomic_open(out / "tiles.csv", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["path", "slide_id", "x", "y"])
@@ -329,8 +313,7 @@ def write_manifest(out):
                     w.writerow([f"{sid}/{name}", sid, m[1], m[2]])
 
 def check_settings(out, opts, resuming):
-    """Resume only with the settings the finished slides were cut with: out/prep_tiles.json records them.
-    Returns the problem as one line (None when fine); writes the settings once nothing contradicts them."""
+    """The problem as one line if out/ holds slides cut with other settings (out/prep_tiles.json), else writes it."""
     path = out / "prep_tiles.json"
     old = json.loads(path.read_text()) if resuming and path.exists() else opts
     if diff := [f"--{k.replace('_', '-').replace('fmt', 'format')} {old.get(k)} (now {opts.get(k)})"
@@ -340,6 +323,7 @@ def check_settings(out, opts, resuming):
     with atomic_open(path) as f:
         json.dump(opts, f, indent=1)
 
+# ------------------------------------------------------------------------------------------------ options and the run
 def parse_args(argv):
     """Options, checked: (parser, options, [(slide id, path)]); every problem is an argument error (exit 2)."""
     fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
@@ -382,7 +366,7 @@ def parse_args(argv):
 
 def main(argv=None):
     ap, a, slides = parse_args(argv)
-    out, rows, todo = Path(a.out), {}, []
+    out = Path(a.out)
     try:  # a file or read-only --out is an argument error: found before any slide is read
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
@@ -390,22 +374,20 @@ def main(argv=None):
         print(f"error: --out {out} is not a writable folder ({e.strerror}); choose a folder you can write to",
               file=sys.stderr)
         return 2
-    old = (out / "slides.csv").read_text().splitlines() if (out / "slides.csv").exists() else []
-    old = {r["slide_id"]: r for r in csv.DictReader(old)}  # resumed rows keep their mpp details
-    for sid, p in slides:
-        if (out / sid).is_dir() and not a.overwrite:  # complete by construction (renamed into place at the end)
-            rows[sid] = {c: old.get(sid, {}).get(c, "") for c in COLUMNS} | dict(slide_id=sid, path=str(p),
-                status="skipped", error="", seconds="0.00", n_tiles=sum(1 for _ in (out / sid).iterdir()))
-        else:
-            todo.append((sid, p))
     plan_opts = dict(mpp=a.mpp, tile_size=a.tile_size, overlap=a.overlap, mpp_tolerance=a.mpp_tolerance,
                      seed=a.seed, min_tissue=a.min_tissue, max_tiles=a.max_tiles, mpp_override=a.mpp_override)
     cut_opts = dict(fmt=a.format, quality=a.quality)
-    resuming = bool(finished_slides(out)) and not a.overwrite
-    if problem := check_settings(out, plan_opts | cut_opts, resuming):
+    if problem := check_settings(out, plan_opts | cut_opts, bool(finished_slides(out)) and not a.overwrite):
         ap.error(problem)
+    old = (out / "slides.csv").read_text().splitlines() if (out / "slides.csv").exists() else []
+    old = {r["slide_id"]: r for r in csv.DictReader(old)}  # a skipped slide's row keeps its mpp details
+    rows = {sid: old.get(sid, {}) | dict(slide_id=sid, path=str(p), status="skipped", error="", seconds="0.00",
+                                         n_tiles=len(os.listdir(out / sid)))
+            for sid, p in slides if (out / sid).is_dir() and not a.overwrite}  # whole: renamed into place when done
+    todo = [(sid, p) for sid, p in slides if sid not in rows]
 
     def record(row):  # rewrite slides.csv after every slide, so a killed run keeps what it finished
+        bar.update()
         rows[row["slide_id"]] = row
         if row["status"] in ("failed", "no_tissue"):
             tqdm.write(f"{row['status']}: {row['path']}: {row['error']}", file=sys.stderr)
@@ -417,7 +399,7 @@ def main(argv=None):
     t0 = time.time()
     with tqdm(total=len(todo), desc="slides", unit="slide") as bar:
         workers = a.workers if len(todo) > 1 else 1  # one slide: in this process, with a per-tile progress bar
-        run_slides(todo, out, workers, plan_opts, cut_opts, lambda row: (bar.update(), record(row))[1])
+        run_slides(todo, out, workers, plan_opts, cut_opts, record)
     write_manifest(out)
     dt, n = time.time() - t0, Counter(r["status"] for r in rows.values())
     made = sum(int(r["n_tiles"]) for r in rows.values() if r["status"] != "skipped")
