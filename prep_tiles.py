@@ -339,7 +339,8 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, default=0, help="seed of the --max-tiles sample")
     ap.add_argument("--format", choices=["jpg", "png"], default="jpg", help="tile file format")
     ap.add_argument("--quality", type=int, default=90, help="JPEG quality")
-    ap.add_argument("--workers", type=int, default=1, help="processes over slides, each with its own OpenSlide")
+    ap.add_argument("--workers", type=int, default=1,
+                    help=f"processes that plan slides and cut their tiles, {CHUNK} a job (one large slide uses all)")
     ap.add_argument("--mpp-override", type=float,
                     help="level-0 µm/px for slides whose header has no usable mpp (without it they fail)")
     ap.add_argument("--overwrite", action="store_true",
@@ -398,8 +399,7 @@ def main(argv=None):
     (out / "tiles.csv").unlink(missing_ok=True)  # rewritten at the end: never stale while tiles change
     t0 = time.time()
     with tqdm(total=len(todo), desc="slides", unit="slide") as bar:
-        workers = a.workers if len(todo) > 1 else 1  # one slide: in this process, with a per-tile progress bar
-        run_slides(todo, out, workers, plan_opts, cut_opts, record)
+        run_slides(todo, out, a.workers, plan_opts, cut_opts, record)
     write_manifest(out)
     dt, n = time.time() - t0, Counter(r["status"] for r in rows.values())
     made = sum(int(r["n_tiles"]) for r in rows.values() if r["status"] != "skipped")

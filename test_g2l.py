@@ -1083,6 +1083,13 @@ def test_workers_share_one_slide_and_the_manifest_lists_every_tile(tmp_path, mon
     assert {(int(r["x"]), int(r["y"])) for r in listed} == corners(two)
     tiles = g2l.index_tiles([str(tmp_path / "2")])  # g2l reads the manifest
     assert sorted(tiles.path(i) for i in range(len(tiles))) == [str(two / n) for n in names]
+    # one slide alone gets the workers too (it used to be cut in-process, on one core, whatever --workers said)
+    seen, run_slides = [], prep_tiles.run_slides
+    monkeypatch.setattr(prep_tiles, "run_slides", lambda todo, out, workers, *a: seen.append(workers) or
+                        run_slides(todo, out, workers, *a))
+    assert prep_tiles.main([str(CMU), "--out", str(tmp_path / "alone"), "--mpp", "1.0", "--min-tissue", "0",
+                            "--format", "png", "--workers", "2"]) == 0
+    assert seen == [2] and sorted(p.name for p in (tmp_path / "alone" / "CMU-1-Small-Region").iterdir()) == names
 
 def test_max_tiles_is_a_seeded_sample(tmp_path):
     run = lambda name, seed: prep_tiles.main([str(CMU), "--out", str(tmp_path / name), "--mpp", "1.0",
