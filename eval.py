@@ -19,8 +19,7 @@ sklearn's convention (C * sum CE + |W|^2 / 2), C picked on the validation split 
 vote of k=20 cosine neighbours after centring by the train mean and L2-normalising; robustness = PathoROB's index.
 """
 import argparse, csv, hashlib, itertools, json, math, multiprocessing as mp, os, random, time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +28,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-import g2l
 from g2l import DTYPES, Config, TileDataset, atomic_open, centred_cosine, encode, extract_features, find_images, \
-    forward_flops, index_tiles, linear_cka, load_model, make_views, peak_memory_gb, resolve
+    forward_flops, index_tiles, linear_cka, load_model, make_views, peak_memory_gb, projection, resolve
 
 # ----------------------------------------------------------------------------- data
 DATA = "a labels CSV (path,label[,split,center,slide]; paths relative to it) or an ImageFolder root/<split>/<class>/*"
@@ -87,9 +85,8 @@ def split_rows(rows, seed, val=0.15, test=0.25):
     when there is no test split), else a seeded split grouped by slide: no slide is ever in two splits."""
     names = {r.get("split", "").lower() for r in rows}
     if len(names) >= 2:
-        if names - set(SPLITS):
-            raise SystemExit(f"error: unknown split value(s) {sorted(names - set(SPLITS))} in --data; "
-                             "use train/val/test")
+        if unknown := names - set(SPLITS):
+            raise SystemExit(f"error: unknown split value(s) {sorted(unknown)} in --data; use train/val/test")
         idx = {s: [i for i, r in enumerate(rows) if SPLITS[r["split"].lower()] == s] for s in ("train", "val", "test")}
         if not idx["test"]:
             idx["test"], idx["val"] = idx["val"], []
@@ -163,15 +160,14 @@ def extract(m, paths, a, cache):
     return feats
 
 def load_heads(run):
-    """The global projection head of a g2l run: its student's features in the teacher's space."""
+    """The global projection head of a g2l run, frozen: its student's features in the teacher's space."""
     from safetensors.torch import load_file
     sd = {k.split(".", 1)[1]: v for k, v in load_file(str(Path(run) / "heads.safetensors")).items()
           if k.startswith("global_head.")}
-    kind = "linear" if "weight" in sd else "mlp"  # --head: nn.Linear, or Sequential(Linear, GELU, Linear)
-    first, last = (sd["weight"], sd["weight"]) if kind == "linear" else (sd["0.weight"], sd["2.weight"])
-    head = g2l.projection(kind, first.shape[1], last.shape[0])
+    weights = [sd[k] for k in sorted(sd) if k.endswith("weight")]  # nn.Linear, or Sequential(Linear, GELU, Linear)
+    head = projection("linear" if "weight" in sd else "mlp", weights[0].shape[1], weights[-1].shape[0])
     head.load_state_dict(sd)
-    return head
+    return head.requires_grad_(False)
 
 # ----------------------------------------------------------------------------- metrics, probe, kNN
 def auroc(pos, score):
@@ -187,19 +183,17 @@ def metrics(y, proba):
     """Balanced accuracy, accuracy, macro/weighted F1, AUROC (binary: class 1; multiclass: macro one-vs-rest)."""
     y, proba = np.asarray(y), np.asarray(proba, dtype=np.float64)
     pred, present = proba.argmax(1), np.unique(y)
-    labels = np.union1d(present, pred)
-    tp = np.array([np.sum((pred == c) & (y == c)) for c in labels])
-    ntrue, npred = np.array([np.sum(y == c) for c in labels]), np.array([np.sum(pred == c) for c in labels])
-    f1 = 2 * tp / np.maximum(ntrue + npred, 1)  # = 2PR/(P+R), 0 where undefined
+    is_true, is_pred = [v[:, None] == np.union1d(present, pred) for v in (y, pred)]  # [N, classes seen]
+    ntrue, npred = is_true.sum(0), is_pred.sum(0)
+    f1 = 2 * (is_true & is_pred).sum(0) / np.maximum(ntrue + npred, 1)  # = 2PR/(P+R), 0 where undefined
     aucs = [auroc(y == 1, proba[:, 1])] if proba.shape[1] == 2 else [auroc(y == c, proba[:, c]) for c in present]
     return dict(bacc=float(np.mean([np.mean(pred[y == c] == c) for c in present])), acc=float(np.mean(pred == y)),
                 f1_macro=float(f1.mean()), f1_weighted=float((f1 * ntrue).sum() / len(y)),
                 auroc=float(np.nanmean(aucs)))
 
-def logreg(x, y, K, C, init=None, iters=200):
-    """Multinomial logistic regression, sklearn's objective C * sum(CE) + |W|^2 / 2 (bias free), full-batch L-BFGS."""
-    W, b = [t.clone().requires_grad_() for t in init] if init else \
-        [torch.zeros(*shape, dtype=x.dtype, requires_grad=True) for shape in ((x.shape[1], K), (K,))]
+def logreg(x, y, C, init, iters=200):
+    """Multinomial logistic regression from init (W, b): sklearn's C * sum(CE) + |W|^2 / 2 (bias free), by L-BFGS."""
+    W, b = [t.clone().requires_grad_() for t in init]
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, tolerance_grad=1e-6, history_size=20,
                             line_search_fn="strong_wolfe")
     def closure():
@@ -215,9 +209,9 @@ def linear_probe(f, y, sp, K, Cs):
     Cs run from strong to weak regularisation, each fit starting from the last one's solution (a warm start)."""
     mu, sd = f[sp["train"]].mean(0), f[sp["train"]].std(0) + 1e-6
     z = lambda i: ((f[i] - mu) / sd).double()
-    best, wb = None, None
+    best, wb = None, (torch.zeros(f.shape[1], K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64))
     for C in sorted(Cs):
-        wb = logreg(z(sp["train"]), y[sp["train"]], K, C, wb)
+        wb = logreg(z(sp["train"]), y[sp["train"]], C, wb)
         score = metrics(y[sp["val"]], torch.softmax(z(sp["val"]) @ wb[0] + wb[1], 1))["bacc"] if len(Cs) > 1 else 0
         if best is None or score > best[0]:
             best = (score, C, wb)
@@ -385,8 +379,7 @@ def cmd_agree(a):
             r.update(cos_centred=centred_cosine(fs, ft), cos_raw=float(F.cosine_similarity(fs, ft).mean()))
         # G2L: the student in the teacher's space
         if (Path(s["name"]) / "heads.safetensors").is_file() and a.pooling == "cls":
-            with torch.no_grad():
-                z = load_heads(s["name"])(fs)
+            z = load_heads(s["name"])(fs)
             if z.shape[1] == ft.shape[1]:
                 r.update(heads_cka=linear_cka(z, ft), heads_cos_centred=centred_cosine(z, ft),
                          heads_cos_raw=float(F.cosine_similarity(z, ft).mean()))
