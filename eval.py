@@ -265,6 +265,18 @@ def robustness_index(feats, labels, centres, slides=None, ks=(3, 5, 10, 20), n_b
     return out
 
 # ----------------------------------------------------------------------------- bench
+def timed(step, n, warmup, device, desc=None):
+    """Seconds per call of step() over n calls, after `warmup` untimed ones; on a GPU, queued work is waited for."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    t = time.perf_counter()
+    for _ in tqdm(range(n), desc=desc, disable=desc is None, dynamic_ncols=True):
+        step()
+    sync()
+    return (time.perf_counter() - t) / n
+
 def bench_one(m, a):
     """One model, run in a fresh process so that peak memory (max RSS on CPU, max allocated on GPU) is its own.
     Batch sizes run in increasing order: the CPU high-water mark after each is its peak (minus the baseline)."""
@@ -273,25 +285,17 @@ def bench_one(m, a):
     weights = "random" if a.random_init else m["weights"]  # random: g2l builds the bare architecture
     model, spec = open_model(dict(m, size=a.img_size, weights=weights), dev)
     dtype = DTYPES.get(a.dtype, torch.bfloat16 if dev.type == "cuda" else torch.float32)  # auto: bf16 on GPU
-    sync, rows = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None), []
+    params_m, rows = sum(p.numel() for p in model.parameters()) / 1e6, []
+    gflops = forward_flops(model, a.img_size) / 1e9  # NaN for a model without patch tokens
     for bs in sorted(a.batch_sizes):
         x = torch.rand(bs, 3, a.img_size, a.img_size, device=dev)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         with torch.inference_mode(), torch.autocast(dev.type, dtype, enabled=dtype != torch.float32):
-            for _ in range(a.warmup):
-                encode(model, spec, x)
-            sync()
-            t = time.perf_counter()
-            for _ in tqdm(range(a.iters), desc=f"bench {m['name']} x{bs}", dynamic_ncols=True):
-                encode(model, spec, x)
-            sync()
-            dt = time.perf_counter() - t
-        mem = peak_memory_gb(dev) - base
+            dt = timed(lambda: encode(model, spec, x), a.iters, a.warmup, dev, desc=f"bench {m['name']} x{bs}")
         rows.append(dict(model=m["name"], source=spec.source, img_size=a.img_size, dtype=str(dtype)[6:], batch=bs,
-                         img_per_s=bs * a.iters / dt, ms_per_batch=1e3 * dt / a.iters, peak_mem_gb=mem,
-                         params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-                         gflops=forward_flops(model, a.img_size) / 1e9 if spec.patch else float("nan")))
+                         img_per_s=bs / dt, ms_per_batch=1e3 * dt,
+                         peak_mem_gb=peak_memory_gb(dev) - base, params_m=params_m, gflops=gflops))
     return rows
 
 def run_isolated(m, a):
@@ -429,25 +433,16 @@ def cmd_bench_data(a):
     augmentations in the workers, then what the batched augmentation costs on the device."""
     load = a.load_size or a.img_size
     cfg = Config(img_size=a.img_size, load_size=load, batch_size=a.batch_size)  # g2l's augmentation settings
-    tiles, res = index_tiles(a.data), []
+    tiles, dev, res = index_tiles(a.data), torch.device(a.device), []
     for name, ds in (("workers decode + CPU augment", CpuAugmented(tiles, load, a.img_size)),
                      ("workers decode only (g2l)", TileDataset(tiles, load))):
         dl = torch.utils.data.DataLoader(ds, batch_size=a.batch_size, shuffle=True, num_workers=a.workers,
                                          drop_last=True)
-        it = (batch for _ in itertools.count() for batch in dl)  # the loader again and again
-        next(it)  # worker start-up is not throughput
-        t = time.perf_counter()
-        rate = sum(len(next(it)[0]) for _ in range(a.batches)) / (time.perf_counter() - t)
+        batches = (batch for _ in itertools.count() for batch in dl)  # the loader again and again
+        rate = a.batch_size / timed(lambda: next(batches), a.batches, 1, torch.device("cpu"))  # 1: worker start-up
         res.append(dict(pipeline=name, workers=a.workers, tiles_per_s=rate, per_worker=rate / max(1, a.workers)))
-    dev = torch.device(a.device)
-    x = torch.randint(0, 256, (a.batch_size, 3, load, load), dtype=torch.uint8)
-    make_views(x, cfg, 0, 0, dev)  # warm-up
-    t = time.perf_counter()
-    for step in range(a.batches):
-        make_views(x, cfg, step, 0, dev)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    rate = a.batches * a.batch_size / (time.perf_counter() - t)
+    x, steps = torch.randint(0, 256, (a.batch_size, 3, load, load), dtype=torch.uint8), itertools.count()
+    rate = a.batch_size / timed(lambda: make_views(x, cfg, next(steps), 0, dev), a.batches, 1, dev)
     res.append(dict(pipeline=f"device augment, batched ({dev.type})", workers=0, tiles_per_s=rate, per_worker=rate))
     save_and_print(a, "bench-data", [dict(r, load_px=load) for r in res],
                    ["pipeline", "workers", "tiles_per_s", "per_worker", "load_px"])
