@@ -354,17 +354,16 @@ def cmd_probe(a):
     res = []
     for m in model_list(a.model, a.model_weights, a.model_kwargs, a.img_size):
         f = features(m, rows, a)
-        per = []
+        per, Cs = [], []  # per seed: the metrics, the C picked on val
         for sp in splits:
             lin, C = linear_probe(f, y, sp, len(classes), a.C)
             kn = metrics(y[sp["test"]], knn(f[sp["train"]], y[sp["train"]], f[sp["test"]], len(classes), a.k))
-            per.append(dict(**{f"linear_{k}": v for k, v in lin.items()}, **{f"knn_{k}": v for k, v in kn.items()},
-                            C=C))
+            per.append({**{f"linear_{k}": v for k, v in lin.items()}, **{f"knn_{k}": v for k, v in kn.items()}})
+            Cs.append(C)
         row = dict(model=m["name"], task=task_name(a), pooling=a.pooling, n_train=len(splits[0]["train"]),
-                   n_test=len(splits[0]["test"]), seeds=a.seeds, C=float(np.median([p["C"] for p in per])))
+                   n_test=len(splits[0]["test"]), seeds=a.seeds, C=float(np.median(Cs)))
         for k in per[0]:
-            if k != "C":
-                row[k], row[k + "_std"] = float(np.mean([p[k] for p in per])), float(np.std([p[k] for p in per]))
+            row[k], row[k + "_std"] = float(np.mean([p[k] for p in per])), float(np.std([p[k] for p in per]))
         res.append(row)
     save_and_print(a, f"probe_{task_name(a)}", res, ["model", "task", "n_train", "n_test", "linear_bacc",
                    "linear_auroc", "linear_f1_macro", "knn_bacc", "knn_auroc", "knn_f1_macro", "C"])
