@@ -450,6 +450,7 @@ def cmd_bench_data(a):
 def cmd_report(a):
     """OUT/report.md (every results table) and OUT/report.png (bars per metric, one colour per model)."""
     out, md, bars = Path(a.out), ["# g2l evaluation report", ""], {}
+    shown = dict(probe=["linear_bacc", "linear_auroc", "knn_bacc"], agree=["cka", "heads_cka"], robustness=["ri"])
     for f in sorted(out.glob("*.json")):
         rows = json.loads(f.read_text())
         if not isinstance(rows, list) or not rows or not isinstance(rows[0], dict):
@@ -457,15 +458,16 @@ def cmd_report(a):
         cols = [c for c in rows[0] if not c.endswith("_std")]
         md += [f"## {f.stem}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         md += ["| " + " | ".join(fmt(r, c) for c in cols) + " |" for r in rows] + [""]
-        kind, task = (f.stem.split("_", 1) + [""])[:2]
-        keys = dict(probe=["linear_bacc", "linear_auroc", "knn_bacc"], agree=["cka", "heads_cka"], robustness=["ri"])
+        kind, _, task = f.stem.partition("_")
+        top = {"robustness": "k", "bench": "batch"}.get(kind)  # bars of the largest k, of the largest batch
+        rows = [r for r in rows if r[top] == max(x[top] for x in rows)] if top else rows
         for r in rows:
             name = r.get("student") or r.get("model")
-            for k in keys.get(kind, []):
-                if isinstance(r.get(k), float) and (kind != "robustness" or r["k"] == max(x["k"] for x in rows)):
-                    bars.setdefault((task, k + (f"@{r['k']}" if kind == "robustness" else "")), {})[name] = r[k]
-            if kind == "bench" and r["batch"] == max(x["batch"] for x in rows):
-                fastest = max(x["img_per_s"] for x in rows if x["batch"] == r["batch"])
+            for k in shown.get(kind, []):
+                if isinstance(r.get(k), float):
+                    bars.setdefault((task, f"{k}@{r['k']}" if kind == "robustness" else k), {})[name] = r[k]
+            if kind == "bench":  # speed relative to the fastest model
+                fastest = max(x["img_per_s"] for x in rows)
                 bars.setdefault(("speed", f"rel. x{r['batch']}"), {})[name] = r["img_per_s"] / fastest
     if not bars:
         raise SystemExit(f"error: no results (*.json from probe/agree/robustness/bench) in {out}; run those first")
