@@ -47,12 +47,11 @@ def read_labelled(data, need=("path", "label")):
         cols = ["path", "label"] + ["split"] * has_split
     elif p.is_file():
         try:  # an image or other binary file given as --data is not a CSV
-            with open(p, newline="") as fh:
-                reader = csv.DictReader(fh)
-                rows, cols = list(reader), [c.strip().replace("centre", "center") for c in reader.fieldnames or []]
+            with open(p, newline="") as fh:  # the header's names cleaned first, then each row read by them
+                cols = [c.strip().replace("centre", "center") for c in next(csv.reader(fh), [])]
+                rows = [{c: (r[c] or "").strip() for c in cols} for r in csv.DictReader(fh, fieldnames=cols)]
         except (UnicodeDecodeError, csv.Error) as e:
             raise SystemExit(f"error: --data {data} is not a labels CSV ({type(e).__name__}); pass {DATA}")
-        rows = [{c: (v or "").strip() for c, v in zip(cols, r.values())} for r in rows]
         rows = [dict(r, path=os.path.normpath(p.parent / r.get("path", ""))) for r in rows]
     else:
         raise SystemExit(f"error: --data {data} does not exist; pass {DATA}")
@@ -324,7 +323,7 @@ def save_and_print(a, name, rows, cols):
         w.writeheader()
         w.writerows(rows)
     cells = [cols] + [[fmt(r, c) for c in cols] for r in rows]
-    widths = [max(len(x[i]) for x in cells) for i in range(len(cols))]
+    widths = [max(map(len, column)) for column in zip(*cells)]
     for x in cells:
         print("  ".join(s.ljust(w) for s, w in zip(x, widths)).rstrip())
     print(f"wrote {out / name}.json and .csv")
