@@ -308,7 +308,7 @@ def run_isolated(m, a):
 def fmt(r, c):
     v = r.get(c, "")
     if isinstance(v, float):
-        s = "nan" if math.isnan(v) else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+        s = f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"  # NaN prints as nan
         return s + (f"±{r[c + '_std']:.3f}" if isinstance(r.get(c + "_std"), float) else "")
     return str(v)
 
