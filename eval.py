@@ -19,8 +19,7 @@ sklearn's convention (C * sum CE + |W|^2 / 2), C picked on the validation split 
 vote of k=20 cosine neighbours after centring by the train mean and L2-normalising; robustness = PathoROB's index.
 """
 import argparse, csv, hashlib, itertools, json, math, multiprocessing as mp, os, random, time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +28,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-import g2l
 from g2l import DTYPES, Config, TileDataset, atomic_open, centred_cosine, encode, extract_features, find_images, \
-    forward_flops, index_tiles, linear_cka, load_model, make_views, peak_memory_gb, resolve
+    forward_flops, index_tiles, linear_cka, load_model, make_views, peak_memory_gb, projection, resolve
 
 # ----------------------------------------------------------------------------- data
 DATA = "a labels CSV (path,label[,split,center,slide]; paths relative to it) or an ImageFolder root/<split>/<class>/*"
@@ -49,12 +47,11 @@ def read_labelled(data, need=("path", "label")):
         cols = ["path", "label"] + ["split"] * has_split
     elif p.is_file():
         try:  # an image or other binary file given as --data is not a CSV
-            with open(p, newline="") as fh:
-                reader = csv.DictReader(fh)
-                rows, cols = list(reader), [c.strip().replace("centre", "center") for c in reader.fieldnames or []]
+            with open(p, newline="") as fh:  # the header's names cleaned first, then each row read by them
+                cols = [c.strip().replace("centre", "center") for c in next(csv.reader(fh), [])]
+                rows = [{c: (r[c] or "").strip() for c in cols} for r in csv.DictReader(fh, fieldnames=cols)]
         except (UnicodeDecodeError, csv.Error) as e:
             raise SystemExit(f"error: --data {data} is not a labels CSV ({type(e).__name__}); pass {DATA}")
-        rows = [{c: (v or "").strip() for c, v in zip(cols, r.values())} for r in rows]
         rows = [dict(r, path=os.path.normpath(p.parent / r.get("path", ""))) for r in rows]
     else:
         raise SystemExit(f"error: --data {data} does not exist; pass {DATA}")
@@ -87,9 +84,8 @@ def split_rows(rows, seed, val=0.15, test=0.25):
     when there is no test split), else a seeded split grouped by slide: no slide is ever in two splits."""
     names = {r.get("split", "").lower() for r in rows}
     if len(names) >= 2:
-        if names - set(SPLITS):
-            raise SystemExit(f"error: unknown split value(s) {sorted(names - set(SPLITS))} in --data; "
-                             "use train/val/test")
+        if unknown := names - set(SPLITS):
+            raise SystemExit(f"error: unknown split value(s) {sorted(unknown)} in --data; use train/val/test")
         idx = {s: [i for i, r in enumerate(rows) if SPLITS[r["split"].lower()] == s] for s in ("train", "val", "test")}
         if not idx["test"]:
             idx["test"], idx["val"] = idx["val"], []
@@ -163,15 +159,14 @@ def extract(m, paths, a, cache):
     return feats
 
 def load_heads(run):
-    """The global projection head of a g2l run: its student's features in the teacher's space."""
+    """The global projection head of a g2l run, frozen: its student's features in the teacher's space."""
     from safetensors.torch import load_file
     sd = {k.split(".", 1)[1]: v for k, v in load_file(str(Path(run) / "heads.safetensors")).items()
           if k.startswith("global_head.")}
-    kind = "linear" if "weight" in sd else "mlp"  # --head: nn.Linear, or Sequential(Linear, GELU, Linear)
-    first, last = (sd["weight"], sd["weight"]) if kind == "linear" else (sd["0.weight"], sd["2.weight"])
-    head = g2l.projection(kind, first.shape[1], last.shape[0])
+    weights = [sd[k] for k in sorted(sd) if k.endswith("weight")]  # nn.Linear, or Sequential(Linear, GELU, Linear)
+    head = projection("linear" if "weight" in sd else "mlp", weights[0].shape[1], weights[-1].shape[0])
     head.load_state_dict(sd)
-    return head
+    return head.requires_grad_(False)
 
 # ----------------------------------------------------------------------------- metrics, probe, kNN
 def auroc(pos, score):
@@ -187,19 +182,17 @@ def metrics(y, proba):
     """Balanced accuracy, accuracy, macro/weighted F1, AUROC (binary: class 1; multiclass: macro one-vs-rest)."""
     y, proba = np.asarray(y), np.asarray(proba, dtype=np.float64)
     pred, present = proba.argmax(1), np.unique(y)
-    labels = np.union1d(present, pred)
-    tp = np.array([np.sum((pred == c) & (y == c)) for c in labels])
-    ntrue, npred = np.array([np.sum(y == c) for c in labels]), np.array([np.sum(pred == c) for c in labels])
-    f1 = 2 * tp / np.maximum(ntrue + npred, 1)  # = 2PR/(P+R), 0 where undefined
+    is_true, is_pred = [v[:, None] == np.union1d(present, pred) for v in (y, pred)]  # [N, classes seen]
+    ntrue, npred = is_true.sum(0), is_pred.sum(0)
+    f1 = 2 * (is_true & is_pred).sum(0) / np.maximum(ntrue + npred, 1)  # = 2PR/(P+R), 0 where undefined
     aucs = [auroc(y == 1, proba[:, 1])] if proba.shape[1] == 2 else [auroc(y == c, proba[:, c]) for c in present]
     return dict(bacc=float(np.mean([np.mean(pred[y == c] == c) for c in present])), acc=float(np.mean(pred == y)),
                 f1_macro=float(f1.mean()), f1_weighted=float((f1 * ntrue).sum() / len(y)),
                 auroc=float(np.nanmean(aucs)))
 
-def logreg(x, y, K, C, init=None, iters=200):
-    """Multinomial logistic regression, sklearn's objective C * sum(CE) + |W|^2 / 2 (bias free), full-batch L-BFGS."""
-    W, b = [t.clone().requires_grad_() for t in init] if init else \
-        [torch.zeros(*shape, dtype=x.dtype, requires_grad=True) for shape in ((x.shape[1], K), (K,))]
+def logreg(x, y, C, init, iters=200):
+    """Multinomial logistic regression from init (W, b): sklearn's C * sum(CE) + |W|^2 / 2 (bias free), by L-BFGS."""
+    W, b = [t.clone().requires_grad_() for t in init]
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, tolerance_grad=1e-6, history_size=20,
                             line_search_fn="strong_wolfe")
     def closure():
@@ -215,9 +208,9 @@ def linear_probe(f, y, sp, K, Cs):
     Cs run from strong to weak regularisation, each fit starting from the last one's solution (a warm start)."""
     mu, sd = f[sp["train"]].mean(0), f[sp["train"]].std(0) + 1e-6
     z = lambda i: ((f[i] - mu) / sd).double()
-    best, wb = None, None
+    best, wb = None, (torch.zeros(f.shape[1], K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64))
     for C in sorted(Cs):
-        wb = logreg(z(sp["train"]), y[sp["train"]], K, C, wb)
+        wb = logreg(z(sp["train"]), y[sp["train"]], C, wb)
         score = metrics(y[sp["val"]], torch.softmax(z(sp["val"]) @ wb[0] + wb[1], 1))["bacc"] if len(Cs) > 1 else 0
         if best is None or score > best[0]:
             best = (score, C, wb)
@@ -271,6 +264,18 @@ def robustness_index(feats, labels, centres, slides=None, ks=(3, 5, 10, 20), n_b
     return out
 
 # ----------------------------------------------------------------------------- bench
+def timed(step, n, warmup, device, desc=None):
+    """Seconds per call of step() over n calls, after `warmup` untimed ones; on a GPU, queued work is waited for."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    t = time.perf_counter()
+    for _ in tqdm(range(n), desc=desc, disable=desc is None, dynamic_ncols=True):
+        step()
+    sync()
+    return (time.perf_counter() - t) / n
+
 def bench_one(m, a):
     """One model, run in a fresh process so that peak memory (max RSS on CPU, max allocated on GPU) is its own.
     Batch sizes run in increasing order: the CPU high-water mark after each is its peak (minus the baseline)."""
@@ -279,25 +284,17 @@ def bench_one(m, a):
     weights = "random" if a.random_init else m["weights"]  # random: g2l builds the bare architecture
     model, spec = open_model(dict(m, size=a.img_size, weights=weights), dev)
     dtype = DTYPES.get(a.dtype, torch.bfloat16 if dev.type == "cuda" else torch.float32)  # auto: bf16 on GPU
-    sync, rows = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None), []
+    params_m, rows = sum(p.numel() for p in model.parameters()) / 1e6, []
+    gflops = forward_flops(model, a.img_size) / 1e9  # NaN for a model without patch tokens
     for bs in sorted(a.batch_sizes):
         x = torch.rand(bs, 3, a.img_size, a.img_size, device=dev)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         with torch.inference_mode(), torch.autocast(dev.type, dtype, enabled=dtype != torch.float32):
-            for _ in range(a.warmup):
-                encode(model, spec, x)
-            sync()
-            t = time.perf_counter()
-            for _ in tqdm(range(a.iters), desc=f"bench {m['name']} x{bs}", dynamic_ncols=True):
-                encode(model, spec, x)
-            sync()
-            dt = time.perf_counter() - t
-        mem = peak_memory_gb(dev) - base
+            dt = timed(lambda: encode(model, spec, x), a.iters, a.warmup, dev, desc=f"bench {m['name']} x{bs}")
         rows.append(dict(model=m["name"], source=spec.source, img_size=a.img_size, dtype=str(dtype)[6:], batch=bs,
-                         img_per_s=bs * a.iters / dt, ms_per_batch=1e3 * dt / a.iters, peak_mem_gb=mem,
-                         params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-                         gflops=forward_flops(model, a.img_size) / 1e9 if spec.patch else float("nan")))
+                         img_per_s=bs / dt, ms_per_batch=1e3 * dt,
+                         peak_mem_gb=peak_memory_gb(dev) - base, params_m=params_m, gflops=gflops))
     return rows
 
 def run_isolated(m, a):
@@ -311,7 +308,7 @@ def run_isolated(m, a):
 def fmt(r, c):
     v = r.get(c, "")
     if isinstance(v, float):
-        s = "nan" if math.isnan(v) else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+        s = f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"  # NaN prints as nan
         return s + (f"±{r[c + '_std']:.3f}" if isinstance(r.get(c + "_std"), float) else "")
     return str(v)
 
@@ -326,7 +323,7 @@ def save_and_print(a, name, rows, cols):
         w.writeheader()
         w.writerows(rows)
     cells = [cols] + [[fmt(r, c) for c in cols] for r in rows]
-    widths = [max(len(x[i]) for x in cells) for i in range(len(cols))]
+    widths = [max(map(len, column)) for column in zip(*cells)]
     for x in cells:
         print("  ".join(s.ljust(w) for s, w in zip(x, widths)).rstrip())
     print(f"wrote {out / name}.json and .csv")
@@ -356,17 +353,16 @@ def cmd_probe(a):
     res = []
     for m in model_list(a.model, a.model_weights, a.model_kwargs, a.img_size):
         f = features(m, rows, a)
-        per = []
+        per, Cs = [], []  # per seed: the metrics, the C picked on val
         for sp in splits:
             lin, C = linear_probe(f, y, sp, len(classes), a.C)
             kn = metrics(y[sp["test"]], knn(f[sp["train"]], y[sp["train"]], f[sp["test"]], len(classes), a.k))
-            per.append(dict(**{f"linear_{k}": v for k, v in lin.items()}, **{f"knn_{k}": v for k, v in kn.items()},
-                            C=C))
+            per.append({**{f"linear_{k}": v for k, v in lin.items()}, **{f"knn_{k}": v for k, v in kn.items()}})
+            Cs.append(C)
         row = dict(model=m["name"], task=task_name(a), pooling=a.pooling, n_train=len(splits[0]["train"]),
-                   n_test=len(splits[0]["test"]), seeds=a.seeds, C=float(np.median([p["C"] for p in per])))
+                   n_test=len(splits[0]["test"]), seeds=a.seeds, C=float(np.median(Cs)))
         for k in per[0]:
-            if k != "C":
-                row[k], row[k + "_std"] = float(np.mean([p[k] for p in per])), float(np.std([p[k] for p in per]))
+            row[k], row[k + "_std"] = float(np.mean([p[k] for p in per])), float(np.std([p[k] for p in per]))
         res.append(row)
     save_and_print(a, f"probe_{task_name(a)}", res, ["model", "task", "n_train", "n_test", "linear_bacc",
                    "linear_auroc", "linear_f1_macro", "knn_bacc", "knn_auroc", "knn_f1_macro", "C"])
@@ -385,8 +381,7 @@ def cmd_agree(a):
             r.update(cos_centred=centred_cosine(fs, ft), cos_raw=float(F.cosine_similarity(fs, ft).mean()))
         # G2L: the student in the teacher's space
         if (Path(s["name"]) / "heads.safetensors").is_file() and a.pooling == "cls":
-            with torch.no_grad():
-                z = load_heads(s["name"])(fs)
+            z = load_heads(s["name"])(fs)
             if z.shape[1] == ft.shape[1]:
                 r.update(heads_cka=linear_cka(z, ft), heads_cos_centred=centred_cosine(z, ft),
                          heads_cos_raw=float(F.cosine_similarity(z, ft).mean()))
@@ -436,25 +431,16 @@ def cmd_bench_data(a):
     augmentations in the workers, then what the batched augmentation costs on the device."""
     load = a.load_size or a.img_size
     cfg = Config(img_size=a.img_size, load_size=load, batch_size=a.batch_size)  # g2l's augmentation settings
-    tiles, res = index_tiles(a.data), []
+    tiles, dev, res = index_tiles(a.data), torch.device(a.device), []
     for name, ds in (("workers decode + CPU augment", CpuAugmented(tiles, load, a.img_size)),
                      ("workers decode only (g2l)", TileDataset(tiles, load))):
         dl = torch.utils.data.DataLoader(ds, batch_size=a.batch_size, shuffle=True, num_workers=a.workers,
                                          drop_last=True)
-        it = (batch for _ in itertools.count() for batch in dl)  # the loader again and again
-        next(it)  # worker start-up is not throughput
-        t = time.perf_counter()
-        rate = sum(len(next(it)[0]) for _ in range(a.batches)) / (time.perf_counter() - t)
+        batches = (batch for _ in itertools.count() for batch in dl)  # the loader again and again
+        rate = a.batch_size / timed(lambda: next(batches), a.batches, 1, torch.device("cpu"))  # 1: worker start-up
         res.append(dict(pipeline=name, workers=a.workers, tiles_per_s=rate, per_worker=rate / max(1, a.workers)))
-    dev = torch.device(a.device)
-    x = torch.randint(0, 256, (a.batch_size, 3, load, load), dtype=torch.uint8)
-    make_views(x, cfg, 0, 0, dev)  # warm-up
-    t = time.perf_counter()
-    for step in range(a.batches):
-        make_views(x, cfg, step, 0, dev)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    rate = a.batches * a.batch_size / (time.perf_counter() - t)
+    x, steps = torch.randint(0, 256, (a.batch_size, 3, load, load), dtype=torch.uint8), itertools.count()
+    rate = a.batch_size / timed(lambda: make_views(x, cfg, next(steps), 0, dev), a.batches, 1, dev)
     res.append(dict(pipeline=f"device augment, batched ({dev.type})", workers=0, tiles_per_s=rate, per_worker=rate))
     save_and_print(a, "bench-data", [dict(r, load_px=load) for r in res],
                    ["pipeline", "workers", "tiles_per_s", "per_worker", "load_px"])
@@ -463,6 +449,7 @@ def cmd_bench_data(a):
 def cmd_report(a):
     """OUT/report.md (every results table) and OUT/report.png (bars per metric, one colour per model)."""
     out, md, bars = Path(a.out), ["# g2l evaluation report", ""], {}
+    shown = dict(probe=["linear_bacc", "linear_auroc", "knn_bacc"], agree=["cka", "heads_cka"], robustness=["ri"])
     for f in sorted(out.glob("*.json")):
         rows = json.loads(f.read_text())
         if not isinstance(rows, list) or not rows or not isinstance(rows[0], dict):
@@ -470,15 +457,16 @@ def cmd_report(a):
         cols = [c for c in rows[0] if not c.endswith("_std")]
         md += [f"## {f.stem}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         md += ["| " + " | ".join(fmt(r, c) for c in cols) + " |" for r in rows] + [""]
-        kind, task = (f.stem.split("_", 1) + [""])[:2]
-        keys = dict(probe=["linear_bacc", "linear_auroc", "knn_bacc"], agree=["cka", "heads_cka"], robustness=["ri"])
+        kind, _, task = f.stem.partition("_")
+        top = {"robustness": "k", "bench": "batch"}.get(kind)  # bars of the largest k, of the largest batch
+        rows = [r for r in rows if r[top] == max(x[top] for x in rows)] if top else rows
         for r in rows:
             name = r.get("student") or r.get("model")
-            for k in keys.get(kind, []):
-                if isinstance(r.get(k), float) and (kind != "robustness" or r["k"] == max(x["k"] for x in rows)):
-                    bars.setdefault((task, k + (f"@{r['k']}" if kind == "robustness" else "")), {})[name] = r[k]
-            if kind == "bench" and r["batch"] == max(x["batch"] for x in rows):
-                fastest = max(x["img_per_s"] for x in rows if x["batch"] == r["batch"])
+            for k in shown.get(kind, []):
+                if isinstance(r.get(k), float):
+                    bars.setdefault((task, f"{k}@{r['k']}" if kind == "robustness" else k), {})[name] = r[k]
+            if kind == "bench":  # speed relative to the fastest model
+                fastest = max(x["img_per_s"] for x in rows)
                 bars.setdefault(("speed", f"rel. x{r['batch']}"), {})[name] = r["img_per_s"] / fastest
     if not bars:
         raise SystemExit(f"error: no results (*.json from probe/agree/robustness/bench) in {out}; run those first")
