@@ -12,7 +12,7 @@
 --data: a CSV with columns path,label and optional split,center,slide (paths relative to the CSV), or an ImageFolder
 root/<split>/<class>/* or root/<class>/*. Models follow g2l.py's naming rules (presets, timm names, hf-hub:,
 local-dir:, transformers DINOv2 checkpoints such as hf-hub:histai/hibou-L, g2l run folders); per-model options are
-given once for all models or once per --model, in order.
+given once per --model, in order, or (all but --model-weights) once for all models.
 Features are extracted once and cached in OUT/features/. Each command writes OUT/<name>.json + .csv and prints a table.
 Protocols (UNI / eva style): linear probe = multinomial logistic regression by L-BFGS on standardised features, L2 in
 sklearn's convention (C * sum CE + |W|^2 / 2), C picked on the validation split by balanced accuracy; kNN = majority
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from g2l import DTYPES, Config, TileDataset, atomic_open, centred_cosine, encode, extract_features, find_images, \
+from g2l import AUG, DTYPES, Config, TileDataset, atomic_open, centred_cosine, encode, extract_features, find_images, \
     forward_flops, index_tiles, linear_cka, load_model, make_views, peak_memory_gb, projection, resolve
 
 # ----------------------------------------------------------------------------- data
@@ -125,7 +125,9 @@ def open_model(m, device):
 def features(m, rows, a):
     """[N, D] frozen features: cls = the model's global feature (g2l.encode), mean = mean patch token, or both.
     Cached in OUT/features/ by model, weights (and their date), kwargs, data, size and pooling; NaN/inf refused."""
-    files = [f for f in (m["weights"], Path(m["name"]) / "student" / "model.safetensors") if f and os.path.isfile(f)]
+    folder = Path(m["name"].removeprefix("local-dir:"))  # a local-dir, a transformers folder or a g2l run folder
+    files = [f for f in (m["weights"], folder / "model.safetensors", folder / "pytorch_model.bin",
+                         folder / "student" / "model.safetensors") if f and os.path.isfile(f)]
     key = json.dumps([m["name"], m["weights"], m["kwargs"], str(Path(a.data).resolve()), m["size"], a.pooling,
                       len(rows), [os.path.getmtime(f) for f in files]])
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in m["name"].strip("/"))[-60:]
@@ -283,7 +285,8 @@ def bench_one(m, a):
     base = 0 if dev.type == "cuda" else peak_memory_gb(dev)  # CPU: this process's baseline RSS before the model
     weights = "random" if a.random_init else m["weights"]  # random: g2l builds the bare architecture
     model, spec = open_model(dict(m, size=a.img_size, weights=weights), dev)
-    dtype = DTYPES.get(a.dtype, torch.bfloat16 if dev.type == "cuda" else torch.float32)  # auto: bf16 on GPU
+    bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    dtype = DTYPES.get(a.dtype, torch.bfloat16 if bf16 else torch.float32)  # auto: as its --help says
     params_m, rows = sum(p.numel() for p in model.parameters()) / 1e6, []
     gflops = forward_flops(model, a.img_size) / 1e9  # NaN for a model without patch tokens
     for bs in sorted(a.batch_sizes):
@@ -420,8 +423,8 @@ class CpuAugmented(TileDataset):
         import torchvision.transforms.v2 as T
         super().__init__(tiles, size)
         self.tf = T.Compose([T.RandomCrop(crop), T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
-                             T.RandomApply([T.ColorJitter(0.15, 0.15, 0.1, 0.05)], p=0.5),
-                             T.RandomApply([T.GaussianBlur(9, (0.1, 2.0))], p=0.1)])
+                             T.RandomApply([T.ColorJitter(*AUG["jitter"])], p=AUG["p_jitter"]),
+                             T.RandomApply([T.GaussianBlur(AUG["blur_px"], AUG["sigma"])], p=AUG["p_blur"])])
     def __getitem__(self, i):
         x, skipped = super().__getitem__(i)
         return self.tf(x), skipped

@@ -342,6 +342,10 @@ class InfiniteSampler(torch.utils.data.Sampler):
                 yield from order[s + rank * b: s + (rank + 1) * b].tolist()
             pos = (epoch + 1) * per_epoch
 
+# the paper's photometric augmentations (eval.py bench-data builds the same ones in torchvision from these numbers)
+AUG = dict(jitter=(0.15, 0.15, 0.1, 0.05),  # colour jitter strengths: brightness, contrast, saturation, hue
+           p_jitter=0.5, blur_px=9, sigma=(0.1, 2.0), p_blur=0.1)  # a Gaussian blur's kernel side and sigma range
+
 def aug_params(n, seed, step, micro):
     """Random parameters for one global batch, drawn from (seed, step, micro-step) alone: independent of
     the number of ranks and of resumption, so 1 x B and 2 x B/2 processes see identical views."""
@@ -349,8 +353,8 @@ def aug_params(n, seed, step, micro):
     g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
     u = lambda *s: torch.rand(*s, generator=g)
     return dict(crop=u(n, 2), hflip=u(n) < 0.5, vflip=u(n) < 0.5,
-                jitter=u(n) < 0.5, bcsh=u(n, 4) * 2 - 1,  # brightness, contrast, saturation, hue in [-1, 1]
-                blur=u(n) < 0.1, sigma=0.1 + 1.9 * u(n))
+                jitter=u(n) < AUG["p_jitter"], bcsh=u(n, 4) * 2 - 1,  # brightness, contrast, saturation, hue: [-1, 1]
+                blur=u(n) < AUG["p_blur"], sigma=AUG["sigma"][0] + (AUG["sigma"][1] - AUG["sigma"][0]) * u(n))
 
 def crop_flip(x, p, size):
     """Per-sample random crop to size and h/v flips of a uint8/float batch [B,3,H,W]."""
@@ -369,11 +373,10 @@ GRAY = torch.tensor([0.299, 0.587, 0.114])
 YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 YIQ_INV = torch.linalg.inv(YIQ)
 def colour_blur(x, p):
-    """The paper's photometric augmentations on a float [0,1] batch, per sample:
-    colour jitter (brightness .15, contrast .15, saturation .1, hue .05) with p=.5, 9x9 Gaussian blur p=.1."""
+    """The paper's photometric augmentations (AUG) on a float [0,1] batch, per sample: colour jitter, Gaussian blur."""
     B = x.shape[0]
     on = p["jitter"].view(B, 1, 1, 1)
-    b, c, s, h = (p["bcsh"] * torch.tensor([0.15, 0.15, 0.1, 0.05], device=x.device)).unbind(1)
+    b, c, s, h = (p["bcsh"] * torch.tensor(AUG["jitter"], device=x.device)).unbind(1)
     gray = lambda t: (t * GRAY.to(t.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
     y = (x * (1 + b).view(B, 1, 1, 1)).clamp(0, 1)
     m = gray(y).mean((2, 3), keepdim=True)
@@ -388,13 +391,14 @@ def colour_blur(x, p):
     y = torch.einsum("bij,bjhw->bihw", M, y).clamp(0, 1)
     x = torch.where(on, y, x)
     idx = p["blur"].nonzero().flatten()
-    if len(idx):  # separable 9x9 Gaussian, one sigma per image, as a grouped convolution
-        t = torch.arange(9, device=x.device) - 4.0
+    if len(idx):  # a separable Gaussian, one sigma per image, as a grouped convolution
+        r = AUG["blur_px"] // 2
+        t = torch.arange(2 * r + 1, device=x.device) - float(r)
         k = torch.exp(-t[None] ** 2 / (2 * p["sigma"][idx, None] ** 2))
         k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0)
         z = x[idx].reshape(1, -1, *x.shape[2:])
-        z = F.conv2d(F.pad(z, (4, 4, 0, 0), mode="reflect"), k[:, None, None, :], groups=z.shape[1])
-        z = F.conv2d(F.pad(z, (0, 0, 4, 4), mode="reflect"), k[:, None, :, None], groups=z.shape[1])
+        z = F.conv2d(F.pad(z, (r, r, 0, 0), mode="reflect"), k[:, None, None, :], groups=z.shape[1])
+        z = F.conv2d(F.pad(z, (0, 0, r, r), mode="reflect"), k[:, None, :, None], groups=z.shape[1])
         x = x.index_copy(0, idx, z.view(len(idx), 3, *x.shape[2:]))
     return x
 

@@ -1282,6 +1282,21 @@ def test_agree_self_is_one_other_lower_and_heads(pcam, tmp_path):
     fresh = ev.features(m, rows, types.SimpleNamespace(**a, out=str(tmp_path / "b")))
     assert torch.equal(fresh, ev.features(m, rows, types.SimpleNamespace(**a, out=str(tmp_path / "a"))))
 
+def test_feature_cache_follows_the_rewritten_weights_of_a_model_folder(pcam, tmp_path):
+    csv_path, _ = pcam
+    rows, folder = ev.read_labelled(str(csv_path))[:8], tmp_path / "run" / "student"
+    a = types.SimpleNamespace(data=str(csv_path), pooling="cls", device="cpu", batch_size=8, workers=0,
+                              out=str(tmp_path / "o"))
+    cfg = types.SimpleNamespace(student_img_size=32, teacher="t", student="s")
+    feats = []
+    for seed in (0, 1):  # the same local-dir, exported twice with other weights: the cache must not answer for both
+        torch.manual_seed(seed)
+        student, spec = g2l.load_model("vit_tiny_patch16_224", kwargs=KW_S, img_size=32)
+        g2l.export(g2l.Student(student, spec, 64, 64, False), spec, cfg, tmp_path / "run")
+        os.utime(folder / "model.safetensors", (1e9 + seed, 1e9 + seed))
+        feats.append(ev.features(dict(name=f"local-dir:{folder}", weights="", kwargs="", size=0), rows, a))
+    assert not torch.equal(*feats)
+
 def test_eval_runs_a_model_at_the_size_its_kwargs_built_it_for(pcam, tmp_path, monkeypatch):
     # a bare DINOv2 architecture's pretrained config says 518 px; built with img_size 42 it must run at 42
     csv_path, _ = pcam
