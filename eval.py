@@ -227,7 +227,8 @@ def knn(ftr, ytr, fte, K, k=20):
     return votes / votes.sum(1, keepdim=True)  # argmax: majority vote, ties to the lower class index
 
 # ----------------------------------------------------------------------------- robustness
-def check_design(labels, centres):
+def check_design(labels, centres, slides=None, ks=(3, 5, 10, 20)):
+    """(labels, centres, slide index per sample, the ks there is room for), or ValueError naming what is missing."""
     labels, centres = np.asarray(labels), np.asarray(centres)
     if len(set(centres)) < 2 or len(set(labels)) < 2:
         raise ValueError(f"{len(set(centres))} centre(s) and {len(set(labels))} label(s); "
@@ -235,17 +236,17 @@ def check_design(labels, centres):
     if not any(len(set(centres[labels == l])) >= 2 for l in set(labels)):
         raise ValueError("no label occurs in >= 2 centres, so biology and centre cannot be told apart; "
                          "add a second centre's samples of one class")
-    return labels, centres
+    slides = np.unique(np.asarray(slides), return_inverse=True)[1] if slides is not None else np.arange(len(labels))
+    room = len(labels) - np.bincount(slides).max()  # fewest neighbours any sample can have
+    if not (ks := [k for k in ks if k <= room]):
+        raise ValueError(f"too few samples outside each slide for k nearest neighbours (at most {room})")
+    return labels, centres, slides, ks
 
 def robustness_index(feats, labels, centres, slides=None, ks=(3, 5, 10, 20), n_boot=200, seed=0):
     """Over each sample's k nearest cosine neighbours (never from its own slide): SS/SO = same label, same/other
     centre, OS = other label, same centre. PathoROB's RI_k = sum SO / sum(SO + OS) (0.5 neutral, 1 = biology only)
     and the de Jong ratio sum(SS + SO) / sum(SS + OS) (> 1: biology dominates), with bootstrap std over queries."""
-    labels, centres = check_design(labels, centres)
-    slides = np.unique(np.asarray(slides), return_inverse=True)[1] if slides is not None else np.arange(len(labels))
-    room = len(labels) - np.bincount(slides).max()  # fewest neighbours any sample can have
-    if not (ks := [k for k in ks if k <= room]):
-        raise ValueError(f"too few samples outside each slide for k nearest neighbours (at most {room})")
+    labels, centres, slides, ks = check_design(labels, centres, slides, ks)
     x, sl = F.normalize(torch.as_tensor(np.asarray(feats), dtype=torch.float32), dim=1), torch.as_tensor(slides)
     idx = []
     for s in range(0, len(x), 1024):
@@ -400,7 +401,7 @@ def cmd_robustness(a):
     labels, centres = [r["label"] for r in rows], [r["center"] for r in rows]
     slides = [r["slide"] for r in rows] if "slide" in rows[0] else None
     try:
-        check_design(labels, centres)  # before any model is built
+        check_design(labels, centres, slides, a.ks)  # before any model is built
         for m in model_list(a.model, a.model_weights, a.model_kwargs, a.img_size):
             ri = robustness_index(features(m, rows, a), labels, centres, slides, a.ks, a.boot)
             res += [dict(model=m["name"], task=task_name(a), n=len(rows), **r) for r in ri]

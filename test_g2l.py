@@ -1414,11 +1414,12 @@ def test_eval_refuses_a_header_only_csv_and_an_image_as_data(tmp_path):
     ("unknown_model", "unknown model"),
     ("one_centre", "needs >= 2 of each"),
     ("no_centre_column", "has no column center"),
+    ("few_neighbours", "too few samples outside each slide"),
     ("missing_image", "do not exist"),
     ("kwargs_count", "given 2 times for 3 models"),
     ("weights_once", "--model-weights given 1 times for 2 models"),  # one file cannot fit two models
 ])
-def test_eval_bad_inputs_give_clear_errors(pcam, tmp_path, case, message):
+def test_eval_bad_inputs_give_clear_errors(pcam, tmp_path, monkeypatch, case, message):
     _, pick = pcam
     p = lambda r: str(PCAM / r["path"])
     good = [dict(path=p(r), label=r["label"]) for r in pick[:20] + pick[100:120]]
@@ -1428,9 +1429,14 @@ def test_eval_bad_inputs_give_clear_errors(pcam, tmp_path, case, message):
             "test_class_absent": [dict(r, split="train") for r in good] +
                                  [dict(path=good[0]["path"], label="2", split="test")],
             "one_centre": [dict(r, center="A") for r in good],
+            "few_neighbours": [dict(r, center="AB"[i % 2], slide="small" if i < 2 else "big")  # 2 outside "big"
+                               for i, r in enumerate(good)],
             "missing_image": good + [dict(path="nope/none.jpg", label="1")]}.get(case, good)
     write_csv(data, rows)
-    cmd, extra = ("robustness", []) if case in ("one_centre", "no_centre_column") else ("probe", ["--seeds", "1"])
+    robustness = case in ("one_centre", "no_centre_column", "few_neighbours")
+    cmd, extra = ("robustness", []) if robustness else ("probe", ["--seeds", "1"])
+    if robustness:  # the data's design is checked before any model is built
+        monkeypatch.setattr(ev, "load_model", lambda *a, **k: pytest.fail("a model was built before the check"))
     model = TINY
     if case == "unknown_model":
         model = ["--model", "not-a-model-xyz"]
