@@ -23,12 +23,12 @@ SEEDS=${SEEDS:-"0 1 2"}
 STEPS=${STEPS:-150}              # 150 x 64 tiles: about half an epoch of the 20,000
 fail() { echo "error: $*" >&2; exit 2; }
 case "$STAGE" in data|distil|eval|all) ;; *) fail "unknown stage '$STAGE'; use data, distil, eval or all";; esac
-if [ ! -f "$OUT/eval/labels.csv" ] || [ ! -f "$OUT/distil/slides/slides.csv" ]; then
+if [ ! -f "$OUT/eval/labels.csv" ] || [ ! -f "$OUT/distil/slides/tiles.csv" ]; then
   for v in PCAM_TRAIN PCAM_EVAL SLIDES; do
     [ -d "${!v:-}" ] || fail "set $v to a folder (see the top of examples/lift.sh and the README's \"A pretrained student\")"
   done
   [ -f "$OUT/eval/labels.csv" ] || python examples/pcam_sets.py lift "$PCAM_TRAIN" "$PCAM_EVAL" "$OUT"
-  [ -f "$OUT/distil/slides/slides.csv" ] || python prep_tiles.py "$SLIDES" --out "$OUT/distil/slides" --mpp 1.0 \
+  [ -f "$OUT/distil/slides/tiles.csv" ] || python prep_tiles.py "$SLIDES" --out "$OUT/distil/slides" --mpp 1.0 \
     --tile-size 96 --mpp-override 0.25
 fi
 [ "$STAGE" = data ] && exit 0

@@ -12,7 +12,7 @@ the probe's splits are grouped by block. Written under OUT:
   also written as a synthetic second centre B (eval/B/): a stain/scanner-like shift in optical density, so that
   eval.py robustness has a centre axis to measure.
 """
-import argparse, csv, re, shutil
+import argparse, csv, os, re, shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +34,12 @@ def centre_b(src, dst):
     Image.fromarray(y.astype(np.uint8)).save(dst, quality=95)
 
 def write_csv(path, rows, cols):
-    with open(path, "w", newline="") as f:
+    """Written whole or not at all (temp file + rename): labels.csv is the scripts' "done" mark."""
+    with open(f"{path}.tmp", "w", newline="") as f:
         w = csv.DictWriter(f, cols)
         w.writeheader()
         w.writerows({c: r[c] for c in cols} for r in rows)
+    os.replace(f"{path}.tmp", path)
 
 def eval_sets(rows, out):
     """eval/labels.csv and eval/robust.csv from rows of dict(path, label, slide='block<N>')."""
@@ -65,11 +67,11 @@ def repro(pcam, out):
             shutil.copy(p, d / p.name)
         else:
             ev.append(dict(path=str(p.resolve()), label=label, slide=f"block{block}"))
-    eval_sets(ev, out)
     vd = out / "val" / "pcam"
     vd.mkdir(parents=True, exist_ok=True)
     for r in ev[::8][:256]:
         shutil.copy(r["path"], vd / Path(r["path"]).name)
+    eval_sets(ev, out)  # last: its labels.csv says the data is complete
     print(f"distil {sum(1 for _ in (out / 'distil').rglob('*.jpg'))} tiles, eval {len(ev)} tiles, "
           f"val {len(list(vd.iterdir()))}")
 

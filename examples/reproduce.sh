@@ -30,7 +30,7 @@ mkdir -p "$OUT"
 # ---- data: PCam split by contiguous index blocks (a stand-in for slides: PCam ships no slide ids), so the
 # distillation tiles, the probe's train tiles and its test tiles never share a block (examples/pcam_sets.py)
 [ -f "$OUT/eval/labels.csv" ] || python examples/pcam_sets.py repro "$PCAM" "$OUT"
-[ "$STAGE" = eval ] || [ -f "$OUT/slide_tiles/slides.csv" ] || python prep_tiles.py "$SLIDES" --out "$OUT/slide_tiles" \
+[ "$STAGE" = eval ] || [ -f "$OUT/slide_tiles/tiles.csv" ] || python prep_tiles.py "$SLIDES" --out "$OUT/slide_tiles" \
     --mpp 0.5 --mpp-override 0.25   # CMU-1-Small-Region has its mpp; the TCGA crop has none (0.25 is assumed)
 [ "$STAGE" = data ] && exit 0
 [ -f "$OUT/teacher$IMG/config.json" ] || python examples/make_dinov2_teacher.py --out "$OUT/teacher$IMG" --img-size $IMG
