@@ -40,19 +40,19 @@ def main(out, names):
     print("| model | seeds | linear bal. acc | linear AUROC | kNN bal. acc | CKA to teacher | RI@20 | params | "
           "img/s (× teacher) | peak mem | distil wall time |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for row, ms_ in rows.items():
+    for row, models in rows.items():
         b = bench[ARCH[row.split("_")[0]]]
-        if len(ms_) == 1:  # one model: the probe splits' sd
-            m = ms_[0]
+        if len(models) == 1:  # one model: the probe splits' sd
+            m = models[0]
             lin = f"{m['linear_bacc']:.3f} ± {m['linear_bacc_std']:.3f}"
         else:
-            lin = ms([m["linear_bacc"] for m in ms_])
-        walls = [float(m["wall"]) for m in ms_ if m["wall"]]
-        cells = [LABEL.get(row, row), str(len(ms_)) if ms_[0]["run"] != row else "-", lin,
-                 ms([m["linear_auroc"] for m in ms_]), ms([m["knn_bacc"] for m in ms_]),
-                 "1 (itself)" if row == "teacher" else ms([m["cka"] for m in ms_]), ms([m["ri"] for m in ms_]),
+            lin = ms([m["linear_bacc"] for m in models])
+        secs = [float(m["wall"]) for m in models if m["wall"]]
+        cells = [LABEL.get(row, row), str(len(models)) if models[0]["run"] != row else "-", lin,
+                 ms([m["linear_auroc"] for m in models]), ms([m["knn_bacc"] for m in models]),
+                 "1 (itself)" if row == "teacher" else ms([m["cka"] for m in models]), ms([m["ri"] for m in models]),
                  f"{b['params_m']:.1f}M", f"{b['img_per_s']:.0f} ({b['speedup']:.1f}×)", f"{b['peak_mem_gb']:.2f} GB",
-                 ms(walls, "{:.0f}") + " s" if walls else "-"]
+                 ms(secs, "{:.0f}") + " s" if secs else "-"]
         print("| " + " | ".join(cells) + " |")
 
 if __name__ == "__main__":

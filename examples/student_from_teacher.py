@@ -39,14 +39,11 @@ def pick_blocks(spec, depth):
 
 def subset_state_dict(teacher, chosen):
     """The teacher's weights with block j of the new model taken from teacher block chosen[j]."""
-    out = {}
-    for k, v in teacher.state_dict().items():
-        if not k.startswith("blocks."):
-            out[k] = v
+    sd = teacher.state_dict()
+    out = {k: v for k, v in sd.items() if not k.startswith("blocks.")}
     for j, i in enumerate(chosen):
         prefix = f"blocks.{i}."
-        out.update({f"blocks.{j}." + k[len(prefix):]: v for k, v in teacher.state_dict().items()
-                    if k.startswith(prefix)})
+        out.update({f"blocks.{j}." + k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
     return {k: v.detach().float().contiguous() for k, v in out.items()}
 
 def main(argv=None):
