@@ -25,6 +25,7 @@ Sections (search for the title):
 """
 import csv, dataclasses, json, math, os, re, shutil, socket, subprocess, types
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 import openslide
@@ -187,7 +188,6 @@ def test_transformers_dinov2_from_the_hub_or_a_weights_file(tmp_path, monkeypatc
             raise huggingface_hub.errors.EntryNotFoundError(fname)
         return str(tmp_path / "hf" / fname)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
-    monkeypatch.setattr(g2l, "hub_reachable", lambda: True)
     hub, spec = g2l.load_model("hf-hub:someone/tiny-dinov2")
     assert spec.source.startswith("pretrained hf-hub:someone/tiny-dinov2")
     # a bare architecture + a transformers-format weights file (e.g. a preset with --student-weights)
@@ -209,7 +209,7 @@ def test_exported_swiglu_student_of_a_hibou_run_reloads_in_plain_timm(tmp_path, 
     run(tmp_path, tiles, "--student", "hibou-b", "--student-kwargs", kw, steps=1)
     folder = tmp_path / "run" / "student"
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()  # no g2l, no layer classes passed
-    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["model"]
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["student"]
     raw, spec = g2l.load_model("hibou-b", kwargs=kw, img_size=28)
     raw.load_state_dict({k[len("backbone."):]: v for k, v in ck.items() if k.startswith("backbone.")})
     assert isinstance(model.blocks[0].mlp, timm.layers.GluMlp)
@@ -232,15 +232,15 @@ def test_swiglu_presets_export_as_the_same_plain_timm_architecture(name):
     assert type(again.blocks[0].mlp) is type(model.blocks[0].mlp) and type(again.blocks[0].mlp.act) is torch.nn.SiLU
 
 @pytest.mark.parametrize("content, message", [
-    (lambda f: torch.save(torch.zeros(3), f), "holds a Tensor"),
-    (lambda f: torch.save([torch.zeros(3)], f), "holds a list"),
+    (lambda f: torch.save(torch.zeros(3), f), "holding a state dict"),
+    (lambda f: torch.save([torch.zeros(3)], f), "holding a state dict"),
     (lambda f: (torch.save({"w": torch.zeros(1000)}, f), open(f, "r+b").truncate(300)), "cannot read weights file"),
 ])
 def test_unreadable_weights_give_one_clear_line(tmp_path, content, message):
     path = str(tmp_path / "w.pth")
     content(path)
     with pytest.raises(SystemExit) as e:
-        g2l.read_state_dict(path)
+        g2l.load_weights(torch.nn.Linear(1, 1), path, "a model")
     assert str(e.value).startswith("error: ") and message in str(e.value) and path in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -268,15 +268,14 @@ def test_tokens_split_with_prefix_tokens_and_grid():
 
 def test_student_size_matches_teacher_grid_and_resize_fallback():
     cfg = g2l.Config(img_size=224)
-    sizes = g2l.resolve_sizes(cfg, types.SimpleNamespace(size=224, patch=14), types.SimpleNamespace(patch=16))
+    sizes = g2l.input_sizes(cfg, types.SimpleNamespace(size=224, patch=14), types.SimpleNamespace(patch=16))
     assert sizes["img_size"] // 14 == 16 and sizes["student_img_size"] == 256  # /14 at 224 -> /16 at 256
     assert cfg == g2l.Config(img_size=224)  # the config itself is not changed
     # fallback: a student whose grid differs (8x8 at 128 px vs teacher 16x16) -> bilinear resize of its token map
     student, spec = g2l.load_model("vit_tiny_patch16_224", kwargs='{"depth": 1, "embed_dim": 48, "num_heads": 2}',
                                    img_size=128)
-    raw = g2l.Student(student, spec, 64, 64, local=True)
-    gs, ls = raw(torch.rand(2, 3, 128, 128), (16, 16))
-    assert gs.shape == (2, 64) and ls.shape == (2, 256, 64)
+    gs, ls = g2l.Student(student, spec, 64, 64, grid=(16, 16))(torch.rand(2, 3, 128, 128))
+    assert gs.shape == (2, 64) and ls.shape == (2, 64, 16, 16)
     with torch.no_grad():
         _, pmap = g2l.encode(student, spec, torch.rand(2, 3, 128, 128))
     assert pmap.shape[-2:] == (8, 8)
@@ -464,18 +463,19 @@ def test_short_run_loss_falls_and_agreement_rises(tmp_path, tiles):
     assert last_losses < first_losses - 0.5, (first_losses, last_losses)
     cos = [r["val_cos"] for r in m if "val_cos" in r]
     ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    # (not CKA: a random student's starts near 0.9 here and moves by a few hundredths either way in 40 steps)
     assert ck["first"]["val_cos"] < cos[-1] - 0.1, (ck["first"]["val_cos"], cos)
-    assert ck["first"]["val_cka"] < m[-1]["val_cka"], (ck["first"], m[-1])
     assert last["step"] == 40 and (tmp_path / "run" / "config.json").is_file()
-    assert "teacher" not in " ".join(ck["model"])  # the frozen teacher is never checkpointed
+    assert "teacher" not in " ".join(ck["student"])  # the frozen teacher is never checkpointed
 
 def keep_checkpoints(monkeypatch):
     """Keep a copy of every checkpoint as ckpt.pt.STEP (the run overwrites ckpt.pt)."""
-    real = g2l.atomic_save
-    def keep(obj, path):
-        real(obj, path)
-        shutil.copy(path, f"{path}.{obj['step']}")
-    monkeypatch.setattr(g2l, "atomic_save", keep)
+    real = g2l.save_checkpoint
+    def keep(cfg, tr, at):
+        real(cfg, tr, at)
+        if g2l.rank_world()[0] == 0 and not cfg.synthetic:
+            shutil.copy(Path(cfg.out) / "ckpt.pt", Path(cfg.out) / f"ckpt.pt.{at.step}")
+    monkeypatch.setattr(g2l, "save_checkpoint", keep)
 
 def test_derived_options_are_recorded_and_the_parsed_config_is_never_changed(tmp_path, tiles, monkeypatch):
     """Sizes, steps, precision and workers are derived once into a new config (config.json records them); the
@@ -503,8 +503,8 @@ def test_resume_is_exact(tmp_path, tiles, monkeypatch):
     run(tmp_path, tiles, "--ckpt-every", "3", "--seed", "5", "--head", "mlp", "--resume", "auto", steps=6, name="half")
     full, half = metrics(tmp_path / "full"), metrics(tmp_path / "half")
     assert [r["loss"] for r in full[3:]] == [r["loss"] for r in half]
-    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "half" / "ckpt.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["student"]
+    b = torch.load(tmp_path / "half" / "ckpt.pt", weights_only=False)["student"]
     assert all(torch.equal(a[k], b[k]) for k in a) and "global_head.2.weight" in a  # --head mlp: Linear-GELU-Linear
 
 def test_demo_composes_with_flags_and_its_hint_works_as_printed(tmp_path, monkeypatch, capsys):
@@ -526,7 +526,7 @@ def test_export_reloads_through_timm_with_identical_outputs(tmp_path, tiles):
     run(tmp_path, tiles, steps=2)
     folder = tmp_path / "run" / "student"
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
-    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["model"]
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["student"]
     raw, spec = g2l.load_model("vit_tiny_patch16_224", kwargs='{"depth": 1, "embed_dim": 48, "num_heads": 2}',
                                img_size=32)
     raw.load_state_dict({k[len("backbone."):]: v for k, v in ck.items() if k.startswith("backbone.")})
@@ -597,7 +597,7 @@ def test_non_finite_losses_stop_the_run_with_finite_weights(tmp_path, tiles, mon
     out = capsys.readouterr().out
     assert out.count("non-finite loss at step 0") == 3 and "stopped: 3 non-finite losses in a row" in out
     ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
-    assert ck["step"] == 0 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert ck["step"] == 0 and all(torch.isfinite(v).all() for v in ck["student"].values())
     assert not metrics(tmp_path / "run")  # nothing was logged: no step completed
 
 def test_early_stop_rule(tmp_path, tiles, monkeypatch, capsys):
@@ -656,33 +656,19 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tmp
     g2l.main(argv + ["--steps", str(k + 2), "--workers", "0", "--out", str(tmp_path / "whole")])
     assert [r["step"] for r in metrics(out)] == list(range(1, k + 3))
     assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(tmp_path / "whole")]
-    a, b = (torch.load(tmp_path / n / "ckpt.pt", weights_only=False)["model"] for n in ("killed", "whole"))
+    a, b = (torch.load(tmp_path / n / "ckpt.pt", weights_only=False)["student"] for n in ("killed", "whole"))
     assert all(torch.equal(a[key], b[key]) for key in a)
 
-def flip_inside_largest_member(path):
-    """Flip bytes inside the largest tensor record of a torch zip checkpoint: still a valid zip."""
-    import zipfile
-    with zipfile.ZipFile(path) as z:
-        big = max(z.infolist(), key=lambda i: i.file_size)
-    data = bytearray(Path(path).read_bytes())
-    at = big.header_offset + 30 + len(big.filename) + 64 + big.file_size // 2
-    data[at:at + 8] = bytes(255 - b for b in data[at:at + 8])
-    Path(path).write_bytes(bytes(data))
-
-def test_damaged_or_foreign_checkpoints_are_refused_and_exports_kept(tmp_path, tiles, capsys):
+def test_truncated_or_foreign_checkpoints_are_refused_and_exports_kept(tmp_path, tiles, capsys):
     run(tmp_path, tiles, steps=2)
     out = tmp_path / "run"
     good = {f: (out / f).read_bytes() for f in ("ckpt.pt", "heads.safetensors", "student/model.safetensors")}
-    damage = {"flipped": flip_inside_largest_member, "truncated": lambda p: p.write_bytes(good["ckpt.pt"][:5000])}
-    for name, how in damage.items():
-        (out / "ckpt.pt").write_bytes(good["ckpt.pt"])
-        how(out / "ckpt.pt")
-        with pytest.raises(SystemExit) as e:
-            run(tmp_path, tiles, "--resume", "auto", steps=4)
-        said = str(e.value)
-        assert said.startswith(f"error: checkpoint {out / 'ckpt.pt'}") and "\n" not in said, (name, said)
-        assert ("damaged" if name == "flipped" else "cannot be read") in said, (name, said)
-        assert all((out / f).read_bytes() == b for f, b in good.items() if f != "ckpt.pt"), name
+    (out / "ckpt.pt").write_bytes(good["ckpt.pt"][:5000])
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, tiles, "--resume", "auto", steps=4)
+    said = str(e.value)
+    assert said.startswith(f"error: checkpoint {out / 'ckpt.pt'} cannot be read") and "\n" not in said, said
+    assert all((out / f).read_bytes() == b for f, b in good.items() if f != "ckpt.pt")
     (out / "ckpt.pt").write_bytes(good["ckpt.pt"])  # intact, but made for another student
     with pytest.raises(SystemExit, match="does not fit this run's models"):
         run(tmp_path, tiles, "--resume", "auto", "--student-kwargs", '{"depth": 2, "embed_dim": 48, "num_heads": 2}',
@@ -700,7 +686,7 @@ def test_disk_full_while_saving_keeps_the_last_good_checkpoint(tmp_path, tiles, 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(SystemExit) as e:
         run(tmp_path, tiles, "--ckpt-every", "2", "--resume", "auto", steps=4)
-    assert "cannot write" in str(e.value) and "disk full" in str(e.value), str(e.value)
+    assert "cannot write" in str(e.value) and "No space left" in str(e.value), str(e.value)
     assert not (out / "ckpt.pt.tmp").exists()
     assert ((out / "ckpt.pt").read_bytes(), (out / "heads.safetensors").read_bytes()) == good
 
@@ -745,23 +731,30 @@ def test_a_fresh_start_over_a_checkpoint_says_so(tmp_path, tiles, capsys):
     assert "starting afresh" in capsys.readouterr().out
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "-5"], "--steps -5: must be >= 0"),
-    (["--grad-accum", "0"], "--grad-accum 0: must be >= 1"),
-    (["--steps", "0", "--epochs", "-1"], "--epochs -1.0: must be > 0"),
-    (["--lr", "0"], "--lr 0.0: must be a finite number > 0"),
-    (["--lr", "-1"], "--lr -1.0: must be"),
-    (["--lr", "nan"], "--lr nan: must be"),
-    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
-    (["--workers", "-1"], "--workers -1: must be >= 0"),
-    (["--log-every", "0"], "--log-every 0: must be >= 1"),
-    (["--max-bad-frac", "2"], "--max-bad-frac 2.0: must be in [0, 1]"),
+    (["--steps", "-5"], "argument --steps: -5 is not in [0, inf)"),
+    (["--grad-accum", "0"], "argument --grad-accum: 0 is not in [1, inf)"),
+    (["--epochs", "-1"], "argument --epochs: -1 is not in (0, inf)"),
+    (["--lr", "0"], "argument --lr: 0 is not in (0, inf)"),
+    (["--lr", "nan"], "argument --lr: nan is not in (0, inf)"),
+    (["--lr", "inf"], "argument --lr: inf is not in (0, inf)"),
+    (["--batch-size", "1.5"], "argument --batch-size: invalid int value: '1.5'"),
+    (["--workers", "-1"], "argument --workers: -1 is not in [0, inf)"),
+    (["--max-bad-frac", "2"], "argument --max-bad-frac: 2 is not in [0, 1]"),
+    (["--val-frac", "1"], "argument --val-frac: 1 is not in (0, 1)"),
+])
+def test_bad_numbers_are_refused_by_argparse(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        g2l.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+@pytest.mark.parametrize("argv, message", [
     (["--student-kwargs", "{depth: 1}"], "--student-kwargs {depth: 1}: must be a JSON object"),
     (["--teacher-kwargs", "[1, 2]"], "--teacher-kwargs [1, 2]: must be a JSON object"),
     (["--out", "FILE"], "is a file"),
     (["--out", "FILE/run"], "is not writable"),
     (["--resume", "/nonexistent/ckpt.pt"], "no such checkpoint"),
     (["--load-size", "20"], "--load-size 20: must be >= --img-size"),
-    (["--w-global", "0", "--local-loss", "none"], "--w-global 0.0: and --w-local leave no loss"),
+    (["--w-global", "0", "--local-loss", "none"], "leave no loss to train on"),
     (["--data", "BROKEN"], "none of 3 tiles tried in --data could be read"),
 ])
 def test_bad_arguments_fail_before_any_model_is_built(tmp_path, tiles, argv, message, monkeypatch):
@@ -791,6 +784,114 @@ def test_evaluation_follows_eval_every_whatever_log_every(tmp_path, tiles):
     run(tmp_path, tiles, "--log-every", "4", "--eval-every", "3", steps=6)
     assert [r["step"] for r in metrics(tmp_path / "run") if "val_cos" in r] == [3, 6]
 
+# ------------------------------------------------------- examples/HACKING.md: each change applied, then 2 steps trained
+class MidFeatures(NamedTuple):  # g2l.Features plus the middle block's mean patch token
+    global_: torch.Tensor
+    tokens: Optional[torch.Tensor]
+    mid: Optional[torch.Tensor] = None
+
+@dataclasses.dataclass(frozen=True)
+class MidConfig(g2l.Config):
+    w_mid: float = 1.0  # weight of the middle-block loss
+
+class MidStudent(g2l.Student):
+    def __init__(self, backbone, spec, teacher_dim, teacher_width, grid=None, head="linear"):
+        super().__init__(backbone, spec, teacher_dim, teacher_width, grid, head)
+        self.mid_head = torch.nn.Linear(spec.width, teacher_width)
+    def forward(self, x):
+        f = super().forward(x)
+        return f._replace(mid=self.mid_head(f.mid))
+
+def test_hack_a_loss_term_at_an_intermediate_block(tmp_path, tiles, monkeypatch):
+    encode, loss_terms = g2l.encode, g2l.loss_terms
+    def mid_encode(model, spec, x):
+        mids = []
+        hook = model.blocks[len(model.blocks) // 2].register_forward_hook(lambda m, i, o: mids.append(o))
+        f = encode(model, spec, x)
+        hook.remove()
+        return MidFeatures(*f, mids[0][:, model.num_prefix_tokens:].mean(1))
+    seen = []
+    def mid_terms(cfg, s, t):
+        assert s.mid.shape == t.mid.shape == (s.global_.shape[0], 64)  # the student's mid projected to the teacher's
+        seen.append(1)
+        return dict(loss_terms(cfg, s, t), l_mid=g2l.pair_loss("mse", s.mid, t.mid))
+    for name, value in (("encode", mid_encode), ("Student", MidStudent), ("loss_terms", mid_terms),
+                        ("Config", MidConfig)):
+        monkeypatch.setattr(g2l, name, value)
+    run(tmp_path, tiles, "--w-mid", "0.5", "--w-local", "0", steps=2)
+    rows = metrics(tmp_path / "run")
+    assert seen and all(r["loss"] == pytest.approx(r["l_global"] + 0.5 * r["l_mid"], abs=2e-5) for r in rows), rows
+    assert all(r["l_mid"] > 0 for r in rows) and "l_local" not in rows[0]
+
+class GlobalOnly(torch.nn.Module):
+    def __init__(self, net, dim):
+        super().__init__()
+        self.net, self.num_features = net, dim
+    def forward_features(self, x):
+        return self.net(x)
+
+def test_hack_a_student_with_no_patch_tokens(tmp_path, tiles, monkeypatch):
+    load_models = g2l.load_models
+    def global_only(cfg, device):
+        teacher, spec_t, _, _, teacher_kwargs = load_models(cfg, device)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 8, 8), torch.nn.GELU(), torch.nn.AdaptiveAvgPool2d(1),
+                                  torch.nn.Flatten())
+        spec_s = g2l.Spec(name="convnet", arch="convnet", kwargs={}, source="random init", mean=g2l.IMAGENET["mean"],
+                          std=g2l.IMAGENET["std"], size=0, patch=0, embed="pool", width=16, dim=16)
+        return teacher, spec_t, GlobalOnly(net, 16).to(device), spec_s, teacher_kwargs
+    monkeypatch.setattr(g2l, "load_models", global_only)
+    run(tmp_path, tiles, "--w-local", "0", steps=2)
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["student"]
+    assert "backbone.net.0.weight" in ck and not any(k.startswith("local_head") for k in ck)
+
+def test_hack_a_random_90_degree_rotation(tmp_path, tiles, monkeypatch):
+    before = g2l.aug_params(16, 0, 3, 1)
+    monkeypatch.setitem(g2l.DRAWS, "rot90", lambda n, u: (u(n) * 4).long().clamp(max=3))
+    after = g2l.aug_params(16, 0, 3, 1)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # a draw added changes no other
+    assert set(after["rot90"].tolist()) <= {0, 1, 2, 3} and len(set(after["rot90"].tolist())) > 1
+    crop_flip, turns = g2l.crop_flip, []
+    def rotated(x, p, size):
+        x = crop_flip(x, p, size)
+        for k in (1, 2, 3):
+            x = torch.where((p["rot90"] == k)[:, None, None, None], x.rot90(k, (-2, -1)), x)
+        turns.append(p["rot90"])
+        return x
+    monkeypatch.setattr(g2l, "crop_flip", rotated)
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
+    p = dict(crop=torch.zeros(2, 2), hflip=torch.zeros(2, dtype=torch.bool), vflip=torch.zeros(2, dtype=torch.bool),
+             rot90=torch.tensor([0, 1]))
+    y = g2l.crop_flip(x, p, 4)
+    assert torch.equal(y[0], x[0]) and torch.equal(y[1], x[1].rot90(1, (-2, -1)))
+    turns.clear()
+    run(tmp_path, tiles, steps=2)
+    assert len(turns) == 2 and [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
+
+def test_eval_cpu_augmentation_matches_g2l_draws(tiles):
+    """eval.py bench-data's CPU pipeline (torchvision) does what g2l's DRAWS do, with AUG's numbers: a draw added
+    to g2l (or a number changed) without the same change there fails here."""
+    import torchvision.transforms.v2 as T
+    tf = ev.CpuAugmented(g2l.index_tiles([str(tiles / "val")]), 40, 32).tf.transforms
+    find = lambda kind: [t for t in tf if isinstance(t, kind)]
+    applied = lambda kind: [(a.p, t) for a in find(T.RandomApply) for t in a.transforms if isinstance(t, kind)]
+    jitter, blur = applied(T.ColorJitter), applied(T.GaussianBlur)
+    b, c, s, h = g2l.AUG["jitter"]
+    checks = {
+        "crop": lambda: [t.size for t in find(T.RandomCrop)] == [(32, 32)],
+        "hflip": lambda: [t.p for t in find(T.RandomHorizontalFlip)] == [0.5],
+        "vflip": lambda: [t.p for t in find(T.RandomVerticalFlip)] == [0.5],
+        "jitter": lambda: [p for p, _ in jitter] == [g2l.AUG["p_jitter"]],
+        "bcsh": lambda: [(t.brightness, t.contrast, t.saturation, t.hue) for _, t in jitter] == [
+            (pytest.approx((1 - b, 1 + b)), pytest.approx((1 - c, 1 + c)), pytest.approx((1 - s, 1 + s)), (-h, h))],
+        "blur": lambda: [(p, list(t.kernel_size)) for p, t in blur] == [(g2l.AUG["p_blur"], [g2l.AUG["blur_px"]] * 2)],
+        "sigma": lambda: [list(t.sigma) for _, t in blur] == [list(g2l.AUG["sigma"])],
+    }
+    assert set(g2l.DRAWS) == set(checks), "a g2l augmentation draw has no counterpart in eval.py's CPU pipeline"
+    assert [name for name, ok in checks.items() if not ok()] == []
+    assert len(tf) == 5  # and nothing else there
+
 # ----------------------------------------------------------------------------- distributed (DDP, two CPU processes)
 def _ddp_worker(rank, world, port, argv, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -817,8 +918,8 @@ def test_two_process_ddp_matches_one_process_and_resumes(tmp_path, tiles, monkey
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
-    wa = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
-    wb = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["model"]
+    wa = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["student"]
+    wb = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["student"]
     same_weights(wa, wb)
     # two processes resumed from the step-2 checkpoint of the one-process run reach the same end
     keep_checkpoints(monkeypatch)
@@ -831,7 +932,7 @@ def test_two_process_ddp_matches_one_process_and_resumes(tmp_path, tiles, monkey
     assert [r["step"] for r in res] == [3, 4]
     for a, b in zip(one[2:], res):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
-    same_weights(wa, torch.load(tmp_path / "res" / "ckpt.pt", weights_only=False)["model"])
+    same_weights(wa, torch.load(tmp_path / "res" / "ckpt.pt", weights_only=False)["student"])
 
 def same_weights(a, b):
     """Equal within fp32 tolerance. Two parameters have zero gradient in exact arithmetic (the global head's
@@ -865,7 +966,7 @@ def test_ddp_with_grad_accum_matches_one_process(tmp_path, tiles, request):
     for a, b in zip(one, two):  # Adam hides a wrongly scaled gradient; the logged gradient norm does not
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    same_weights(*(torch.load(tmp_path / n / "ckpt.pt", weights_only=False)["model"] for n in ("one", "two")))
+    same_weights(*(torch.load(tmp_path / n / "ckpt.pt", weights_only=False)["student"] for n in ("one", "two")))
 
 # ---------------------------------------------------------------------- speed and memory: FLOPs, MFU, compile, chunking
 def test_memory_options_keep_the_maths(tmp_path, tiles):
@@ -892,10 +993,10 @@ def test_forward_flops_formula_matches_torch_flop_counter():
 
 def test_gpu_peak_matches_whole_names_and_cpu_has_no_mfu():
     tf = lambda name: g2l.gpu_peak(name, "bf16") / 1e12
-    assert tf("NVIDIA L40") == 181 and tf("NVIDIA L40S") == 362 and tf("NVIDIA L4") == 121
-    assert tf("NVIDIA H100 PCIe") == 756 and tf("NVIDIA H100 NVL") == 835 and tf("NVIDIA H100 80GB HBM3") == 989
-    assert tf("NVIDIA A100-SXM4-80GB") == 312 and tf("NVIDIA GeForce RTX 4090") == 165
-    assert math.isnan(tf("NVIDIA A10G")) and math.isnan(tf("NVIDIA B200"))  # unknown: no MFU rather than a wrong one
+    assert tf("NVIDIA L40S") == 362 and math.isnan(tf("NVIDIA L40")) and tf("NVIDIA RTX A6000") == 155
+    assert tf("NVIDIA H100 80GB HBM3") == 989 and math.isnan(tf("NVIDIA H100 PCIe")) and tf("NVIDIA H200") == 989
+    assert tf("NVIDIA A100-SXM4-80GB") == 312 and tf("NVIDIA B200") == 2250
+    assert math.isnan(tf("NVIDIA A10G")) and math.isnan(tf("NVIDIA H100 NVL"))  # no MFU rather than a wrong one
     assert math.isnan(g2l.peak_flops(torch.device("cpu"), "fp32")) and g2l.mfu(1e9, float("nan")) is None
 
 # =============================================================================== prep_tiles.py
@@ -1263,7 +1364,7 @@ def test_agree_self_is_one_other_lower_and_heads(pcam, tmp_path):
     student, spec = g2l.load_model("vit_tiny_patch16_224", kwargs=KW_S, img_size=32)
     cfg = types.SimpleNamespace(student_img_size=32, teacher="vit_small_patch14_dinov2", student="vit_tiny_patch16_224")
     for head in ("linear", "mlp"):  # --head: eval.py rebuilds either kind of head from heads.safetensors
-        g2l.export(g2l.Student(student, spec, 64, 64, False, head), spec, cfg, tmp_path / head)
+        g2l.export(g2l.Student(student, spec, 64, 64, head=head), spec, cfg, tmp_path / head)
     argv = ["agree", "--teacher", "vit_small_patch14_dinov2", "--teacher-kwargs", KW_T, "--teacher-img-size", "42",
             "--student", "vit_small_patch14_dinov2", "--student-kwargs", KW_T, "--student-img-size", "42",
             "--student", "vit_tiny_patch16_224", "--student-kwargs", KW_S, "--student-img-size", "32",
@@ -1292,7 +1393,7 @@ def test_feature_cache_follows_the_rewritten_weights_of_a_model_folder(pcam, tmp
     for seed in (0, 1):  # the same local-dir, exported twice with other weights: the cache must not answer for both
         torch.manual_seed(seed)
         student, spec = g2l.load_model("vit_tiny_patch16_224", kwargs=KW_S, img_size=32)
-        g2l.export(g2l.Student(student, spec, 64, 64, False), spec, cfg, tmp_path / "run")
+        g2l.export(g2l.Student(student, spec, 64, 64), spec, cfg, tmp_path / "run")
         os.utime(folder / "model.safetensors", (1e9 + seed, 1e9 + seed))
         feats.append(ev.features(dict(name=f"local-dir:{folder}", weights="", kwargs="", size=0), rows, a))
     assert not torch.equal(*feats)
