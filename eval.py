@@ -534,7 +534,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         empty = action.required or action.default in (None, "", [], argparse.SUPPRESS)
         return action.help if empty else super()._get_help_string(action)
 
-def main(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub, par = p.add_subparsers(dest="cmd", required=True), lambda: argparse.ArgumentParser(add_help=False)
     cmd = lambda name, parents, text: sub.add_parser(name, parents=parents, help=text, description=text,
@@ -581,7 +581,7 @@ def main(argv=None):
     be.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to time")
     be.add_argument("--iters", type=int, default=5, help="timed forward passes per batch size")
     be.add_argument("--warmup", type=int, default=2, help="untimed passes first")
-    be.add_argument("--runs", type=at_least(3), default=3,
+    be.add_argument("--runs", type=int, default=3,
                     help=f"timed runs of --iters passes: the median is reported, a spread over {SPREAD:.0%} flagged")
     be.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="auto = bf16 on GPUs that support it, else fp32")
@@ -593,7 +593,13 @@ def main(argv=None):
                                 ("workers", 2, "DataLoader processes"), ("batches", 20, "timed batches per pipeline")):
         bd.add_argument(f"--{flag}", type=int, default=default, help=text)
     cmd("report", [out], "report.md + report.png from the results in --out")
+    return p
+
+def main(argv=None):
+    p = parser()
     a = p.parse_args(argv)
+    if getattr(a, "runs", 3) < 3:
+        p.error(f"--runs {a.runs}: give >= 3, or no spread can be told from one slow run")
     check_out(a.out)
     default = signal.signal(signal.SIGTERM, interrupt)
     try:
@@ -616,14 +622,6 @@ def check_out(out):
     if not near.is_dir() or not os.access(near, os.W_OK | os.X_OK):
         why = "it is a file" if near == p else f"{near} is a file" if not near.is_dir() else f"{near} is read-only"
         raise UsageError(f"error: --out {out} is not a writable folder ({why}); choose a folder you can write to")
-
-def at_least(low):
-    """An argparse type: an int >= low, else argparse's own one-line error (exit status 2)."""
-    def int_(text):
-        if int(text) < low:
-            raise argparse.ArgumentTypeError(f"{text} must be >= {low}")
-        return int(text)
-    return int_
 
 if __name__ == "__main__":
     try:
