@@ -582,7 +582,7 @@ def parser():
     be.add_argument("--iters", type=int, default=5, help="timed forward passes per batch size")
     be.add_argument("--warmup", type=int, default=2, help="untimed passes first")
     be.add_argument("--runs", type=int, default=3,
-                    help=f"timed runs of --iters passes: the median is reported, a spread over {SPREAD:.0%} flagged")
+                    help=f"timed runs of --iters passes: the median is reported, a spread over {SPREAD * 100:.0f}%% flagged")
     be.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="auto = bf16 on GPUs that support it, else fp32")
     be.add_argument("--random-init", action="store_true", help="presets' bare architectures, random weights")

@@ -1182,10 +1182,11 @@ def test_prep_tiles_signal_exits_128_plus_n_in_one_line_and_the_rerun_resumes(tm
         return real(*a, **k)
     monkeypatch.setattr(prep_tiles, "cut_tiles", cut_then_signal)
     argv = [str(CMU), "--out", str(tmp_path), "--mpp", "1.0"]
+    before = signal.getsignal(signal.SIGTERM)
     assert prep_tiles.main(argv) == 128 + signal.SIGTERM
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("stopped by SIGTERM") and not (tmp_path / "tiles.csv").exists()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored for whoever called main
+    assert signal.getsignal(signal.SIGTERM) is before  # restored for whoever called main
     monkeypatch.setattr(prep_tiles, "cut_tiles", real)
     assert prep_tiles.main(argv) == 0 and (tmp_path / "tiles.csv").exists()
     with pytest.raises(SystemExit):
@@ -1493,7 +1494,8 @@ def test_eval_says_random_init_and_the_size_in_the_log_and_the_results(pcam, tmp
                                             for r in ev.read_labelled(str(csv_path))[:6]])
     argv = ["agree", "--teacher", "vit_small_patch14_dinov2", "--teacher-kwargs", '{"depth": 1, "embed_dim": 32, '
             '"num_heads": 2, "global_pool": "avg"}', "--student", "vit_tiny_patch16_224", "--student-kwargs", KW_S,
-            "--student-img-size", "32", "--data", str(data), "--out", str(tmp_path / "o"), "--workers", "0", "--task", "few"]
+            "--student-img-size", "32", "--data", str(data), "--out", str(tmp_path / "o"), "--workers", "0",
+            "--task", "few"]
     for _ in range(2):  # the second run reads cached features and must still say so
         ev.main(argv)
         log = capsys.readouterr().out
@@ -1530,9 +1532,10 @@ def test_eval_exit_status_2_for_arguments_128_plus_n_for_a_signal(pcam, tmp_path
         return real(*a, **k)
     monkeypatch.setattr(ev, "extract_features", signal_then_extract)
     argv = ["probe", *TINY, "--data", str(csv_path), "--out", str(tmp_path / "o"), "--seeds", "1"]
+    before = signal.getsignal(signal.SIGTERM)
     assert ev.main(argv) == 128 + signal.SIGTERM
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("stopped by SIGTERM")
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before
     with pytest.raises(SystemExit):
         ev.main(["--help"])
     assert re.search(r"Exit status: 0 .* 1 .* 2 .* 128\+n", " ".join(capsys.readouterr().out.split()))
