@@ -9,9 +9,9 @@ Writes: tiles/slides.csv, tiles/tiles.csv (one row per tile: path, slide_id, x, 
 walking the folder), tiles/<slide_id>/<slide_id>_x<X>_y<Y>.jpg (X, Y = level-0 top-left pixel), tiles/masks/
 <slide_id>.png (thumbnail, tissue tinted green, kept tiles in blue). A slide folder appears only when complete (temp
 folder + rename), so a killed run resumes: finished slides are skipped unless --overwrite. Exit status: 0 ok, 1 if
-any slide failed, 2 on argument errors (found before any work).
+any slide failed, 2 on argument errors (found before any work), 128+n stopped by signal n (SIGTERM: 143).
 """
-import argparse, contextlib, csv, json, math, os, random, re, shutil, sys, tempfile, time
+import argparse, contextlib, csv, json, math, os, random, re, shutil, signal, sys, tempfile, time
 from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Future, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -397,15 +397,26 @@ def main(argv=None):
 
     write_csv(out / "slides.csv", [rows[sid] for sid, _ in slides if sid in rows])  # even when all are skipped
     (out / "tiles.csv").unlink(missing_ok=True)  # rewritten at the end: never stale while tiles change
-    t0 = time.time()
-    with tqdm(total=len(todo), desc="slides", unit="slide") as bar:
-        run_slides(todo, out, a.workers, plan_opts, cut_opts, record)
+    t0, default = time.time(), signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with tqdm(total=len(todo), desc="slides", unit="slide") as bar:
+            run_slides(todo, out, a.workers, plan_opts, cut_opts, record)
+    except KeyboardInterrupt as e:  # Ctrl-C, or a scheduler's SIGTERM through interrupt()
+        n = e.args[0] if e.args else signal.SIGINT
+        print(f"stopped by {signal.Signals(n).name}: finished slides are kept; rerun the same command to resume",
+              file=sys.stderr)
+        return 128 + n
+    finally:
+        signal.signal(signal.SIGTERM, default)
     write_manifest(out)
     dt, n = time.time() - t0, Counter(r["status"] for r in rows.values())
     made = sum(int(r["n_tiles"]) for r in rows.values() if r["status"] != "skipped")
     print(f"slides: {n['ok']} ok, {n['no_tissue']} no_tissue, {n['failed']} failed, {n['skipped']} skipped, "
           f"{len(slides) - len(rows)} not run | {made} tiles in {dt:.1f} s, {made / max(dt, 1e-9):.1f} tiles/s")
     return 1 if n["failed"] else 0
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)  # unwinds like Ctrl-C: the pool is shut down, slides.csv stays whole
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,7 @@ Sections (search for the title):
 
     pytest -q
 """
-import csv, dataclasses, json, math, os, re, shutil, socket, subprocess, types
+import csv, dataclasses, json, math, os, re, shutil, socket, subprocess, sys, types
 from pathlib import Path
 
 import numpy as np
@@ -1172,6 +1172,27 @@ def test_worker_pool_and_fail_fast(tmp_path):
     assert prep_tiles.main(slides + ["--out", str(tmp_path / "ff"), "--fail-fast"]) == 1
     assert list(rows(tmp_path / "ff")) == ["unreadable"] and not (tmp_path / "ff" / "CMU-1-Small-Region").exists()
 
+
+# ----------------------------------------------------------------------------- exit status
+def test_prep_tiles_signal_exits_128_plus_n_in_one_line_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
+    import signal
+    real = prep_tiles.cut_tiles
+    def cut_then_signal(*a, **k):  # a scheduler's SIGTERM while the first slide's tiles are being cut
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+    monkeypatch.setattr(prep_tiles, "cut_tiles", cut_then_signal)
+    argv = [str(CMU), "--out", str(tmp_path), "--mpp", "1.0"]
+    before = signal.getsignal(signal.SIGTERM)
+    assert prep_tiles.main(argv) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("stopped by SIGTERM") and not (tmp_path / "tiles.csv").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # restored for whoever called main
+    monkeypatch.setattr(prep_tiles, "cut_tiles", real)
+    assert prep_tiles.main(argv) == 0 and (tmp_path / "tiles.csv").exists()
+    with pytest.raises(SystemExit):
+        prep_tiles.main(["--help"])
+    assert re.search(r"Exit status: 0 .* 1 .* 2 .* 128\+n", " ".join(capsys.readouterr().out.split()))
+
 # =============================================================================== eval.py
 # ----------------------------------------------------------------------------- fixtures
 # random-init ViTs pool their patch tokens (global_pool avg): a random CLS output barely depends on the image
@@ -1455,6 +1476,69 @@ def test_eval_bad_inputs_give_clear_errors(pcam, tmp_path, monkeypatch, case, me
         ev.main(argv)
     assert message in str(e.value), str(e.value)
     assert str(e.value).startswith("error:") and "\n" not in str(e.value)
+
+
+def test_eval_refuses_a_bad_out_before_any_model_is_built(pcam, tmp_path, monkeypatch):
+    csv_path, _ = pcam
+    monkeypatch.setattr(ev, "read_labelled", lambda *a, **k: pytest.fail("data were read before --out was checked"))
+    (tmp_path / "file").write_text("not a folder")
+    for out in (tmp_path / "file", tmp_path / "file" / "res"):
+        with pytest.raises(SystemExit) as e:
+            ev.main(["probe", *TINY, "--data", str(csv_path), "--out", str(out)])
+        assert e.value.code == 2 and str(e.value).startswith(f"error: --out {out} is not a writable folder")
+        assert "\n" not in str(e.value)
+
+def test_eval_says_random_init_and_the_size_in_the_log_and_the_results(pcam, tmp_path, capsys):
+    csv_path, _ = pcam
+    data = write_csv(tmp_path / "few.csv", [dict(path=os.path.relpath(r["path"], tmp_path), label=r["label"])
+                                            for r in ev.read_labelled(str(csv_path))[:6]])
+    argv = ["agree", "--teacher", "vit_small_patch14_dinov2", "--teacher-kwargs", '{"depth": 1, "embed_dim": 32, '
+            '"num_heads": 2, "global_pool": "avg"}', "--student", "vit_tiny_patch16_224", "--student-kwargs", KW_S,
+            "--student-img-size", "32", "--data", str(data), "--out", str(tmp_path / "o"), "--workers", "0",
+            "--task", "few"]
+    for _ in range(2):  # the second run reads cached features and must still say so
+        ev.main(argv)
+        log = capsys.readouterr().out
+        assert re.search(r"vit_small_patch14_dinov2: random init .*518 px", log), log  # DINOv2's native size
+        assert re.search(r"vit_tiny_patch16_224: random init .*32 px", log), log
+        (row,) = json.loads((tmp_path / "o" / "agree_few.json").read_text())
+        assert (row["teacher_source"], row["teacher_img_size"]) == ("random init", 518)
+        assert (row["student_source"], row["student_img_size"]) == ("random init", 32)
+
+@pytest.mark.parametrize("clock, steady", [([0, 2, 2, 4, 4, 6], True), ([0, 2, 2, 4, 4, 10], False)])
+def test_bench_reports_the_median_of_its_runs_and_flags_a_large_spread(monkeypatch, capsys, clock, steady):
+    monkeypatch.setattr(ev, "time", types.SimpleNamespace(perf_counter=iter(clock).__next__))  # each run: 2 calls
+    a = types.SimpleNamespace(device="cpu", random_init=False, img_size=32, dtype="fp32", batch_sizes=[2], iters=2,
+                              warmup=1, runs=3)
+    (row,) = ev.bench_one(dict(name="vit_tiny_patch16_224", weights="", kwargs=KW_S, size=0), a)
+    runs = [(t1 - t0) / 2 for t0, t1 in zip(clock[::2], clock[1::2])]  # seconds per call in each run
+    assert row["runs"] == 3 and row["ms_per_batch"] == pytest.approx(1e3 * np.median(runs))
+    assert row["img_per_s"] == pytest.approx(2 / np.median(runs))
+    assert row["spread"] == pytest.approx((max(runs) - min(runs)) / np.median(runs)) and row["steady"] == steady
+    assert ("warning" in capsys.readouterr().out) != steady
+    with pytest.raises(SystemExit) as e:  # fewer than 3 runs give no spread worth the name
+        ev.main(["bench", "--model", "vit_tiny_patch16_224", "--runs", "2"])
+    assert e.value.code == 2
+
+def test_eval_exit_status_2_for_arguments_128_plus_n_for_a_signal(pcam, tmp_path, monkeypatch, capsys):
+    import signal
+    csv_path, _ = pcam
+    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "probe", "--model", "vit_tiny_patch16_224", "--data",
+                        str(tmp_path / "none.csv"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: --data"), r.stderr
+    real = ev.extract_features
+    def signal_then_extract(*a, **k):  # a scheduler's SIGTERM during feature extraction
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+    monkeypatch.setattr(ev, "extract_features", signal_then_extract)
+    argv = ["probe", *TINY, "--data", str(csv_path), "--out", str(tmp_path / "o"), "--seeds", "1"]
+    before = signal.getsignal(signal.SIGTERM)
+    assert ev.main(argv) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("stopped by SIGTERM")
+    assert signal.getsignal(signal.SIGTERM) is before
+    with pytest.raises(SystemExit):
+        ev.main(["--help"])
+    assert re.search(r"Exit status: 0 .* 1 .* 2 .* 128\+n", " ".join(capsys.readouterr().out.split()))
 
 # =============================================================================== the reproduction scripts
 def test_pcam_data_roles_never_share_a_tile_or_block(tmp_path):
