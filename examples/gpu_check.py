@@ -29,18 +29,23 @@ sys.path.insert(0, str(ROOT))
 import g2l  # noqa: E402  (names used: load_model, encode, Student, pair_loss, forward_flops, peak_flops, main)
 
 TILES = HERE / "tiles"  # 43 real CC0 tiles of 224 px (examples/LICENSE-data.md)
-# per-step relative loss tolerances against the fp32 / eager curve: bf16 keeps 8 mantissa bits, fp16 11
-# (fp16's GradScaler may skip its first steps while it finds its scale, which shifts the curve by a step or two)
-TOL = dict(bf16=0.03, fp16=0.03, compile=0.01, resume=1e-4)
+# Relative loss tolerances against the fp32 (or eager) run. Step 1 is before any update: the forward's rounding
+# alone (bf16 keeps 8 mantissa bits, fp16 11). The whole curve also carries the updates' rounding, and fp16's
+# GradScaler skips its first steps while it finds its scale (2^16 at the start): the curve then lags a step or two.
+TOL_STEP1 = dict(bf16=5e-3, fp16=1e-3, compile=5e-3)
+TOL_CURVE = dict(bf16=0.03, fp16=0.03, compile=0.03, resume=1e-4)
 SIZES = dict(  # what each section runs: on a GPU, and at toy size on CPU
     gpu=dict(small_t='{"depth": 2, "embed_dim": 192, "num_heads": 3, "global_pool": "avg"}',
-             small_s='{"depth": 2}', small_px=112, small_bs=16, steps=30, workers=2,
+             small_s='{"depth": 2}', small_px=112, small_bs=16, steps=30, more=5, workers=2,
              pair_t="", pair_s="", pair_px=224, pair_bs=32, pair_steps=30, cap=1024, iters=10),
     toy=dict(small_t='{"depth": 1, "embed_dim": 64, "num_heads": 2, "global_pool": "avg"}',
-             small_s='{"depth": 1, "embed_dim": 48, "num_heads": 2}', small_px=28, small_bs=8, steps=6, workers=0,
-             pair_t='{"depth": 1, "embed_dim": 96, "num_heads": 2}', pair_s='{"depth": 1, "embed_dim": 48, "num_heads": 2}',
+             small_s='{"depth": 1, "embed_dim": 48, "num_heads": 2}', small_px=28, small_bs=8, steps=4, more=2, workers=0,
+             pair_t='{"depth": 1, "embed_dim": 96, "num_heads": 2}',
+             pair_s='{"depth": 1, "embed_dim": 48, "num_heads": 2}',
              pair_px=28, pair_bs=4, pair_steps=4, cap=8, iters=2))
-BUDGET = dict(correctness=150, pair=150, split=150, data=30, inference=60, memory=60)  # seconds, at most, each
+# seconds, at most, per section; a section starts only with 30 s left. A cold inductor cache dominates: ViT-g's
+# forward and ViT-L's forward + backward compile in a minute or two, once (later processes hit the cache)
+BUDGET = dict(correctness=120, pair=180, split=170, data=30, inference=60, memory=90)
 
 # ----------------------------------------------------------------------------- running g2l / eval / torchrun
 class Runner:
@@ -103,12 +108,16 @@ def ok_or_raise(code, log, what):
         raise RuntimeError(f"{what}: exit {code}: {last_line(log)}")
 
 def metrics(folder):
-    path = Path(folder) / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.is_file() else []
+    """The rows of a run's metrics.jsonl so far (a line being written is not a row yet)."""
+    path, rows = Path(folder) / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(ValueError):
+            rows.append(json.loads(line))
+    return rows
 
-def max_rel_diff(a, b):
+def max_rel_diff(a, b, steps=None):
     """Largest per-step relative difference of two loss curves (rows of metrics.jsonl), over the steps both have."""
-    pairs = [(x["loss"], y["loss"]) for x, y in zip(a, b)]
+    pairs = [(x["loss"], y["loss"]) for x, y in list(zip(a, b))[:steps]]
     if not pairs or any(not math.isfinite(x) or not math.isfinite(y) for x, y in pairs):
         return math.inf
     return max(abs(x - y) / max(abs(x), 1e-12) for x, y in pairs)
@@ -126,14 +135,19 @@ def small_args(s, out, *extra):
 def killed_run(r, s, out, timeout):
     """A run stopped by SIGTERM (to its process group, as Slurm does) once it has logged a few steps."""
     args = small_args(s, out, "--precision", "bf16", "--compile", "off", "--steps", 100000)
-    if r.in_process:  # the signal reaches this process's handler, which g2l.main installs
-        def kill_later():
+    if r.in_process:  # the signal goes to this process, whose handler g2l.main has set while the run is going on
+        done = threading.Event()
+        def kill_later():  # only once the run has logged (so g2l's handler is set) and never after it returned
             end = time.time() + timeout
-            while time.time() < end and len(metrics(out)) < 3:
+            while time.time() < end and not done.is_set() and len(metrics(out)) < 3:
                 time.sleep(0.02)
-            os.kill(os.getpid(), signal.SIGTERM)
+            if not done.is_set() and len(metrics(out)) >= 3:
+                os.kill(os.getpid(), signal.SIGTERM)
         threading.Thread(target=kill_later, daemon=True).start()
-        return r.run("g2l", args, timeout)
+        try:
+            return r.run("g2l", args, timeout)
+        finally:
+            done.set()
     p, log = started = r.start("g2l", args, timeout)
     while time.time() < p.timeout_at and len(metrics(out)) < 3 and p.poll() is None:
         time.sleep(0.05)
@@ -152,13 +166,15 @@ def check_precisions(r, s, out, budget, cuda):
     for k, st in started.items():
         code, log = r.wait(st)
         ok_or_raise(code, log, f"--precision {k}")
-    for k in runs:
-        if k == "fp32":
-            continue
+    for k in [k for k in runs if k != "fp32"]:
         ref = "bf16" if k == "compile" else "fp32"
-        d = max_rel_diff(metrics(out / ref), metrics(out / k))
-        rows.append(row("correctness", f"{k} vs {ref}: loss curve", d <= TOL[k],
-                        f"max rel diff {d:.2e} over {s['steps']} steps (tol {TOL[k]:g})"))
+        a, b = metrics(out / ref), metrics(out / k)
+        d1, d = max_rel_diff(a, b, 1), max_rel_diff(a, b)
+        skipped = sum(not math.isfinite(x["grad_norm"]) for x in b)  # fp16: updates the GradScaler skipped
+        rows.append(row("correctness", f"{k} vs {ref}: loss curve", len(b) == s["steps"] and d1 <= TOL_STEP1[k]
+                        and d <= TOL_CURVE[k], f"rel diff step 1 {d1:.1e} (tol {TOL_STEP1[k]:g}), any of "
+                        f"{len(b)} steps {d:.1e} (tol {TOL_CURVE[k]:g})" + (f", {skipped} skipped" if skipped else ""),
+                        step1=d1, curve=d, skipped=skipped))
     if not cuda:
         rows.append(row("correctness", "compile on vs off", None, "not run on CPU (inductor's C++ build: minutes)"))
     return rows
@@ -170,17 +186,20 @@ def check_stop_and_resume(r, s, out, budget):
     k = metrics(out / "killed")[-1]["step"] if metrics(out / "killed") else 0
     rows = [row("correctness", "SIGTERM saves and exports", code == 143 and saved and "stopped by SIGTERM" in log,
                 f"exit {code}, stopped at step {k}, ckpt + student/ {'written' if saved else 'MISSING'}")]
-    more = ["--precision", "bf16", "--compile", "off", "--steps", k + 5]
+    n = s["more"]
+    more = ["--precision", "bf16", "--compile", "off", "--steps", k + n]
     resumed = r.start("g2l", small_args(s, out / "killed", *more, "--resume", "auto"), budget)
     whole = r.start("g2l", small_args(s, out / "whole", *more), budget)
     for what, st in (("resume", resumed), ("whole", whole)):
         ok_or_raise(*r.wait(st), what)
     a, b = metrics(out / "killed")[k:], metrics(out / "whole")[k:]
-    same = [x["loss"] for x in a] == [y["loss"] for y in b] and len(a) == 5
+    same = [x["loss"] for x in a] == [y["loss"] for y in b] and len(a) == n
     d = max_rel_diff(b, a)
-    rows.append(row("correctness", "--resume continues the curve", len(a) == 5 and d <= TOL["resume"],
-                    f"steps {k + 1}-{k + 5}: {'bit-identical' if same else f'max rel diff {d:.1e}'} vs an "
-                    "uninterrupted run"))
+    # bit-identical needs deterministic kernels; g2l does not ask for them (cuBLAS and SDPA's backward may reduce in
+    # another order from run to run on a GPU), so on CUDA the check asks for close, and says which it got
+    rows.append(row("correctness", "--resume continues the curve", len(a) == n and d <= TOL_CURVE["resume"],
+                    f"steps {k + 1}-{k + n}: {'bit-identical' if same else f'max rel diff {d:.1e}'} vs an "
+                    "uninterrupted run", bit_identical=same, rel_diff=d))
     return rows
 
 def check_torchrun_and_export(r, s, out, budget, cuda):
@@ -239,8 +258,8 @@ def fmt_speed(f):
 def pair(r, s, out, budget, quick):
     compile_ = "off" if quick or not torch.cuda.is_available() else "on"
     f = pair_figures(r, s, out, budget, compile_)
-    goal = f["mfu"] is not None and f["mfu"] >= 50
-    return [row("pair", f"h-optimus-0 -> hibou-l, bs {s['pair_bs']}, compile {compile_}", goal if f["mfu"] else None,
+    goal = None if f["mfu"] is None else "met" if f["mfu"] >= 50 else "missed"
+    return [row("pair", f"h-optimus-0 -> hibou-l, bs {s['pair_bs']}, compile {compile_}", goal,
                 fmt_speed(f) + " (goal: MFU >= 50%)", **f)]
 
 # ----------------------------------------------------------------------------- 3. split, timm, largest batch
@@ -259,7 +278,7 @@ def split(r, s, out, budget, measured):
     timm_rate = next((g["figures"]["img_per_s"] for g in got if g["check"].startswith("timm")), None)
     if timm_rate and measured.get("img_per_s"):
         ratio = measured["img_per_s"] / timm_rate
-        rows.append(row("split", "g2l.py step / timm's step", ratio >= 1.0 if torch.cuda.is_available() else None,
+        rows.append(row("split", "g2l.py step / timm's step", goal(ratio >= 1.0),
                         f"{ratio:.2f}x (g2l's whole step, augmentation included; goal >= 1.0)", ratio=ratio))
     return rows
 
@@ -336,12 +355,16 @@ def split_worker(s, path, end):
          f"teacher fwd {tt * 1e3:.1f} ms ({100 * tt / tw:.0f}%) + student fwd/bwd/AdamW {ts * 1e3:.1f} ms "
          f"({100 * ts / tw:.0f}%) = {tw * 1e3:.1f} ms; {bs / tw:.1f} img/s, MFU {mfu(bs / tw)}",
          teacher_ms=tt * 1e3, student_ms=ts * 1e3, step_ms=tw * 1e3, img_per_s=bs / tw, mfu=mfu(bs / tw))
-    if time.time() < end - 20:
+    if time.time() < end - 60:
+        largest_batch(s, teacher, st, student, opt, amp, sync, path, end, mfu)
+    del student, opt, t_only, s_only, whole  # timm's task gets the memory g2l's step had
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    if time.time() < end - 20:  # timm compiles its own graphs: its first step is the slow one
         rate, how = timm_rate(s, teacher, x, amp, sync, dev, cuda)
         emit(path, f"timm {how}, bs {bs}", None, f"{rate:.1f} img/s (same teacher, batch, precision, compile)",
              img_per_s=rate)
-    if time.time() < end - 20:
-        largest_batch(s, teacher, st, student, opt, amp, sync, path, end, mfu)
 
 def timm_rate(s, teacher, x, amp, sync, dev, cuda):
     """Images/s of timm's own feature distillation (timm.task, else the plain loop it stands for): MSE between the
@@ -386,7 +409,7 @@ def largest_batch(s, teacher, st, student, opt, amp, sync, path, end, mfu):
     dev, px, bs = next(student.parameters()).device, s["pair_px"], s["pair_bs"]
     step = step_fns(teacher, st, student, opt, None, amp, False, px)[2]
     best = bs
-    while best * 2 <= s["cap"] and time.time() < end - 30:
+    while best * 2 <= s["cap"] and time.time() < end - 90:  # leave timm's compile its time
         ok = fits(step, best * 2, px, dev)
         opt.zero_grad(set_to_none=True)
         gc.collect()
@@ -431,7 +454,7 @@ def data(r, s, out, budget, measured):
     device = next(v for k, v in got.items() if k.startswith("device augment"))
     need = measured.get("img_per_s")
     return [row("data", f"loader, {workers} workers, {load} px tiles -> {s['pair_px']} px",
-                loader["tiles_per_s"] >= need if cuda and need else None,
+                goal(loader["tiles_per_s"] >= need) if need else None,
                 f"{loader['tiles_per_s']:.0f} tiles/s ({loader['per_worker']:.0f} per worker); the step needs "
                 + (f"{need:.0f}" if need else "?"), tiles_per_s=loader["tiles_per_s"], per_worker=loader["per_worker"]),
             row("data", "augmentation on the device, batched", None, f"{device['tiles_per_s']:.0f} tiles/s",
@@ -447,25 +470,33 @@ def inference(r, s, out, budget):
     ok_or_raise(code, log, "eval.py bench")
     teacher, student = json.loads((out / "bench.json").read_text())[:2]
     x = student["img_per_s"] / teacher["img_per_s"]
-    return [row("inference", f"student / teacher, bs {s['pair_bs']}", x >= 3.5 if cuda else None,
+    return [row("inference", f"student / teacher, bs {s['pair_bs']}", goal(x >= 3.5),
                 f"{x:.2f}x images/s (goal >= 3.5); teacher {teacher['img_per_s']:.1f} img/s "
                 f"{teacher['peak_mem_gb']:.1f} GB, student {student['img_per_s']:.1f} img/s "
                 f"{student['peak_mem_gb']:.1f} GB", ratio=x, teacher=teacher, student=student)]
 
-def memory(r, s, out, budget, measured):
-    compile_ = "on" if torch.cuda.is_available() else "off"
-    rows, t_end = [], time.time() + budget
-    for name, extra in (("teacher-chunk 8", ["--teacher-chunk", 8]), ("grad-checkpointing", ["--grad-checkpointing"])):
-        f = pair_figures(r, s, out / name.split()[0], max(10, t_end - time.time()), compile_, *extra)
-        base = measured.get("img_per_s")
-        rows.append(row("memory", f"pair with --{name}", None, fmt_speed(f) + (
-            f" ({f['img_per_s'] / base:.2f}x the plain step's speed)" if base else ""), **f))
+def memory(r, s, out, budget):
+    """The pair plain, with --teacher-chunk and with --grad-checkpointing, all eager: three compiles of ViT-g/ViT-L
+    graphs would not fit the limit, and eager runs compare with one another."""
+    rows, t_end, chunk = [], time.time() + budget, max(1, s["pair_bs"] // 4)
+    for name, extra in (("plain", []), (f"teacher-chunk {chunk}", ["--teacher-chunk", chunk]),
+                        ("grad-checkpointing", ["--grad-checkpointing"])):
+        f = pair_figures(r, s, out / name.split()[0], max(10, t_end - time.time()), "off", *extra)
+        base = rows[0]["figures"] if rows else f
+        rows.append(row("memory", f"pair, eager, {'--' * bool(extra)}{name}", None, fmt_speed(f) + (
+            f" ({f['img_per_s'] / base['img_per_s']:.2f}x the speed, {f['mem_gb'] / base['mem_gb']:.2f}x the "
+            "memory of plain)" if extra else ""), **f))
     return rows
 
 # ----------------------------------------------------------------------------- the table
 def row(section, check, ok, note, **figures):
+    """ok: True (ok) | False (FAIL: the exit code says so) | None (a figure) | "met" / "missed" (a goal) | "skip"."""
     status = {True: "ok", False: "FAIL", None: "-"}.get(ok, ok)
     return dict(section=section, check=check, status=status, note=note, figures=figures)
+
+def goal(met):
+    """A goal of the issue: met or missed on a GPU; on CPU only a figure."""
+    return ("met" if met else "missed") if torch.cuda.is_available() else None
 
 def table(rows):
     lines = ["| section | check | result | figures |", "|---|---|---|---|"]
@@ -487,7 +518,7 @@ def plan(r, s, out, quick, cuda):
     sections = [("correctness", lambda b: correctness(r, s, out / "correctness", b, cuda)), ("pair", pair_),
                 ("split", lambda b: split(r, s, out, b, measured)), ("data", lambda b: data(r, s, out, b, measured)),
                 ("inference", lambda b: inference(r, s, out, b)),
-                ("memory", lambda b: memory(r, s, out, b, measured))]
+                ("memory", lambda b: memory(r, s, out / "memory", b))]
     return [x for x in sections if not quick or x[0] in ("correctness", "pair", "inference")]
 
 def main(argv=None):
@@ -503,7 +534,7 @@ def main(argv=None):
     if a.worker:
         return split_worker(s, Path(a.worker), a.worker_end)
     limit = a.limit or (175 if a.quick else 470)
-    t0, out = time.time(), Path(a.out)
+    t0, out = time.time(), Path(a.out).resolve()  # commands run from the repository root
     work = out / "runs"
     import shutil
     shutil.rmtree(work, ignore_errors=True)  # a run folder left by an earlier check would be resumed or misread
