@@ -39,7 +39,8 @@ SIZES = dict(  # what each section runs: on a GPU, and at toy size on CPU
              small_s='{"depth": 2}', small_px=112, small_bs=16, steps=30, more=5, workers=2,
              pair_t="", pair_s="", pair_px=224, pair_bs=32, pair_steps=30, cap=1024, iters=10),
     toy=dict(small_t='{"depth": 1, "embed_dim": 64, "num_heads": 2, "global_pool": "avg"}',
-             small_s='{"depth": 1, "embed_dim": 48, "num_heads": 2}', small_px=28, small_bs=8, steps=4, more=2, workers=0,
+             small_s='{"depth": 1, "embed_dim": 48, "num_heads": 2}', small_px=28, small_bs=8, steps=4, more=2,
+             workers=0,
              pair_t='{"depth": 1, "embed_dim": 96, "num_heads": 2}',
              pair_s='{"depth": 1, "embed_dim": 48, "num_heads": 2}',
              pair_px=28, pair_bs=4, pair_steps=4, cap=8, iters=2))
@@ -160,7 +161,8 @@ def check_precisions(r, s, out, budget, cuda):
     runs = {p: small_args(s, out / p, "--precision", p, "--compile", "off", "--steps", s["steps"])
             for p in ("fp32", "bf16", "fp16")}
     if cuda:  # inductor's CPU build takes minutes on two cores: compiled CPU steps are g2l's own test's job
-        runs["compile"] = small_args(s, out / "compile", "--precision", "bf16", "--compile", "on", "--steps", s["steps"])
+        runs["compile"] = small_args(s, out / "compile", "--precision", "bf16", "--compile", "on",
+                                     "--steps", s["steps"])
     started = {k: r.start("g2l", a, budget) for k, a in runs.items()}
     rows = []
     for k, st in started.items():
@@ -546,7 +548,7 @@ def main(argv=None):
     for name, fn in plan(r, s, work, a.quick, cuda):
         left = t0 + limit - time.time()
         if left < (30 if cuda else 0):
-            rows.append(row(name, "(section)", "skip", f"not started: {max(0, left):.0f} s left of the {limit:.0f} s limit"))
+            rows.append(row(name, "(section)", "skip", f"not started: {max(0, left):.0f} s left of {limit:.0f} s"))
             print(f"{name}: skipped, over the time limit", flush=True)
             continue
         t = time.time()
