@@ -18,7 +18,7 @@ and prints one markdown table. Sections (each guarded: a failure is one row, and
 Whatever needs two GPUs is skipped with one line on one. On a machine without CUDA the same script runs at toy
 size (tiny models, in one process) so the test suite keeps it working: its figures mean nothing there.
 """
-import argparse, contextlib, gc, io, json, math, os, signal, subprocess, sys, threading, time
+import argparse, contextlib, gc, io, json, math, os, shutil, signal, subprocess, sys, threading, time
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ TILES = HERE / "tiles"  # 43 real CC0 tiles of 224 px (examples/LICENSE-data.md)
 # Relative loss tolerances against the fp32 (or eager) run. Step 1 is before any update: the forward's rounding
 # alone (bf16 keeps 8 mantissa bits, fp16 11). The whole curve also carries the updates' rounding, and fp16's
 # GradScaler skips its first steps while it finds its scale (2^16 at the start): the curve then lags a step or two.
-TOL_STEP1 = dict(bf16=5e-3, fp16=1e-3, compile=5e-3)
+TOL_STEP1 = dict(bf16=1e-2, fp16=3e-3, compile=1e-2)  # a GPU's fp32 reference runs TF32 matmuls (g2l sets them)
 TOL_CURVE = dict(bf16=0.03, fp16=0.03, compile=0.03, resume=1e-4)
 SIZES = dict(  # what each section runs: on a GPU, and at toy size on CPU
     gpu=dict(small_t='{"depth": 2, "embed_dim": 192, "num_heads": 3, "global_pool": "avg"}',
@@ -62,7 +62,10 @@ class Runner:
             return self._inline(tool, args, log), log
         cmd = {"g2l": [sys.executable, str(ROOT / "g2l.py")], "eval": [sys.executable, str(ROOT / "eval.py")],
                "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                            str(ROOT / "g2l.py")]}[tool]
+                            str(ROOT / "g2l.py")]}.get(tool)
+        if tool == "torchrun2":  # two processes, one GPU each: DDP over NCCL
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   str(ROOT / "g2l.py")]
         fh = open(log, "w")
         p = subprocess.Popen(cmd + [str(a) for a in args], stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
                              start_new_session=True)  # its own group: a timeout ends it and its loader workers
@@ -206,15 +209,21 @@ def check_stop_and_resume(r, s, out, budget):
 
 def check_torchrun_and_export(r, s, out, budget, cuda):
     rows = []
+    one = ["--precision", "bf16", "--compile", "off"]
     if cuda:  # WORLD_SIZE=1: g2l takes its one-process path (no process group), as a user's first torchrun does
-        code, log = r.run("torchrun", small_args(s, out / "torchrun", "--precision", "bf16", "--steps", 3), budget)
+        code, log = r.run("torchrun", small_args(s, out / "torchrun", *one, "--steps", 3), budget)
         rows.append(row("correctness", "torchrun --nproc_per_node=1", code == 0, f"exit {code}: {last_line(log)}"))
     else:
         rows.append(row("correctness", "torchrun --nproc_per_node=1", None, "not run on CPU (a second Python start)"))
-    n_gpu = torch.cuda.device_count()
-    rows.append(row("correctness", "DDP over NCCL, 2 processes", None,
-                    f"needs 2 GPUs, this machine has {n_gpu}" if n_gpu < 2 else
-                    f"{n_gpu} GPUs: run torchrun --nproc_per_node=2 by hand (not timed here)"))
+    if torch.cuda.device_count() < 2:
+        rows.append(row("correctness", "DDP over NCCL, 2 processes", "skip",
+                        f"needs 2 GPUs, this machine has {torch.cuda.device_count()}"))
+    else:  # the same global batch over two ranks: g2l's losses are global, so the curve is the one-process one
+        half = small_args(s, out / "ddp", *one, "--steps", s["steps"], "--batch-size", s["small_bs"] // 2)
+        code, log = r.run("torchrun2", half, budget)
+        d = max_rel_diff(metrics(out / "bf16"), metrics(out / "ddp")) if code == 0 else math.inf
+        rows.append(row("correctness", "DDP over NCCL, 2 processes", d <= TOL_CURVE["bf16"],
+                        f"exit {code}; vs one process, any of {s['steps']} steps {d:.1e} (tol {TOL_CURVE['bf16']:g})"))
     rows.append(reload_export(out / "killed" / "student", "cuda" if cuda else "cpu"))
     return rows
 
@@ -254,8 +263,10 @@ def pair_figures(r, s, out, budget, compile_, *extra):
     return dict(img_per_s=last["img_per_s"], mfu=last["mfu"], mem_gb=last["mem_gb"], loss=last["loss"])
 
 def fmt_speed(f):
+    """img/s, MFU and peak memory in words (MFU n/a on CPU, or on a GPU missing from g2l's peak table)."""
     mfu = "n/a" if f.get("mfu") is None else f"{f['mfu']:.1f}%"
-    return f"{f['img_per_s']:.1f} img/s, MFU {mfu}, {f['mem_gb']:.1f} GB"
+    mem = "n/a" if f.get("mem_gb") is None else f"{f['mem_gb']:.1f} GB"
+    return f"{f['img_per_s']:.1f} img/s, MFU {mfu}, {mem}"
 
 def pair(r, s, out, budget, quick):
     compile_ = "off" if quick or not torch.cuda.is_available() else "on"
@@ -273,10 +284,12 @@ def split(r, s, out, budget, measured):
     else:
         cmd = [sys.executable, __file__, "--worker", str(path), "--worker-end", str(time.time() + budget - 5)]
         code, log = run_worker(cmd, out / "log_split.txt", budget)
-        if code != 0 and not path.is_file():
-            raise RuntimeError(f"split worker: exit {code}: {last_line(log)}")
     got = [json.loads(l) for l in path.read_text().splitlines()] if path.is_file() else []
     rows = [row("split", g["check"], g.get("ok"), g["note"], **g.get("figures", {})) for g in got]
+    if not r.in_process and code != 0:  # what it measured before stopping is kept above
+        rows.append(row("split", "(the rest)", "skip" if code == "timeout" else False,
+                        f"not measured: the worker {'ran out of its time' if code == 'timeout' else f'exit {code}'}"
+                        f" after {len(got)} of 3 measurements: {last_line(log)}"))
     timm_rate = next((g["figures"]["img_per_s"] for g in got if g["check"].startswith("timm")), None)
     if timm_rate and measured.get("img_per_s"):
         ratio = measured["img_per_s"] / timm_rate
@@ -355,7 +368,7 @@ def split_worker(s, path, end):
     tt, ts, tw = timed(t_only, it, sync), timed(lambda: s_only(gt), it, sync), timed(whole, it, sync)
     emit(path, f"step split, bs {bs}{', compiled' if cuda else ''}", None,
          f"teacher fwd {tt * 1e3:.1f} ms ({100 * tt / tw:.0f}%) + student fwd/bwd/AdamW {ts * 1e3:.1f} ms "
-         f"({100 * ts / tw:.0f}%) = {tw * 1e3:.1f} ms; {bs / tw:.1f} img/s, MFU {mfu(bs / tw)}",
+         f"({100 * ts / tw:.0f}%) = {tw * 1e3:.1f} ms; " + fmt_speed(dict(img_per_s=bs / tw, mfu=mfu(bs / tw))),
          teacher_ms=tt * 1e3, student_ms=ts * 1e3, step_ms=tw * 1e3, img_per_s=bs / tw, mfu=mfu(bs / tw))
     if time.time() < end - 60:
         largest_batch(s, teacher, st, student, opt, amp, sync, path, end, mfu)
@@ -405,6 +418,10 @@ def fits(step, bs, px, dev):
         return True
     except torch.cuda.OutOfMemoryError:
         return False
+    except RuntimeError as e:  # cuBLAS / cuDNN report a failed allocation in their own words
+        if "CUBLAS_STATUS_ALLOC_FAILED" in str(e) or "out of memory" in str(e).lower():
+            return False
+        raise
 
 def largest_batch(s, teacher, st, student, opt, amp, sync, path, end, mfu):
     """Double the batch from the paper's 32 until out of memory (or the cap), eager: no recompile per try."""
@@ -424,9 +441,10 @@ def largest_batch(s, teacher, st, student, opt, amp, sync, path, end, mfu):
         torch.cuda.reset_peak_memory_stats()
     x = torch.rand(best, 3, px, px, device=dev)
     rate = best / timed(lambda: step(x), s["iters"], sync)
-    mem = torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else float("nan")
+    mem = torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else None  # JSON has no NaN
     capped = " (the cap)" if best * 2 > s["cap"] else ""
-    emit(path, f"largest batch, eager: {best}{capped}", None, f"{rate:.1f} img/s, MFU {mfu(rate)}, {mem:.1f} GB",
+    emit(path, f"largest batch, eager: {best}{capped}", None,
+         fmt_speed(dict(img_per_s=rate, mfu=mfu(rate), mem_gb=mem)),
          batch=best, img_per_s=rate, mfu=mfu(rate), mem_gb=mem)
 
 # ----------------------------------------------------------------------------- 4. data path, 5. inference, 6. memory
@@ -538,13 +556,15 @@ def main(argv=None):
     limit = a.limit or (175 if a.quick else 470)
     t0, out = time.time(), Path(a.out).resolve()  # commands run from the repository root
     work = out / "runs"
-    import shutil
     shutil.rmtree(work, ignore_errors=True)  # a run folder left by an earlier check would be resumed or misread
     work.mkdir(parents=True)
     env = environment(cuda)
     toy = "" if cuda else "CPU toy run: tiny models, figures mean nothing here; run it on a CUDA machine"
     print(f"gpu_check: {env}" + (f"\n{toy}" if toy else ""), flush=True)
     r, rows = Runner(work, not cuda, t0 + limit), []
+    result = dict(env=env, mode="quick" if a.quick else "full", limit_s=limit, note=toy or "figures from this GPU")
+    save = lambda res, got, start: (out / "gpu_check.json").write_text(json.dumps(
+        dict(res, elapsed_s=round(time.time() - start, 1), rows=got), indent=1))
     for name, fn in plan(r, s, work, a.quick, cuda):
         left = t0 + limit - time.time()
         if left < (30 if cuda else 0):
@@ -560,9 +580,9 @@ def main(argv=None):
             x["seconds"] = round(time.time() - t, 1)
         rows += got
         print(f"{name}: {', '.join(x['status'] for x in got)} ({time.time() - t:.0f} s)", flush=True)
-    result = dict(env=env, mode="quick" if a.quick else "full", limit_s=limit, elapsed_s=round(time.time() - t0, 1),
-                  note=toy or "figures from this GPU", rows=rows)
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
+        save(result, rows, t0)  # after each section: a kill keeps what was measured
+    save(result, rows, t0)
+    result = json.loads((out / "gpu_check.json").read_text())
     print(table(rows))
     print(f"{toy + '; ' if toy else ''}{len(rows)} checks in {time.time() - t0:.0f} s; wrote {out / 'gpu_check.json'}")
     failed = [x for x in rows if x["status"] == "FAIL"]
