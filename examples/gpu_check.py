@@ -14,7 +14,7 @@ and prints one markdown table. Sections (each guarded: a failure is one row, and
                FeatureDistillationTask on the same pair, and the largest batch that fits
   data         the real loader's tiles/s per worker at 224 px (eval.py bench-data) against what the step needs
   inference    eval.py bench of both architectures in bf16: student / teacher images/s
-  memory       the pair with --teacher-chunk 8, then with --grad-checkpointing
+  memory       the pair eager: plain, with --teacher-chunk 8, with --grad-checkpointing (speed and peak memory)
 Whatever needs two GPUs is skipped with one line on one. On a machine without CUDA the same script runs at toy
 size (tiny models, in one process) so the test suite keeps it working: its figures mean nothing there.
 """
