@@ -212,7 +212,9 @@ def check_torchrun_and_export(r, s, out, budget, cuda):
     one = ["--precision", "bf16", "--compile", "off"]
     if cuda:  # WORLD_SIZE=1: g2l takes its one-process path (no process group), as a user's first torchrun does
         code, log = r.run("torchrun", small_args(s, out / "torchrun", *one, "--steps", 3), budget)
-        rows.append(row("correctness", "torchrun --nproc_per_node=1", code == 0, f"exit {code}: {last_line(log)}"))
+        n = len(metrics(out / "torchrun"))
+        rows.append(row("correctness", "torchrun --nproc_per_node=1", code == 0 and n == 3,
+                        f"exit {code}, {n} of 3 steps logged" + (f": {last_line(log)}" if code else "")))
     else:
         rows.append(row("correctness", "torchrun --nproc_per_node=1", None, "not run on CPU (a second Python start)"))
     if torch.cuda.device_count() < 2:
@@ -282,7 +284,8 @@ def split(r, s, out, budget, measured):
     if r.in_process:
         split_worker(s, path, time.time() + budget)
     else:
-        cmd = [sys.executable, __file__, "--worker", str(path), "--worker-end", str(time.time() + budget - 5)]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(path),
+               "--worker-end", str(time.time() + budget - 5)]
         code, log = run_worker(cmd, out / "log_split.txt", budget)
     got = [json.loads(l) for l in path.read_text().splitlines()] if path.is_file() else []
     rows = [row("split", g["check"], g.get("ok"), g["note"], **g.get("figures", {})) for g in got]
@@ -546,6 +549,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.json and the runs' folders")
     p.add_argument("--quick", action="store_true", help="correctness, the pair at batch 32 eager, inference (<= 3 min)")
     p.add_argument("--limit", type=float, default=0, help="wall-clock limit in seconds (default 470, --quick 175)")
+    p.add_argument("--subprocess", action="store_true", help="on CPU too, one process per command, as on a GPU")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # the split section's child process
     p.add_argument("--worker-end", type=float, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -561,7 +565,7 @@ def main(argv=None):
     env = environment(cuda)
     toy = "" if cuda else "CPU toy run: tiny models, figures mean nothing here; run it on a CUDA machine"
     print(f"gpu_check: {env}" + (f"\n{toy}" if toy else ""), flush=True)
-    r, rows = Runner(work, not cuda, t0 + limit), []
+    r, rows = Runner(work, not (cuda or a.subprocess), t0 + limit), []
     result = dict(env=env, mode="quick" if a.quick else "full", limit_s=limit, note=toy or "figures from this GPU")
     save = lambda res, got, start: (out / "gpu_check.json").write_text(json.dumps(
         dict(res, elapsed_s=round(time.time() - start, 1), rows=got), indent=1))
