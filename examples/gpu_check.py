@@ -46,7 +46,7 @@ SIZES = dict(  # what each section runs: on a GPU, and at toy size on CPU
              pair_px=28, pair_bs=4, pair_steps=4, cap=8, iters=2))
 # seconds, at most, per section; a section starts only with 30 s left. A cold inductor cache dominates: ViT-g's
 # forward and ViT-L's forward + backward compile in a minute or two, once (later processes hit the cache)
-BUDGET = dict(correctness=120, pair=180, split=170, data=30, inference=60, memory=90)
+BUDGET = dict(correctness=150, pair=180, split=150, data=30, inference=60, memory=90)
 
 # ----------------------------------------------------------------------------- running g2l / eval / torchrun
 class Runner:
