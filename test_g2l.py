@@ -1572,6 +1572,32 @@ def test_pcam_data_roles_never_share_a_tile_or_block(tmp_path):
     held = {d.name for d in (tmp_path / "repro" / "distil").iterdir()}
     assert held and not held & {r["slide"] for r in read(tmp_path / "repro" / "eval" / "labels.csv")}
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, run examples/gpu_check.py itself (8 minutes)")
+def test_gpu_check_toy_run_on_cpu(tmp_path, capsys, monkeypatch):
+    """examples/gpu_check.py at toy size: every section runs through g2l.py and eval.py, the table and the JSON agree,
+    and the run says its figures mean nothing on CPU. On CPU a resumed run is bit-identical to an uninterrupted one."""
+    import importlib.util
+    monkeypatch.setattr(ev, "run_isolated", ev.bench_one)  # a fresh Python per model: most of the toy's time
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "examples" / "gpu_check.py")
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+    res = gc.main(["--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "figures mean nothing" in out and "| section | check | result | figures |" in out
+    assert res == json.loads((tmp_path / "gpu_check.json").read_text()) and res["elapsed_s"] > 0
+    rows = res["rows"]
+    assert {r["section"] for r in rows} == {"correctness", "pair", "split", "data", "inference", "memory"}
+    skipped = [r["note"] for r in rows if r["status"] == "skip"]
+    assert not [r for r in rows if r["status"] in ("FAIL", "met", "missed")], rows  # goals: GPU only
+    assert skipped == ["needs 2 GPUs, this machine has 0"], skipped  # no section ran out of time
+    by = {r["check"].split(":")[0].split(",")[0]: r for r in rows}
+    assert by["--resume continues the curve"]["figures"]["bit_identical"]
+    assert by["SIGTERM saves and exports"]["status"] == "ok" and by["export reloads in plain timm"]["status"] == "ok"
+    assert all(by[f"{p} vs fp32"]["status"] == "ok" for p in ("bf16", "fp16"))
+    assert all(r["figures"]["img_per_s"] > 0 for r in rows if r["section"] in ("pair", "memory"))
+    assert by["g2l.py step / timm's step"]["figures"]["ratio"] > 0  # timm's task ran on the same pair
+    assert out.count("\n| ") == len(rows) + 1  # one table line per row, after its header
+
 # =============================================================================== the repository stands alone
 def test_no_tracked_file_points_outside_the_repository():
     # a user's clone has nothing beside it: tests, demo, docs and scripts may only use what the repository holds
