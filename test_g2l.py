@@ -1225,6 +1225,54 @@ def test_knn_and_logreg_on_separable_toy_data():
     assert (proba.argmax(1) == y[sp["test"]]).all()
     assert torch.allclose(proba.sum(1), torch.ones(len(sp["test"])).double())
 
+def pairwise_auroc(pos, score):
+    """P(a positive outscores a negative), ties 1/2, by looping over every pair."""
+    wins = [(p > n) + 0.5 * (p == n) for p in score[pos] for n in score[~pos]]
+    return sum(wins) / len(wins)
+
+def test_metrics_where_recall_and_precision_differ():
+    # binary: preds [0,0,1,1]; recalls 2/3, 1 (precisions 1, 1/2: their mean would be 3/4); F1s 4/5, 2/3;
+    # AUROC: the positive .9 beats .1 and .3, loses to .95 -> 2/3
+    y, p1 = np.array([0, 0, 0, 1]), np.array([0.1, 0.3, 0.95, 0.9])
+    m = ev.metrics(y, np.stack([1 - p1, p1], 1))
+    assert m["bacc"] == pytest.approx(5 / 6) and m["acc"] == pytest.approx(3 / 4)
+    assert m["f1_macro"] == pytest.approx(11 / 15) and m["f1_weighted"] == pytest.approx((3 * 4 / 5 + 2 / 3) / 4)
+    assert m["auroc"] == pytest.approx(2 / 3)
+    # three classes, class 2 never predicted: recalls 1/2, 1, 0 (precisions 1, 1/3, 0); F1s 2/3, 1/2, 0
+    y = np.array([0, 0, 1, 2])
+    p = np.array([[.5, .3, .2], [.2, .5, .3], [.1, .6, .3], [.3, .4, .3]])
+    m = ev.metrics(y, p)
+    assert m["bacc"] == pytest.approx(1 / 2) and m["acc"] == pytest.approx(1 / 2)
+    assert m["f1_macro"] == pytest.approx(7 / 18) and m["f1_weighted"] == pytest.approx((2 * 2 / 3 + 1 / 2) / 4)
+    assert m["auroc"] == pytest.approx(np.mean([pairwise_auroc(y == c, p[:, c]) for c in range(3)]))
+
+def test_logreg_solves_sklearns_objective_with_c_as_inverse_strength():
+    # overlapping blobs (not separable: the unregularised optimum is finite too), 3 classes
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 3
+    x = torch.randn(60, 4, generator=g, dtype=torch.float64) + F.one_hot(y, 4).double()
+    norms = []
+    for C in (0.01, 1.0):
+        W, b = ev.logreg(x, y, C, (torch.zeros(4, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)))
+        W, b = W.clone().requires_grad_(), b.clone().requires_grad_()
+        # sklearn's objective C * sum(CE) + |W|^2 / 2, divided by C * N: its gradient vanishes at the solution
+        loss = F.cross_entropy(x @ W + b, y, reduction="sum") + (W ** 2).sum() / (2 * C)
+        gW, gb = torch.autograd.grad(loss / len(x), (W, b))
+        assert max(gW.abs().max(), gb.abs().max()) < 1e-4, (C, gW, gb)
+        norms.append(float(W.detach().norm()))
+    assert norms[0] < norms[1] / 5  # a smaller C regularises more
+
+def test_knn_vote_shares_match_a_brute_force_search():
+    for seed in range(3):  # any data: the reference is exact, not a threshold
+        rng = np.random.default_rng(seed)
+        ftr, fte = rng.normal(size=(30, 4)) + 3, rng.normal(size=(10, 4)) + 3  # off-centre: centring matters
+        ytr = rng.integers(0, 3, 30)
+        unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)
+        sim = unit(fte - ftr.mean(0)) @ unit(ftr - ftr.mean(0)).T
+        want = np.stack([np.bincount(ytr[np.argsort(-s)[:5]], minlength=3) / 5 for s in sim])
+        got = ev.knn(torch.tensor(ftr), torch.tensor(ytr), torch.tensor(fte), 3, k=5)
+        assert np.allclose(got.numpy(), want), seed
+
 # ----------------------------------------------------------------------------- splits
 def test_split_grouped_by_slide_never_leaks_and_own_split_is_used():
     rng = np.random.default_rng(0)
