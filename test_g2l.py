@@ -1323,7 +1323,28 @@ def test_agree_self_is_one_other_lower_and_heads(pcam, tmp_path):
     assert 0 <= run_mlp["heads_cka"] <= 1 and run_mlp["heads_cka"] != run["heads_cka"]
     assert same["cka"] == pytest.approx(1, abs=1e-6) and same["cos_centred"] == pytest.approx(1, abs=1e-5)
     assert other["cka"] < 0.99 and "cos_centred" not in other  # 48 vs 64 dims: no cosine without a head
-    assert 0 <= run["heads_cka"] <= 1 and -1 <= run["heads_cos_centred"] <= 1 and "heads_cka" not in other
+    assert "heads_cka" not in other
+    # the heads figures, recomputed from the features and the saved heads.safetensors
+    from safetensors.torch import load_file
+    a = types.SimpleNamespace(data=str(csv_path), pooling="cls", device="cpu", batch_size=64, workers=0,
+                              out=str(tmp_path / "a"))
+    rows = ev.read_labelled(str(csv_path))
+    ft = ev.features(dict(name="vit_small_patch14_dinov2", weights="", kwargs=KW_T, size=42), rows, a).double()
+    centre = lambda v: v - v.mean(0)
+    cka = lambda p, q: float((centre(p).T @ centre(q)).norm() ** 2 / (centre(p).T @ centre(p)).norm() /
+                             (centre(q).T @ centre(q)).norm())
+    for r, head in ((run, "linear"), (run_mlp, "mlp")):
+        fs = ev.features(dict(name=str(tmp_path / head), weights="", kwargs="", size=0), rows, a).double()
+        w = {k: v.double() for k, v in load_file(str(tmp_path / head / "heads.safetensors")).items()}
+        if head == "linear":
+            z = fs @ w["global_head.weight"].T + w["global_head.bias"]
+        else:
+            z = F.gelu(fs @ w["global_head.0.weight"].T + w["global_head.0.bias"])
+            z = z @ w["global_head.2.weight"].T + w["global_head.2.bias"]
+        assert r["heads_cka"] == pytest.approx(cka(z, ft), rel=1e-4), head
+        assert r["heads_cos_centred"] == pytest.approx(float(F.cosine_similarity(centre(z), centre(ft)).mean()),
+                                                       rel=1e-4, abs=1e-6), head
+        assert r["heads_cos_raw"] == pytest.approx(float(F.cosine_similarity(z, ft).mean()), rel=1e-4), head
     # a random-init architecture is seeded, so a fresh extraction gives the very same features (the cache is honest)
     a = dict(data=str(csv_path), pooling="cls", device="cpu", batch_size=64, workers=0)
     m, rows = dict(name="vit_small_patch14_dinov2", weights="", kwargs=KW_T, size=42), ev.read_labelled(str(csv_path))
@@ -1383,6 +1404,21 @@ def test_robustness_index_on_constructed_features():
         ss += sum(lab[j] == lab[i] and cen[j] == cen[i] for j in order)
     r = ev.robustness_index(f, lab, cen, sli, ks=(3,))[0]
     assert r["ri"] == pytest.approx(so / (so + os_)) and r["dejong"] == pytest.approx((ss + so) / (ss + os_))
+
+def test_robustness_index_has_the_known_value_of_a_tiered_case():
+    # 2 labels x 2 centres, each (label, centre) 2 slides x 2 identical samples. Cosines: same group 1, same label
+    # 0.6, same centre 0.4, neither 0. A query's neighbours outside its slide: 2 SS, then 4 SO, 4 OS, 4 other.
+    # k=4: SS 2, SO 2 -> RI 1, de Jong 4/2; k=6: SO 4 -> 1, 3; k=8: SO 4, OS 2 -> 2/3, 3/2; k=10: 1/2, 1.
+    s, t = np.meshgrid([1, -1], [1, -1], indexing="ij")  # label sign, centre sign
+    v = np.stack([np.full(4, 0.5 ** 0.5), s.ravel() * 0.3 ** 0.5, t.ravel() * 0.2 ** 0.5], 1)
+    feats = np.repeat(v, 4, axis=0)
+    lab, cen = np.repeat(s.ravel(), 4), np.repeat(t.ravel(), 4)
+    slides = np.arange(16) // 2
+    got = ev.robustness_index(feats, lab, cen, slides, ks=(4, 6, 8, 10), n_boot=20)
+    assert [r["k"] for r in got] == [4, 6, 8, 10]
+    assert [r["ri"] for r in got] == pytest.approx([1, 1, 2 / 3, 1 / 2])
+    assert [r["dejong"] for r in got] == pytest.approx([2, 3, 3 / 2, 1])
+    assert all(r["ri_std"] == pytest.approx(0, abs=1e-12) for r in got)  # every query sees the same mix
 
 def test_robustness_command_on_real_tiles(pcam, tmp_path):
     _, pick = pcam
