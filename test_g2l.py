@@ -1262,16 +1262,19 @@ def test_logreg_solves_sklearns_objective_with_c_as_inverse_strength():
         norms.append(float(W.detach().norm()))
     assert norms[0] < norms[1] / 5  # a smaller C regularises more
 
+def knn_reference(ftr, ytr, fte, n_classes, k):
+    """Vote shares of the k nearest train rows by cosine after centring by the train mean, one query at a time."""
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)
+    sim = unit(fte - ftr.mean(0)) @ unit(ftr - ftr.mean(0)).T
+    return np.stack([np.bincount(ytr[np.argsort(-s, kind="stable")[:k]], minlength=n_classes) / k for s in sim])
+
 def test_knn_vote_shares_match_a_brute_force_search():
     for seed in range(3):  # any data: the reference is exact, not a threshold
         rng = np.random.default_rng(seed)
         ftr, fte = rng.normal(size=(30, 4)) + 3, rng.normal(size=(10, 4)) + 3  # off-centre: centring matters
         ytr = rng.integers(0, 3, 30)
-        unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)
-        sim = unit(fte - ftr.mean(0)) @ unit(ftr - ftr.mean(0)).T
-        want = np.stack([np.bincount(ytr[np.argsort(-s)[:5]], minlength=3) / 5 for s in sim])
         got = ev.knn(torch.tensor(ftr), torch.tensor(ytr), torch.tensor(fte), 3, k=5)
-        assert np.allclose(got.numpy(), want), seed
+        assert np.allclose(got.numpy(), knn_reference(ftr, ytr, fte, 3, 5)), seed
 
 # ----------------------------------------------------------------------------- splits
 def test_split_grouped_by_slide_never_leaks_and_own_split_is_used():
@@ -1291,14 +1294,24 @@ def test_split_grouped_by_slide_never_leaks_and_own_split_is_used():
     assert sp["val"] and not set(sp["val"]) & set(sp["test"])
 
 # ----------------------------------------------------------------------------- probe, agreement
-def test_probe_and_knn_beat_chance_on_real_tiles_and_cache(pcam, tmp_path, monkeypatch):
+def test_probe_averages_its_seeded_splits_and_caches_features(pcam, tmp_path, monkeypatch):
     csv_path, _ = pcam
     out = tmp_path / "res"
-    ev.main(["probe", *TINY, "--data", str(csv_path), "--out", str(out), "--seeds", "2", "--task", "pcam"])
+    ev.main(["probe", *TINY, "--data", str(csv_path), "--out", str(out), "--seeds", "2", "--task", "pcam",
+             "--k", "7"])
     row = json.loads((out / "probe_pcam.json").read_text())[0]
     assert row["n_train"] + row["n_test"] < 200 and row["seeds"] == 2
-    assert row["linear_bacc"] > 0.6 and row["knn_bacc"] > 0.6 and row["linear_auroc"] > 0.6, row
     assert row["linear_bacc_std"] > 0  # two different seeded splits
+    # random-init features beat chance on some splits only: the kNN figures are recomputed instead, from the
+    # cached features, each seed's split and a brute-force search with --k 7
+    rows, y = ev.read_labelled(str(csv_path)), np.array([int(r["label"]) for r in pcam[1]])
+    a = types.SimpleNamespace(data=str(csv_path), pooling="cls", device="cpu", batch_size=64, workers=0, out=str(out))
+    f = ev.features(dict(name="vit_small_patch14_dinov2", weights="", kwargs=KW_T, size=42), rows, a).double().numpy()
+    per = [ev.metrics(y[sp["test"]], knn_reference(f[sp["train"]], y[sp["train"]], f[sp["test"]], 2, 7))
+           for sp in (ev.split_rows(rows, seed) for seed in range(2))]
+    for k in ("bacc", "auroc", "f1_macro"):
+        assert row[f"knn_{k}"] == pytest.approx(np.mean([p[k] for p in per]), abs=1e-9), k
+        assert row[f"knn_{k}_std"] == pytest.approx(np.std([p[k] for p in per]), abs=1e-9), k
     assert "knn_f1_weighted" in (out / "probe_pcam.csv").read_text().splitlines()[0]
     # the second run reads the cached features: no model is built
     monkeypatch.setattr(ev, "load_model", lambda *a, **k: pytest.fail("features were not cached"))
