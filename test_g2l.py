@@ -927,6 +927,18 @@ def corners(folder):
         out.add((int(x), int(y)))
     return out
 
+def assert_tiles_are_read_region_resized(folder, slide, level, read_px, where=None):
+    """Each tile (of those at `where`) is OpenSlide's read_region at that level, read_px wide, resized to the tile's
+    size (LANCZOS); a tolerance of 2 grey levels on average, while 1 px too many or too few read is ~10 off."""
+    with openslide.OpenSlide(str(slide)) as s:
+        for p in sorted(folder.iterdir()):
+            x, y = p.stem.rsplit("_x", 1)[1].split("_y")
+            if where is None or (int(x), int(y)) in where:
+                tile = np.asarray(Image.open(p).convert("RGB"), float)
+                ref = s.read_region((int(x), int(y)), level, (read_px, read_px)).convert("RGB")
+                ref = np.asarray(ref.resize(tile.shape[1::-1], Image.Resampling.LANCZOS), float)
+                assert np.abs(tile - ref).mean() < 2, p.name
+
 def test_cmu_at_05_reads_level0_without_resize(tmp_path):
     # 0.499 is within 5% of 0.5: tiles are raw 224-px level-0 crops on a 224-px stride.
     # 2220 px wide -> floor((2220-224)/224)+1 = 9 columns; 2967 tall -> floor((2967-224)/224)+1 = 13 rows.
@@ -946,7 +958,8 @@ def test_cmu_at_05_reads_level0_without_resize(tmp_path):
 def test_cmu_at_1_downsamples_level0(tmp_path):
     # 1.0 µm/px: level 0 is 2x too fine -> read round(224/0.499) = 449 px and resize to 224.
     # footprint = stride = 448.898 level-0 px -> 4 columns (1771.1/448.9 = 3.9), 6 rows (2518.1/448.9 = 5.6).
-    assert prep_tiles.main([str(CMU), "--out", str(tmp_path), "--mpp", "1.0", "--min-tissue", "0"]) == 0
+    assert prep_tiles.main([str(CMU), "--out", str(tmp_path), "--mpp", "1.0", "--min-tissue", "0",
+                            "--format", "png"]) == 0
     r = rows(tmp_path)["CMU-1-Small-Region"]
     assert (r["status"], r["n_tiles"], r["read_level"], r["read_mpp"]) == ("ok", "24", "0", "1.0000")
     xs, ys = [0, 449, 898, 1347], [0, 449, 898, 1347, 1796, 2244]  # round(i * 448.898)
@@ -954,6 +967,7 @@ def test_cmu_at_1_downsamples_level0(tmp_path):
     for p in (tmp_path / "CMU-1-Small-Region").iterdir():
         im = Image.open(p)
         assert (im.mode, im.size) == ("RGB", (224, 224))
+    assert_tiles_are_read_region_resized(tmp_path / "CMU-1-Small-Region", CMU, 0, 449, {(898, 898), (1347, 2244)})
 
 def test_tissue_filter_tiles_decode_and_have_no_black(tmp_path):
     assert prep_tiles.main([str(CMU), "--out", str(tmp_path)]) == 0
@@ -1024,6 +1038,66 @@ def test_boxes_tiff_tiles_from_level2_with_override(tmp_path):
     r = rows(tmp_path)["boxes"]
     assert (r["status"], r["n_tiles"], r["read_level"], r["read_mpp"]) == ("ok", "12", "2", "1.0040")
     assert corners(tmp_path / "boxes") == {(x, y) for x in (0, 64, 129, 193) for y in (0, 64, 129)}
+    with openslide.OpenSlide(str(SYN / "boxes.tiff")) as s:  # level 2's own pixels, not level 0's
+        for x, y in corners(tmp_path / "boxes"):
+            ref = np.asarray(s.read_region((x, y), 2, (16, 16)).convert("RGB"))
+            assert np.array_equal(np.asarray(Image.open(tmp_path / "boxes" / f"boxes_x{x}_y{y}.png")), ref), (x, y)
+
+def test_boxes_tiff_tiles_from_level1_resized(tmp_path):
+    # override 0.25, target 0.7 -> level 1 (0.5 µm/px), read round(16 * 0.7 / 0.5) = 22 px, resized to 16
+    args = [str(SYN / "boxes.tiff"), "--out", str(tmp_path), "--mpp-override", "0.25", "--mpp", "0.7",
+            "--tile-size", "16", "--min-tissue", "0", "--format", "png"]
+    assert prep_tiles.main(args) == 0
+    r = rows(tmp_path)["boxes"]
+    assert (r["status"], r["read_level"], r["read_mpp"]) == ("ok", "1", "0.7000")
+    assert_tiles_are_read_region_resized(tmp_path / "boxes", SYN / "boxes.tiff", 1, 22)
+
+def test_overlap_shifts_tiles_by_the_stride_and_neighbours_share_pixels(tmp_path):
+    # override 0.25, target 0.5 -> level 1 as is; 16-px tiles overlapping by 8: footprint 32, stride 16 level-0 px
+    # -> floor((300-32)/16)+1 = 17 columns, floor((250-32)/16)+1 = 14 rows
+    args = [str(SYN / "boxes.tiff"), "--out", str(tmp_path), "--mpp-override", "0.25", "--mpp", "0.5",
+            "--tile-size", "16", "--overlap", "8", "--min-tissue", "0", "--format", "png"]
+    assert prep_tiles.main(args) == 0
+    assert corners(tmp_path / "boxes") == {(16 * i, 16 * j) for i in range(17) for j in range(14)}
+    tile = lambda x, y: np.asarray(Image.open(tmp_path / "boxes" / f"boxes_x{x}_y{y}.png"))
+    for x, y in ((0, 0), (96, 64), (240, 192)):  # the right/bottom half of a tile is its neighbour's left/top half
+        assert np.array_equal(tile(x, y)[:, 8:], tile(x + 16, y)[:, :8]), (x, y)
+        assert np.array_equal(tile(x, y)[8:], tile(x, y + 16)[:8]), (x, y)
+
+def set_tiff_resolution(src, dest, unit, per_unit):
+    """A copy of a little-endian TIFF whose first directory says per_unit px per unit (2 inch, 3 cm)."""
+    import struct
+    b = bytearray(src.read_bytes())
+    ifd = struct.unpack_from("<I", b, 4)[0]
+    for i in range(struct.unpack_from("<H", b, ifd)[0]):
+        tag, kind, _, value = struct.unpack_from("<HHII", b, ifd + 2 + 12 * i)
+        if tag in (282, 283) and kind == 5:  # XResolution, YResolution: RATIONAL at an offset
+            struct.pack_into("<II", b, value, per_unit, 1)
+        elif tag == 296:  # ResolutionUnit: SHORT, in the entry itself
+            struct.pack_into("<H", b, ifd + 2 + 12 * i + 8, unit)
+    dest.write_bytes(bytes(b))
+    return dest
+
+def test_mpp_from_tiff_resolution_tags(tmp_path):
+    # boxes.tiff says 28.35 px/cm (72 dpi: implausible); 40000 px/cm and 101600 px/inch are both 0.25 µm/px.
+    # OpenSlide >= 4 turns the tags into openslide.mpp-x itself; older ones leave them to prep_tiles
+    for unit, per_unit in ((3, 40000), (2, 101600)):
+        slide = set_tiff_resolution(SYN / "boxes.tiff", tmp_path / f"boxes{unit}.tiff", unit, per_unit)
+        out = tmp_path / f"out{unit}"
+        assert prep_tiles.main([str(slide), "--out", str(out), "--mpp", "0.5", "--tile-size", "16",
+                                "--min-tissue", "0"]) == 0
+        r = rows(out)[f"boxes{unit}"]
+        assert (r["status"], r["mpp_level0"], r["read_level"]) == ("ok", "0.2500", "1"), (unit, r)
+        assert r["mpp_source"] in ("openslide.mpp-x", "tiff.XResolution")
+    # the tags alone, or behind a placeholder openslide.mpp-x; x and y within 2% of each other give their mean
+    tags = lambda unit, x, y, **more: types.SimpleNamespace(properties={
+        "tiff.ResolutionUnit": unit, "tiff.XResolution": str(x), "tiff.YResolution": str(y), **more})
+    placeholder = {"openslide.mpp-x": "352.8", "openslide.mpp-y": "352.8"}
+    assert prep_tiles.slide_mpp(tags("centimeter", 40000, 40000)) == (pytest.approx(0.25), "tiff.XResolution")
+    assert prep_tiles.slide_mpp(tags("inch", 101600, 101600, **placeholder)) == \
+        (pytest.approx(0.25), "tiff.XResolution")
+    assert prep_tiles.slide_mpp(tags("centimeter", 40000, 40400)) == \
+        (pytest.approx((1e4 / 40000 + 1e4 / 40400) / 2), "tiff.XResolution")
 
 def test_broken_slides_fail_alone_and_exit_nonzero(tmp_path, capsys):
     bad = [SYN / "unopenable.tiff", SYN / "unreadable.svs"]
