@@ -1438,6 +1438,32 @@ def test_agree_self_is_one_other_lower_and_heads(pcam, tmp_path):
     fresh = ev.features(m, rows, types.SimpleNamespace(**a, out=str(tmp_path / "b")))
     assert torch.equal(fresh, ev.features(m, rows, types.SimpleNamespace(**a, out=str(tmp_path / "a"))))
 
+def test_imagefolder_data_and_pooling(pcam, tmp_path):
+    _, pick = pcam
+    root, flat = tmp_path / "folder", tmp_path / "flat"
+    for i, r in enumerate(pick[:16] + pick[100:116]):  # per class: 8 train, 4 val, 4 test
+        split = ("train", "val", "test")[(i % 16 >= 8) + (i % 16 >= 12)]
+        for d in (root / split / f"class{r['label']}", flat / f"class{r['label']}"):
+            d.mkdir(parents=True, exist_ok=True)
+            os.symlink(PCAM / r["path"], d / Path(r["path"]).name)
+    got = ev.read_labelled(str(flat))
+    assert len(got) == 32 and {r["label"] for r in got} == {"class0", "class1"} and "split" not in got[0]
+    got = ev.read_labelled(str(root))
+    pairs = {(s, c) for s in ("train", "val", "test") for c in ("class0", "class1")}
+    assert {(r["split"], r["label"]) for r in got} == pairs
+    ev.main(["probe", *TINY, "--data", str(root), "--out", str(tmp_path / "o"), "--seeds", "1", "--C", "1.0",
+             "--pooling", "cls+mean"])
+    row = json.loads((tmp_path / "o" / "probe_folder.json").read_text())[0]
+    assert (row["n_train"], row["n_test"], row["pooling"]) == (16, 8, "cls+mean")
+    # the model pools its patch tokens (global_pool avg) through a fresh LayerNorm: cls = LayerNorm(mean patch token)
+    a = types.SimpleNamespace(data=str(root), device="cpu", batch_size=64, workers=0, out=str(tmp_path / "o"))
+    f = {p: ev.features(dict(name="vit_small_patch14_dinov2", weights="", kwargs=KW_T, size=42), got,
+                        types.SimpleNamespace(**vars(a), pooling=p)) for p in ("cls", "mean", "cls+mean")}
+    assert f["cls"].shape == f["mean"].shape == (32, 64)
+    assert torch.equal(f["cls+mean"], torch.cat([f["cls"], f["mean"]], 1))
+    assert not torch.allclose(f["mean"], f["cls"], atol=1e-2)
+    assert torch.allclose(F.layer_norm(f["mean"], (64,), eps=1e-6), f["cls"], atol=1e-4)
+
 def test_feature_cache_follows_the_rewritten_weights_of_a_model_folder(pcam, tmp_path):
     csv_path, _ = pcam
     rows, folder = ev.read_labelled(str(csv_path))[:8], tmp_path / "run" / "student"
