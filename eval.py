@@ -9,14 +9,10 @@
     python eval.py probe --model vit_small_patch14_dinov2 --model-kwargs '{"depth": 1, "global_pool": "avg"}' \\
         --img-size 56 --data examples/pcam/labels.csv     # any timm model, random init, on the bundled PCam tiles
 
---data: a CSV with columns path,label and optional split,center,slide (paths relative to the CSV), or an ImageFolder
-root/<split>/<class>/* or root/<class>/*. Models follow g2l.py's naming rules (presets, timm names, hf-hub:,
-local-dir:, transformers DINOv2 checkpoints such as hf-hub:histai/hibou-L, g2l run folders); per-model options are
-given once per --model, in order, or (all but --model-weights) once for all models.
-Features are extracted once and cached in OUT/features/. Each command writes OUT/<name>.json + .csv and prints a table.
-Protocols (UNI / eva style): linear probe = multinomial logistic regression by L-BFGS on standardised features, L2 in
-sklearn's convention (C * sum CE + |W|^2 / 2), C picked on the validation split by balanced accuracy; kNN = majority
-vote of k=20 cosine neighbours after centring by the train mean and L2-normalising; robustness = PathoROB's index.
+--data: a CSV path,label[,split,center,slide] (paths relative to it) or an ImageFolder root/[<split>/]<class>/*.
+Models are named as in g2l.py, their options given once per --model, in order, or (not --model-weights) once for all.
+Features are cached in OUT/features/; each command writes OUT/<name>.json + .csv and prints a table. Protocols (UNI,
+eva): logistic-regression probe, C picked on val; kNN, k=20 centred cosine; robustness, PathoROB's index.
 Exit status: 0 done, 1 a failure during the work, 2 an argument error (found before any model is built), 128+n
 stopped by signal n (SIGTERM: 143; features extracted so far stay cached).
 """
@@ -34,10 +30,7 @@ from g2l import AUG, DTYPES, Config, TileDataset, atomic_open, centred_cosine, e
     forward_flops, index_tiles, linear_cka, load_model, make_views, peak_memory_gb, projection, quiet_worker, resolve
 
 class UsageError(SystemExit):
-    """An argument error, found before any work: its one line goes to stderr, the exit status is argparse's 2."""
-    def __init__(self, message):
-        super().__init__(message)
-        self.code = 2
+    code = 2  # an argument error, found before any work: argparse's exit status (its one line: see __main__)
 
 # ----------------------------------------------------------------------------- data
 DATA = "a labels CSV (path,label[,split,center,slide]; paths relative to it) or an ImageFolder root/<split>/<class>/*"
@@ -50,9 +43,8 @@ def read_labelled(data, need=("path", "label")):
     if p.is_dir():
         parts = [(f, Path(f).relative_to(p).parts) for f in find_images([str(p)])]
         has_split = all(len(q) >= 3 and q[0].lower() in SPLITS for _, q in parts)  # root/<split>/<class>/*
-        rows = [dict(path=f, label=q[has_split] if len(q) > 1 else "", **({"split": q[0]} if has_split else {}))
-                for f, q in parts]
-        cols = ["path", "label"] + ["split"] * has_split
+        cols = ["path", "label", "split"][:2 + has_split]
+        rows = [dict(zip(cols, [f, q[has_split] if len(q) > 1 else "", q[0]])) for f, q in parts]
     elif p.is_file():
         try:  # an image or other binary file given as --data is not a CSV
             with open(p, newline="") as fh:  # the header's names cleaned first, then each row read by them
@@ -120,10 +112,10 @@ def model_list(names, weights, kwargs, sizes, flag="--model"):
     cols, n, size_flag = [names], len(names), "--img-size" if flag == "--model" else flag + "-img-size"
     for values, opt, default in [(weights, flag + "-weights", ""), (kwargs, flag + "-kwargs", ""),
                                  (sizes, size_flag, 0)]:
-        one_file_for_many = opt.endswith("-weights") and len(values) == 1 and n > 1  # a file fits one model
-        if (len(values) > 1 and len(values) != n) or one_file_for_many:
+        once = not opt.endswith("-weights")  # a weights file fits one model, never all of them
+        if len(values) not in (0, n, 1 if once else 0):
             raise UsageError(f"error: {opt} given {len(values)} times for {n} models; give it once per model, in "
-                             "order ('' for none)" + ("" if opt.endswith("-weights") else ", or once for all"))
+                             "order ('' for none)" + ", or once for all" * once)
         cols.append(values if len(values) > 1 else [values[0] if values else default] * n)
     return [dict(name=a, weights=b, kwargs=c, size=d) for a, b, c, d in zip(*cols)]
 
@@ -330,13 +322,6 @@ def bench_one(m, a):
                          peak_mem_gb=peak_memory_gb(dev) - base, params_m=params_m, gflops=gflops))
     return rows
 
-def run_isolated(m, a):
-    try:  # a SystemExit in the child (unknown model, ...) is re-raised here
-        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
-            return ex.submit(bench_one, m, a).result()
-    except BrokenProcessPool:
-        raise SystemExit(f"error: benchmarking {m['name']} killed its process (out of memory?); lower --batch-sizes")
-
 # ----------------------------------------------------------------------------- commands
 def fmt(r, c):
     v = r.get(c, "")
@@ -443,7 +428,14 @@ def cmd_robustness(a):
     save_and_print(a, f"robustness_{task_name(a)}", res, ["model", "task", "n", "k", "ri", "dejong"])
 
 def cmd_bench(a):
-    res = [r for m in model_list(a.model, a.model_weights, a.model_kwargs, []) for r in run_isolated(m, a)]
+    res = []
+    for m in model_list(a.model, a.model_weights, a.model_kwargs, []):
+        try:  # in a fresh process each; a SystemExit there (unknown model, ...) is re-raised here
+            with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+                res += ex.submit(bench_one, m, a).result()
+        except BrokenProcessPool:
+            raise SystemExit(f"error: benchmarking {m['name']} killed its process (out of memory?); lower "
+                             "--batch-sizes")
     for r in res:  # the first --model (the teacher) is the reference
         ref = next(x for x in res if x["batch"] == r["batch"])
         r.update(speedup=r["img_per_s"] / ref["img_per_s"], param_ratio=ref["params_m"] / r["params_m"],
@@ -485,7 +477,7 @@ def cmd_bench_data(a):
 # ----------------------------------------------------------------------------- report
 def cmd_report(a):
     """OUT/report.md (every results table) and OUT/report.png (bars per metric, one colour per model)."""
-    out, md, bars = Path(a.out), ["# g2l evaluation report", ""], {}
+    out, md, bars = Path(a.out), ["# g2l evaluation report", ""], {}  # bars: {metric: {model: value}}
     shown = dict(probe=["linear_bacc", "linear_auroc", "knn_bacc"], agree=["cka", "heads_cka"], robustness=["ri"])
     for f in sorted(out.glob("*.json")):
         rows = json.loads(f.read_text())
@@ -501,16 +493,16 @@ def cmd_report(a):
             name = r.get("student") or r.get("model")
             for k in shown.get(kind, []):
                 if isinstance(r.get(k), float):
-                    bars.setdefault((task, f"{k}@{r['k']}" if kind == "robustness" else k), {})[name] = r[k]
+                    bars.setdefault(f"{task} {k}" + f"@{r.get('k')}" * (kind == "robustness"), {})[name] = r[k]
             if kind == "bench":  # speed relative to the fastest model
                 fastest = max(x["img_per_s"] for x in rows)
-                bars.setdefault(("speed", f"rel. x{r['batch']}"), {})[name] = r["img_per_s"] / fastest
+                bars.setdefault(f"speed rel. x{r['batch']}", {})[name] = r["img_per_s"] / fastest
     if not bars:
         raise UsageError(f"error: no results (*.json from probe/agree/robustness/bench) in {out}; run those first")
     models = list(dict.fromkeys(m for g in bars.values() for m in g))
     colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
                "#17becf", "#000000", "#aec7e8"]
-    lines = [(f"{task} {metric}", m, vals[m]) for (task, metric), vals in bars.items() for m in models if m in vals]
+    lines = [(metric, m, vals[m]) for metric, vals in bars.items() for m in models if m in vals]
     img = Image.new("RGB", (800, 16 * len(lines) + 24), "white")
     d, x0, w = ImageDraw.Draw(img), 440, 340  # a metric and a model name left of x0, then w px of bar for 1.0
     for t in range(5):  # axis 0..1
@@ -544,21 +536,19 @@ def parser():
     dev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     for r in ("model", "teacher", "student"):  # repeat for several models, with their options in the same order
         g, many = group.setdefault(r, par()), dict(action="append", default=[]) if r != "teacher" else {}
-        g.add_argument(f"--{r}", required=True, **many,
-                       help="preset, timm name, hf-hub:, local-dir:, a transformers DINOv2 folder or a g2l run folder"
-                       + ("" if r == "teacher" else f"; repeat --{r} for several, each followed by its own options"))
+        g.add_argument(f"--{r}", required=True, **many, help="preset, timm name, hf-hub:, local-dir:, a DINOv2 "
+                       "folder or a g2l run" + f"; repeat --{r} for several, each with its options" * bool(many))
         g.add_argument(f"--{r}-weights", **(many or dict(default="")),
                        help="local .safetensors/.pth/.bin weights for its architecture (default: none)")
         g.add_argument(f"--{r}-kwargs", **(many or dict(default="")),
                        help="JSON architecture kwargs, e.g. '{\"depth\": 2}' (default: none)")
-        if r != "model":
+        if r != "model":  # --model's is --img-size, below: bench has another
             g.add_argument(f"--{r}-img-size", type=int, **(many or dict(default=0)),
-                           help="input px; 0 = the size the model was built or trained for"
-                           + (" (default: 0)" if many else ""))
+                           help="input px; 0 = as built or trained" + " (default: 0)" * bool(many))
     data.add_argument("--data", required=True, help="labels CSV (path,label[,split,center,slide]) or ImageFolder root")
     data.add_argument("--task", default="", help="name in the results (default: the data folder's name)")
     data.add_argument("--pooling", default="cls", choices=["cls", "mean", "cls+mean"],
-                      help="feature: the model's global output (cls), the mean patch token, or both concatenated")
+                      help="the model's global output (cls), the mean patch token, or both concatenated")
     data.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass")
     data.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding tiles (0 = in-process)")
     pr = cmd("probe", [out, dev, group["model"], data], "linear probe and kNN on frozen features, per model")
@@ -574,15 +564,14 @@ def parser():
     ro.add_argument("--boot", type=int, default=200, help="bootstrap resamples for the std")
     for s in (pr, ro):
         s.add_argument("--img-size", type=int, action="append", default=[],
-                       help="input px, once for all models or once per --model; 0 = the size it was built or trained "
-                            "for (default: 0)")
+                       help="input px, once for all or once per --model; 0 = as built or trained (default: 0)")
     be = cmd("bench", [out, dev, group["model"]], "inference speed and memory per model, in a fresh process each")
     be.add_argument("--img-size", type=int, default=224, help="the same input size for every model")
     be.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to time")
     be.add_argument("--iters", type=int, default=5, help="timed forward passes per batch size")
     be.add_argument("--warmup", type=int, default=2, help="untimed passes first")
     be.add_argument("--runs", type=int, default=3,
-                    help=f"timed runs of --iters passes: the median is reported, a spread over {SPREAD * 100:.0f}%% flagged")
+                    help=f"timed runs of --iters passes: median reported, a spread over {SPREAD * 100:.0f}%% flagged")
     be.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="auto = bf16 on GPUs that support it, else fp32")
     be.add_argument("--random-init", action="store_true", help="presets' bare architectures, random weights")
