@@ -849,6 +849,51 @@ def same_weights(a, b):
             outs.append(s.eval()(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))))
     assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-4)
 
+def _start_ranks(rank, cfg, folders, barrier, failures):
+    """One rank of a torchrun start: the --out checks of every fresh folder, all ranks released at once."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+    for out in folders:
+        barrier.wait()
+        try:
+            g2l.check_args(dataclasses.replace(cfg, out=out))
+        except SystemExit as e:
+            failures.put(f"rank {rank}: {e}")
+
+def test_ranks_starting_together_on_a_fresh_out_never_fail_its_checks(tmp_path, monkeypatch):
+    """torchrun starts every rank at once on the same --out: one rank's folder check must never trip another's."""
+    import multiprocessing
+    argv = [*TINY_T, *TINY_S, "--data", "/nonexistent/tiles", "--workers", "0", "--out", str(tmp_path / "one")]
+    # deterministic: rank 0's whole start falls between rank 1's first write in the folder and its clean-up
+    real, seen = os.remove, []
+    def rank_0_between(path):
+        if str(path).startswith(str(tmp_path / "one")) and not seen:
+            seen.append(path)
+            monkeypatch.setenv("RANK", "0")
+            with pytest.raises(SystemExit, match="does not exist"):
+                g2l.main(argv)
+            monkeypatch.setenv("RANK", "1")
+        real(path)
+    monkeypatch.setattr(os, "remove", rank_0_between)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit, match="does not exist"):
+        g2l.main(argv)
+    monkeypatch.setattr(os, "remove", real)
+    # and as it happens: 3 forked ranks released together onto 200 fresh folders (parsing once: it costs 0.1 s)
+    ctx = multiprocessing.get_context("fork")
+    barrier, failures = ctx.Barrier(3), ctx.Queue()
+    folders = [str(tmp_path / "race" / str(i)) for i in range(200)]
+    ranks = [ctx.Process(target=_start_ranks, args=(r, g2l.parse_args(argv), folders, barrier, failures))
+             for r in range(3)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=120)
+    assert [p.exitcode for p in ranks] == [0, 0, 0]
+    said = []
+    while not failures.empty():
+        said.append(failures.get())
+    assert not said, said[:3]
+
 def test_ddp_with_grad_accum_matches_one_process(tmp_path, tiles, request):
     """2 gloo processes x batch 2 x 2 micro-steps take the same steps as 1 process x batch 4 x 2 micro-steps."""
     import torch.multiprocessing as mp
