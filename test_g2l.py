@@ -469,6 +469,118 @@ def test_short_run_loss_falls_and_agreement_rises(tmp_path, tiles):
     assert last["step"] == 40 and (tmp_path / "run" / "config.json").is_file()
     assert "teacher" not in " ".join(ck["model"])  # the frozen teacher is never checkpointed
 
+TRACED = dict(lr=1e-3, min_lr_frac=0.2, weight_decay=0.3, warmup_steps=2, steps=6, clip_grad=0.01)
+
+@pytest.fixture(scope="session")
+def traced(tiles, tmp_path_factory):
+    """One run watched from outside g2l: every optimizer step (its groups' lr, weight decay, parameter names and the
+    gradient norm it applies), the inputs of each model's patch embedding at the first step, and every tile opened.
+    --balance on a lone tile beside a 40-tile slide; --no-augment with --load-size 36 over --img-size 28."""
+    import PIL.Image
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    root = tmp_path_factory.mktemp("traced")
+    train = sorted((tiles / "train").rglob("*.jpg"))
+    for i, f in enumerate(train[:41]):
+        (root / "data" / ("one" if i == 40 else "big")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, root / "data" / ("one" if i == 40 else "big") / f.name)
+    seen = types.SimpleNamespace(steps=[], inputs={}, first={}, modules={}, opened=[], names=None)
+    def on_forward(module, args):
+        seen.modules[id(module)] = module
+        if isinstance(module, timm.layers.PatchEmbed):
+            seen.inputs[module.patch_size[0]] = args[0].detach().clone()
+    def on_step(opt, args, kwargs):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if seen.names is None:  # the module that owns exactly the optimized parameters names them
+            owner = next(m for m in seen.modules.values() if {id(p) for p in m.parameters()} == set(map(id, params)))
+            names = {id(p): n for n, p in owner.named_parameters()}
+            seen.names = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+            seen.first = dict(seen.inputs)
+        norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params if p.grad is not None))
+        seen.steps.append(dict(lr=[g["lr"] for g in opt.param_groups], norm=norm,
+                               wd=[g["weight_decay"] for g in opt.param_groups]))
+    real_open = PIL.Image.open
+    def opening(path, *a, **k):
+        seen.opened.append(Path(path))
+        return real_open(path, *a, **k)
+    hooks = [torch.nn.modules.module.register_module_forward_pre_hook(on_forward),
+             register_optimizer_step_pre_hook(on_step)]
+    PIL.Image.open = opening
+    try:
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in TRACED.items() if k != "steps"]
+        run(root, tiles, "--data", str(root / "data"), *flags, "--balance", "--no-augment", "--load-size", "36",
+            steps=TRACED["steps"])
+    finally:
+        PIL.Image.open = real_open
+        for h in hooks:
+            h.remove()
+    seen.out = root / "run"
+    return seen
+
+def schedule(step):
+    """The documented schedule: linear warm-up over warmup_steps, then a cosine from 1 down to min_lr_frac."""
+    c = types.SimpleNamespace(**TRACED)
+    if step < c.warmup_steps:
+        return (step + 1) / c.warmup_steps
+    t = (step - c.warmup_steps) / (c.steps - c.warmup_steps)
+    return c.min_lr_frac + (1 - c.min_lr_frac) * (1 + math.cos(math.pi * t)) / 2
+
+def test_lr_and_weight_decay_follow_the_warmup_cosine_schedule(traced):
+    steps = traced.steps
+    assert len(steps) == TRACED["steps"]
+    for k, s in enumerate(steps):  # both groups' lr; weight decay on the decaying group only, decaying with the lr
+        assert s["lr"] == pytest.approx([TRACED["lr"] * schedule(k)] * 2, rel=1e-9), k
+        assert s["wd"] == pytest.approx([TRACED["weight_decay"] * schedule(k), 0.0], rel=1e-9), k
+    assert [steps[k]["lr"][0] for k in (1, 2)] == [TRACED["lr"]] * 2  # the peak, then down: never back up
+    assert all(a["lr"][0] > b["lr"][0] for a, b in zip(steps[2:], steps[3:]))
+    rows = metrics(traced.out)  # the lr column: the lr of the step each row ends
+    assert [r["lr"] for r in rows] == pytest.approx([TRACED["lr"] * schedule(r["step"] - 1) for r in rows], rel=1e-9)
+
+def test_weight_decay_groups_by_parameter_name(traced):
+    decay, plain = traced.names
+    assert traced.steps[0]["wd"][0] > 0 and traced.steps[0]["wd"][1] == 0
+    # matrices decay; biases, norms, the CLS token and the position embedding do not
+    no_decay = lambda n: n.endswith(".bias") or ".norm" in n or "norm1" in n or "norm2" in n or \
+        n.rsplit(".", 1)[-1] in ("cls_token", "pos_embed", "reg_token")
+    assert decay and plain and not any(map(no_decay, decay)) and all(map(no_decay, plain))
+    for name in ("backbone.blocks.0.attn.qkv.weight", "backbone.patch_embed.proj.weight", "global_head.weight",
+                 "local_head.weight"):
+        assert name in decay, name
+    for name in ("backbone.pos_embed", "backbone.cls_token", "backbone.norm.weight", "global_head.bias"):
+        assert name in plain, name
+
+def test_gradients_are_clipped_to_the_norm_given(traced):
+    """The norm the optimizer applies, computed here from the gradients themselves, is --clip-grad whenever the
+    logged (pre-clipping) norm is above it."""
+    rows = metrics(traced.out)
+    assert all(r["grad_norm"] > 10 * TRACED["clip_grad"] for r in rows)  # clipping acts at every step
+    for s in traced.steps:
+        assert s["norm"] == pytest.approx(TRACED["clip_grad"], rel=1e-4)
+
+def test_no_augment_with_load_size_shows_the_teacher_a_plain_crop(traced):
+    """--no-augment keeps only the random crop: each teacher image is, pixel for pixel, a 28 px window of a tile
+    decoded at --load-size 36, in the teacher's normalisation; the student sees that view resized to its grid."""
+    x = traced.first[14]  # teacher /14
+    cfg_t = timm.get_pretrained_cfg("vit_small_patch14_dinov2")
+    mean, std = torch.tensor(cfg_t.mean).view(1, 3, 1, 1), torch.tensor(cfg_t.std).view(1, 3, 1, 1)
+    view = x * std + mean
+    assert view.shape == (8, 3, 28, 28)
+    drawn = sorted({p for p in traced.opened if "data" in p.parts})
+    windows = torch.stack([g2l.load_tile(p, 36) for p in drawn]).float().div(255).unfold(2, 28, 1).unfold(3, 28, 1)
+    windows = windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, 28, 28)  # every tile x every offset
+    for img in view:
+        assert (windows - img).abs().flatten(1).amax(1).min() < 1e-5
+    cfg_s = timm.get_pretrained_cfg("vit_tiny_patch16_224")
+    s = traced.first[16] * torch.tensor(cfg_s.std).view(1, 3, 1, 1) + torch.tensor(cfg_s.mean).view(1, 3, 1, 1)
+    ref = F.interpolate(view, size=32, mode="bilinear", antialias=True, align_corners=False)  # same grid: 2 x 2
+    assert (s - ref).abs().max() < 1e-5  # not mirrored, not cropped elsewhere: the same view
+
+def test_balance_draws_a_lone_tile_as_often_as_a_40_tile_slide(traced):
+    """48 draws: without --balance the lone tile comes at most twice (an epoch is a permutation); balanced, its
+    count is Binomial(48, 1/2), under 8 with probability 1e-7."""
+    opened = [p.parent.name for p in traced.opened if "data" in p.parts]
+    assert len(opened) >= 48 and opened[-48:].count("one") >= 8
+    assert json.loads((traced.out / "config.json").read_text())["balance"] is True
+
 def keep_checkpoints(monkeypatch):
     """Keep a copy of every checkpoint as ckpt.pt.STEP (the run overwrites ckpt.pt)."""
     real = g2l.atomic_save
