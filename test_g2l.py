@@ -112,6 +112,13 @@ def test_agreement_metrics():
     rotation = torch.tensor(np.linalg.qr(rng.normal(size=(8, 8)))[0])
     assert g2l.linear_cka(a, a @ rotation) == pytest.approx(1.0)
     assert g2l.linear_cka(a, torch.tensor(rng.normal(size=(200, 8)))) < 0.3
+    # Kornblith et al.'s formula with explicit centring matrices, on features far from zero mean
+    x, y = rng.normal(size=(50, 6)) + 3, rng.normal(size=(50, 4)) @ rng.normal(size=(4, 4)) - 2
+    y[:, 0] += x[:, 0]
+    H = np.eye(50) - 1 / 50
+    K, L = H @ x @ x.T @ H, H @ y @ y.T @ H
+    assert g2l.linear_cka(torch.tensor(x), torch.tensor(y)) == pytest.approx((K * L).sum() / np.sqrt(
+        (K * K).sum() * (L * L).sum()), rel=1e-9)
     # predicting the teacher's mean scores a high raw cosine but zero after centring
     t = a + 5
     mean_pred = t.mean(0, keepdim=True).expand_as(t) + 1e-3 * torch.tensor(rng.normal(size=(200, 8)))
@@ -173,6 +180,39 @@ def test_transformers_dinov2_converts_with_identical_tokens(tmp_path, registers,
     with torch.no_grad():
         assert (big.eval().forward_features(x) - hf(pixel_values=x).last_hidden_state).abs().max() < 1e-5
 
+def test_transformers_dinov2_with_the_newer_key_names_converts(tmp_path):
+    """Newer transformers name SwiGLU's halves gate_proj/up_proj (down_proj out) and attention q/k/v/o_proj;
+    save_pretrained here still writes the older names, so the checkpoint is renamed as a newer one would be."""
+    from safetensors.torch import load_file, save_file
+    hf = tiny_hf_dinov2(tmp_path / "hf", registers=True, swiglu=True)
+    old, new = load_file(str(tmp_path / "hf" / "model.safetensors")), {}
+    names = {"attention.attention.query": "attention.q_proj", "attention.attention.key": "attention.k_proj",
+             "attention.attention.value": "attention.v_proj", "attention.output.dense": "attention.o_proj",
+             "mlp.weights_out": "mlp.down_proj"}
+    for k, v in old.items():
+        if "mlp.weights_in" in k:  # SiLU acts on the first half (the gate), which multiplies the second
+            new[k.replace("weights_in", "gate_proj")], new[k.replace("weights_in", "up_proj")] = v.chunk(2)
+            continue
+        for a, b in names.items():
+            k = k.replace(a, b)
+        new[k] = v
+    assert not any("weights_in" in k or "attention.attention" in k for k in new)
+    save_file(new, str(tmp_path / "hf" / "model.safetensors"))
+    model, _ = g2l.load_model(str(tmp_path / "hf"))
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert (model.eval().forward_features(x) - hf(pixel_values=x).last_hidden_state).abs().max() < 1e-5
+
+def test_virchow2_embedding_is_cls_then_mean_patch_token():
+    model, spec = g2l.load_model("virchow2", kwargs='{"depth": 1, "embed_dim": 32, "num_heads": 2}', img_size=28)
+    assert spec.embed == "cls+mean" and spec.dim == 64 and model.num_prefix_tokens == 5  # CLS + 4 registers
+    x = torch.rand(3, 3, 28, 28)
+    with torch.no_grad():
+        g, _ = g2l.encode(model.eval(), spec, x)
+        mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+        tokens = model.forward_features((x - mean) / std)
+    assert torch.allclose(g, torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], 1), atol=1e-6)  # registers left out
+
 def test_unsupported_dinov2_config_is_one_clear_line(tmp_path):
     conf = dict(model_type="dinov2", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, layer_norm_eps=1e-5)
     (tmp_path / "config.json").write_text(json.dumps(conf))
@@ -216,7 +256,9 @@ def test_exported_swiglu_student_of_a_hibou_run_reloads_in_plain_timm(tmp_path, 
     x = torch.rand(3, 3, 28, 28)
     with torch.no_grad():
         assert torch.equal(model.forward_features(x), raw.eval().forward_features(x))
-    assert model.pretrained_cfg["mean"] == list(g2l.HIBOU["mean"])
+    data = timm.data.resolve_data_config({}, model=model)  # what a user's timm pipeline will feed it
+    assert tuple(data["mean"]) == (0.7068, 0.5755, 0.7220) and tuple(data["std"]) == (0.1950, 0.2316, 0.1816)
+    assert tuple(data["input_size"]) == (3, 28, 28) and data["interpolation"] == "bilinear" and data["crop_pct"] == 1.0
 
 @pytest.mark.parametrize("name", ["h0-mini", "uni2-h", "virchow2", "hibou-l"])
 def test_swiglu_presets_export_as_the_same_plain_timm_architecture(name):
@@ -280,6 +322,16 @@ def test_student_size_matches_teacher_grid_and_resize_fallback():
     with torch.no_grad():
         _, pmap = g2l.encode(student, spec, torch.rand(2, 3, 128, 128))
     assert pmap.shape[-2:] == (8, 8)
+    # the resized token map is torch's bilinear resize of the projected map, token (y, x) at row y * 16 + x
+    raw = g2l.Student(student, spec, 64, 48, local=True)
+    with torch.no_grad():
+        raw.local_head.weight.copy_(torch.eye(48) * 2)
+        raw.local_head.bias.fill_(0.5)
+        x = torch.rand(2, 3, 128, 128)
+        _, ls = raw(x, (16, 12))
+        _, pmap = g2l.encode(student, spec, x)
+    ref = F.interpolate(pmap * 2 + 0.5, size=(16, 12), mode="bilinear", align_corners=False)
+    assert ls.shape == (2, 16 * 12, 48) and (ls - ref.flatten(2).transpose(1, 2)).abs().max() < 1e-5
 
 def test_student_cut_from_teacher_blocks_computes_those_blocks(tmp_path):
     """examples/student_from_teacher.py: a shallower pretrained student whose block j is teacher block blocks[j];
@@ -342,12 +394,19 @@ def test_augmentations_keep_their_semantics():
     r = {**r, "jitter": torch.tensor([False]), "blur": torch.tensor([True]), "sigma": torch.tensor([2.0])}
     noise = torch.rand(1, 3, 32, 32)
     assert g2l.colour_blur(noise, r).std() < noise.std() * 0.6
+    for sigma in (0.1, 2.0):  # a constant image is its own blur, at every sigma (the kernel sums to 1)
+        r["sigma"] = torch.tensor([sigma])
+        assert (g2l.colour_blur(torch.full((1, 3, 16, 16), 0.7), r) - 0.7).abs().max() < 1e-6
     # both models see the same view by default; independent views differ only in colour/blur
     cfg = g2l.Config(img_size=32, seed=3)
     xt, xs = g2l.make_views(x, cfg, step=5, micro=0, device="cpu")
     assert torch.equal(xt, xs)
     xt2, xs2 = g2l.make_views(x, g2l.Config(img_size=32, seed=3, views="independent"), step=5, micro=0, device="cpu")
     assert torch.equal(xt2, xt) and not torch.equal(xs2, xt2)
+    with pytest.MonkeyPatch.context() as mp:  # without colour and blur, independent views are the same pixels
+        mp.setattr(g2l, "colour_blur", lambda x, p: x)
+        xt3, xs3 = g2l.make_views(x, dataclasses.replace(cfg, views="independent"), step=5, micro=0, device="cpu")
+        assert torch.equal(xt3, xs3) and not torch.equal(xt3, x[:, :, :32, :32].float() / 255)  # cropped, flipped
     # the views are a function of (seed, step): a resumed run or another rank count sees the same
     assert torch.equal(g2l.make_views(x, cfg, step=5, micro=0, device="cpu")[0], xt)
     assert not torch.equal(g2l.make_views(x, cfg, step=6, micro=0, device="cpu")[0], xt)
@@ -465,7 +524,10 @@ def test_short_run_loss_falls_and_agreement_rises(tmp_path, tiles):
     cos = [r["val_cos"] for r in m if "val_cos" in r]
     ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     assert ck["first"]["val_cos"] < cos[-1] - 0.1, (ck["first"]["val_cos"], cos)
-    assert ck["first"]["val_cka"] < m[-1]["val_cka"], (ck["first"], m[-1])
+    # val_cka is not asked to rise: over 40 steps it falls at some seeds (0.959 -> 0.911 at seed 2) while loss and
+    # val_cos move by margins every seed tried keeps (seeds 0-5: loss -1.5 or more, val_cos +0.29 or more);
+    # its formula is checked by hand in test_agreement_metrics
+    assert [r["step"] for r in m if "val_cka" in r] == [20, 40] and 0 < m[-1]["val_cka"] <= 1
     assert last["step"] == 40 and (tmp_path / "run" / "config.json").is_file()
     assert "teacher" not in " ".join(ck["model"])  # the frozen teacher is never checkpointed
 
@@ -610,9 +672,8 @@ def test_derived_options_are_recorded_and_the_parsed_config_is_never_changed(tmp
 def test_resume_is_exact(tmp_path, tiles, monkeypatch):
     keep_checkpoints(monkeypatch)
     run(tmp_path, tiles, "--ckpt-every", "3", "--seed", "5", "--head", "mlp", steps=6, name="full")
-    os.makedirs(tmp_path / "half")
-    shutil.copy(tmp_path / "full" / "ckpt.pt.3", tmp_path / "half" / "ckpt.pt")
-    run(tmp_path, tiles, "--ckpt-every", "3", "--seed", "5", "--head", "mlp", "--resume", "auto", steps=6, name="half")
+    run(tmp_path, tiles, "--ckpt-every", "3", "--seed", "5", "--head", "mlp", "--resume",
+        str(tmp_path / "full" / "ckpt.pt.3"), steps=6, name="half")  # an explicit checkpoint, in another folder
     full, half = metrics(tmp_path / "full"), metrics(tmp_path / "half")
     assert [r["loss"] for r in full[3:]] == [r["loss"] for r in half]
     a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["model"]
@@ -633,6 +694,45 @@ def test_demo_composes_with_flags_and_its_hint_works_as_printed(tmp_path, monkey
     ev.main(argv[2:] + ["--seeds", "1", "--C", "1.0"])  # as printed, plus fewer fits (speed only)
     res = json.loads((tmp_path / "demo" / "eval" / "probe_pcam.json").read_text())
     assert res[0]["n_train"] > 0 and 0 <= res[0]["linear_bacc"] <= 1
+
+def test_demo_without_the_hub_falls_back_to_a_random_pooling_teacher(tmp_path, tiles, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    real = g2l.load_model
+    def offline(name, *a, **k):  # what an offline machine without the weights cached meets
+        if name == g2l.DEMO["teacher"]:
+            raise SystemExit(f"error: could not load {name} from the Hugging Face hub (offline)")
+        return real(name, *a, **k)
+    monkeypatch.setattr(g2l, "load_model", offline)
+    kw = '{"depth": 1, "embed_dim": 32, "num_heads": 2}'
+    common = ["--teacher-kwargs", kw, *TINY_S, "--img-size", "28", "--steps", "1", "--workers", "0",
+              "--eval-every", "1000"]
+    g2l.main(["--demo", *common, "--out", "demo"])
+    conf = json.loads((tmp_path / "demo" / "config.json").read_text())
+    assert "pretrained weights are not reachable" in capsys.readouterr().out
+    assert json.loads(conf["teacher_kwargs"]) == {**json.loads(kw), "global_pool": "avg"}
+    assert conf["teacher_source"] == "random init" and conf["teacher"] == g2l.DEMO["teacher"]
+    with pytest.raises(SystemExit, match="could not load"):  # outside the demo the same failure stops the run
+        g2l.main(["--teacher", g2l.DEMO["teacher"], *common, "--data", str(tiles / "train"), "--out", "other"])
+
+def test_sigint_finishes_the_step_saves_and_exits_130(tmp_path, tiles, request, capsys):
+    """Ctrl-C: the same clean stop as SIGTERM, with the shell's code for SIGINT."""
+    import signal
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    def not_handled(*a):
+        raise RuntimeError("SIGINT reached the caller: g2l did not handle it")
+    request.addfinalizer(lambda old=signal.signal(signal.SIGINT, not_handled): signal.signal(signal.SIGINT, old))
+    steps = []
+    def ctrl_c_at_the_second_step(opt, args, kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+    hook = register_optimizer_step_pre_hook(ctrl_c_at_the_second_step)
+    request.addfinalizer(hook.remove)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, tiles, steps=5)
+    assert e.value.code == 130 and "stopped by SIGINT at step 2" in capsys.readouterr().out
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 2
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
 
 def test_export_reloads_through_timm_with_identical_outputs(tmp_path, tiles):
     run(tmp_path, tiles, steps=2)
@@ -1032,9 +1132,22 @@ def test_memory_options_keep_the_maths(tmp_path, tiles):
     for a, b in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "lean")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
-def test_one_compiled_step_runs(tmp_path, tiles):
-    last = run(tmp_path, tiles, "--compile", "on", "--synthetic", steps=1)
-    assert math.isfinite(last["loss"])
+def test_compile_on_compiles_both_models_and_matches_eager(tmp_path, tiles, monkeypatch):
+    real, compiled, used = torch.compile, [], []
+    def spy(fn, *a, **k):  # the real torch.compile, noting what it compiled and whether the result is used
+        out = real(fn, *a, **k)
+        compiled.append(fn)
+        if isinstance(out, torch.nn.Module):
+            out.register_forward_pre_hook(lambda m, args: used.append(fn))
+            return out
+        return lambda *args: used.append(fn) or out(*args)
+    monkeypatch.setattr(torch, "compile", spy)
+    on = run(tmp_path, tiles, "--compile", "on", "--synthetic", steps=1, name="on")
+    monkeypatch.setattr(torch, "compile", real)
+    off = run(tmp_path, tiles, "--compile", "off", "--synthetic", steps=1, name="off")
+    assert len(compiled) == 2 and set(map(id, used)) == set(map(id, compiled))  # student (+ heads) and teacher
+    assert on["loss"] == pytest.approx(off["loss"], rel=1e-4) and on["grad_norm"] == pytest.approx(off["grad_norm"],
+                                                                                                rel=1e-3)
 
 def test_forward_flops_formula_matches_torch_flop_counter():
     """The MFU's FLOP formula (linear layers, attention, patch embedding) against torch's own counter."""
