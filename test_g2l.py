@@ -1004,11 +1004,33 @@ def test_evaluation_follows_eval_every_whatever_log_every(tmp_path, tiles):
     assert [r["step"] for r in metrics(tmp_path / "run") if "val_cos" in r] == [3, 6]
 
 # ----------------------------------------------------------------------------- distributed (DDP, two CPU processes)
-def _ddp_worker(rank, world, port, argv, out):
+def save_first_gradients(path):
+    """An optimizer hook saving the gradients the first step applies (every group, in order) to path."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    def hook(opt, args, kwargs):
+        if not os.path.exists(path):
+            torch.save([p.grad.clone() for g in opt.param_groups for p in g["params"]], path)
+    return register_optimizer_step_pre_hook(hook)
+
+def _ddp_worker(rank, world, port, argv, grads):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    if grads:
+        save_first_gradients(f"{grads}.{rank}")
     g2l.main(argv)
+
+def same_gradients(one, two):
+    """The first step's gradients of one process and of each of two (the same weights, so equal up to summation
+    order). Later steps are compared by loss and gradient norm, never by weights: Adam turns rounding on
+    near-zero gradients into steps of ~lr, a difference that means nothing."""
+    a = torch.load(one)
+    scale = max(float(x.abs().max()) for x in a)  # the inert parameters' gradients are rounding noise: ~1e-10
+    for rank in (0, 1):
+        b = torch.load(f"{two}.{rank}")
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert torch.allclose(x, y, rtol=1e-4, atol=1e-6 * scale), (rank, x.shape)
 
 def _free_port():
     with socket.socket() as s:
@@ -1019,19 +1041,20 @@ def test_two_process_ddp_matches_one_process_and_resumes(tmp_path, tiles, monkey
     import torch.multiprocessing as mp
     common = [*TINY_T, *TINY_S, "--data", str(tiles / "train"), "--val-data", str(tiles / "val"), "--img-size", "28",
               "--steps", "4", "--warmup-steps", "1", "--workers", "1", "--log-every", "1", "--eval-every", "1000",
-              "--lr", "1e-4", "--ckpt-every", "2"]  # a small lr: Adam turns rounding into ~lr steps (same_weights)
+              "--lr", "1e-4", "--ckpt-every", "2"]  # small: Adam's ~lr steps made of rounding barely move a loss
     request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))  # for later tests
     torch.set_num_threads(1)  # the same thread count as each of the two processes
+    hook = save_first_gradients(tmp_path / "grads1")
     g2l.main(common + ["--batch-size", "8", "--out", str(tmp_path / "one")])
+    hook.remove()
     mp.spawn(_ddp_worker, args=(2, _free_port(), common + ["--batch-size", "4", "--out", str(tmp_path / "two")],
-                                None), nprocs=2)
+                                str(tmp_path / "grads2")), nprocs=2)
+    same_gradients(tmp_path / "grads1", tmp_path / "grads2")
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
-    wa = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
-    wb = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["model"]
-    same_weights(wa, wb)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
     # two processes resumed from the step-2 checkpoint of the one-process run reach the same end
     keep_checkpoints(monkeypatch)
     g2l.main(common + ["--batch-size", "8", "--out", str(tmp_path / "again")])
@@ -1043,23 +1066,7 @@ def test_two_process_ddp_matches_one_process_and_resumes(tmp_path, tiles, monkey
     assert [r["step"] for r in res] == [3, 4]
     for a, b in zip(one[2:], res):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
-    same_weights(wa, torch.load(tmp_path / "res" / "ckpt.pt", weights_only=False)["model"])
-
-def same_weights(a, b):
-    """Equal within fp32 tolerance. Two parameters have zero gradient in exact arithmetic (the global head's
-    bias, removed by the loss's BatchNorm, and the attention key bias, removed by softmax), so Adam turns
-    summation-order rounding into steps of ~lr there: they are compared through the student's output."""
-    inert = ("global_head.bias", "attn.qkv.bias")
-    for k in a:
-        if not k.endswith(inert):
-            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
-    s, spec = g2l.load_model("vit_tiny_patch16_224", kwargs=TINY_S[3], img_size=32)
-    outs = []
-    for w in (a, b):
-        s.load_state_dict({k[len("backbone."):]: v for k, v in w.items() if k.startswith("backbone.")})
-        with torch.no_grad():
-            outs.append(s.eval()(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))))
-    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
 
 def _start_ranks(rank, cfg, folders, barrier, failures):
     """One rank of a torchrun start: the --out checks of every fresh folder, all ranks released at once."""
@@ -1114,15 +1121,17 @@ def test_ddp_with_grad_accum_matches_one_process(tmp_path, tiles, request):
               "--lr", "1e-4", "--grad-accum", "2"]
     request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))
     torch.set_num_threads(1)
+    hook = save_first_gradients(tmp_path / "grads1")
     g2l.main(common + ["--batch-size", "4", "--out", str(tmp_path / "one")])
+    hook.remove()
     mp.spawn(_ddp_worker, args=(2, _free_port(), common + ["--batch-size", "2", "--out", str(tmp_path / "two")],
-                                None), nprocs=2)
+                                str(tmp_path / "grads2")), nprocs=2)
+    same_gradients(tmp_path / "grads1", tmp_path / "grads2")
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):  # Adam hides a wrongly scaled gradient; the logged gradient norm does not
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    same_weights(*(torch.load(tmp_path / n / "ckpt.pt", weights_only=False)["model"] for n in ("one", "two")))
 
 # ---------------------------------------------------------------------- speed and memory: FLOPs, MFU, compile, chunking
 def test_memory_options_keep_the_maths(tmp_path, tiles):
