@@ -1139,9 +1139,10 @@ def check_args(cfg):
         raise SystemExit(f"error: --out {out} is a file; give a folder for the run (config, checkpoint, student)")
     try:  # rank 0 writes everything; creating the folder now finds a read-only place before any model is built
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / ".write_test", "w"):
-            pass
-        os.remove(out / ".write_test")
+        if int(os.environ.get("RANK", 0)) == 0:  # alone: ranks sharing one test file would remove it under each other
+            with open(out / ".write_test", "w"):
+                pass
+            os.remove(out / ".write_test")
     except OSError as e:
         raise SystemExit(f"error: --out {out} is not writable ({e.strerror}); choose a folder you can write to")
     if cfg.resume not in ("", "auto") and not os.path.isfile(cfg.resume):

@@ -112,6 +112,13 @@ def test_agreement_metrics():
     rotation = torch.tensor(np.linalg.qr(rng.normal(size=(8, 8)))[0])
     assert g2l.linear_cka(a, a @ rotation) == pytest.approx(1.0)
     assert g2l.linear_cka(a, torch.tensor(rng.normal(size=(200, 8)))) < 0.3
+    # Kornblith et al.'s formula with explicit centring matrices, on features far from zero mean
+    x, y = rng.normal(size=(50, 6)) + 3, rng.normal(size=(50, 4)) @ rng.normal(size=(4, 4)) - 2
+    y[:, 0] += x[:, 0]
+    H = np.eye(50) - 1 / 50
+    K, L = H @ x @ x.T @ H, H @ y @ y.T @ H
+    assert g2l.linear_cka(torch.tensor(x), torch.tensor(y)) == pytest.approx((K * L).sum() / np.sqrt(
+        (K * K).sum() * (L * L).sum()), rel=1e-9)
     # predicting the teacher's mean scores a high raw cosine but zero after centring
     t = a + 5
     mean_pred = t.mean(0, keepdim=True).expand_as(t) + 1e-3 * torch.tensor(rng.normal(size=(200, 8)))
@@ -173,6 +180,39 @@ def test_transformers_dinov2_converts_with_identical_tokens(tmp_path, registers,
     with torch.no_grad():
         assert (big.eval().forward_features(x) - hf(pixel_values=x).last_hidden_state).abs().max() < 1e-5
 
+def test_transformers_dinov2_with_the_newer_key_names_converts(tmp_path):
+    """Newer transformers name SwiGLU's halves gate_proj/up_proj (down_proj out) and attention q/k/v/o_proj;
+    save_pretrained here still writes the older names, so the checkpoint is renamed as a newer one would be."""
+    from safetensors.torch import load_file, save_file
+    hf = tiny_hf_dinov2(tmp_path / "hf", registers=True, swiglu=True)
+    old, new = load_file(str(tmp_path / "hf" / "model.safetensors")), {}
+    names = {"attention.attention.query": "attention.q_proj", "attention.attention.key": "attention.k_proj",
+             "attention.attention.value": "attention.v_proj", "attention.output.dense": "attention.o_proj",
+             "mlp.weights_out": "mlp.down_proj"}
+    for k, v in old.items():
+        if "mlp.weights_in" in k:  # SiLU acts on the first half (the gate), which multiplies the second
+            new[k.replace("weights_in", "gate_proj")], new[k.replace("weights_in", "up_proj")] = v.chunk(2)
+            continue
+        for a, b in names.items():
+            k = k.replace(a, b)
+        new[k] = v
+    assert not any("weights_in" in k or "attention.attention" in k for k in new)
+    save_file(new, str(tmp_path / "hf" / "model.safetensors"))
+    model, _ = g2l.load_model(str(tmp_path / "hf"))
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert (model.eval().forward_features(x) - hf(pixel_values=x).last_hidden_state).abs().max() < 1e-5
+
+def test_virchow2_embedding_is_cls_then_mean_patch_token():
+    model, spec = g2l.load_model("virchow2", kwargs='{"depth": 1, "embed_dim": 32, "num_heads": 2}', img_size=28)
+    assert spec.embed == "cls+mean" and spec.dim == 64 and model.num_prefix_tokens == 5  # CLS + 4 registers
+    x = torch.rand(3, 3, 28, 28)
+    with torch.no_grad():
+        g, _ = g2l.encode(model.eval(), spec, x)
+        mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+        tokens = model.forward_features((x - mean) / std)
+    assert torch.allclose(g, torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], 1), atol=1e-6)  # registers left out
+
 def test_unsupported_dinov2_config_is_one_clear_line(tmp_path):
     conf = dict(model_type="dinov2", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, layer_norm_eps=1e-5)
     (tmp_path / "config.json").write_text(json.dumps(conf))
@@ -216,7 +256,9 @@ def test_exported_swiglu_student_of_a_hibou_run_reloads_in_plain_timm(tmp_path, 
     x = torch.rand(3, 3, 28, 28)
     with torch.no_grad():
         assert torch.equal(model.forward_features(x), raw.eval().forward_features(x))
-    assert model.pretrained_cfg["mean"] == list(g2l.HIBOU["mean"])
+    data = timm.data.resolve_data_config({}, model=model)  # what a user's timm pipeline will feed it
+    assert tuple(data["mean"]) == (0.7068, 0.5755, 0.7220) and tuple(data["std"]) == (0.1950, 0.2316, 0.1816)
+    assert tuple(data["input_size"]) == (3, 28, 28) and data["interpolation"] == "bilinear" and data["crop_pct"] == 1.0
 
 @pytest.mark.parametrize("name", ["h0-mini", "uni2-h", "virchow2", "hibou-l"])
 def test_swiglu_presets_export_as_the_same_plain_timm_architecture(name):
@@ -280,6 +322,16 @@ def test_student_size_matches_teacher_grid_and_resize_fallback():
     with torch.no_grad():
         _, pmap = g2l.encode(student, spec, torch.rand(2, 3, 128, 128))
     assert pmap.shape[-2:] == (8, 8)
+    # the resized token map is torch's bilinear resize of the projected map, token (y, x) at row y * 16 + x
+    raw = g2l.Student(student, spec, 64, 48, local=True)
+    with torch.no_grad():
+        raw.local_head.weight.copy_(torch.eye(48) * 2)
+        raw.local_head.bias.fill_(0.5)
+        x = torch.rand(2, 3, 128, 128)
+        _, ls = raw(x, (16, 12))
+        _, pmap = g2l.encode(student, spec, x)
+    ref = F.interpolate(pmap * 2 + 0.5, size=(16, 12), mode="bilinear", align_corners=False)
+    assert ls.shape == (2, 16 * 12, 48) and (ls - ref.flatten(2).transpose(1, 2)).abs().max() < 1e-5
 
 def test_student_cut_from_teacher_blocks_computes_those_blocks(tmp_path):
     """examples/student_from_teacher.py: a shallower pretrained student whose block j is teacher block blocks[j];
@@ -342,12 +394,19 @@ def test_augmentations_keep_their_semantics():
     r = {**r, "jitter": torch.tensor([False]), "blur": torch.tensor([True]), "sigma": torch.tensor([2.0])}
     noise = torch.rand(1, 3, 32, 32)
     assert g2l.colour_blur(noise, r).std() < noise.std() * 0.6
+    for sigma in (0.1, 2.0):  # a constant image is its own blur, at every sigma (the kernel sums to 1)
+        r["sigma"] = torch.tensor([sigma])
+        assert (g2l.colour_blur(torch.full((1, 3, 16, 16), 0.7), r) - 0.7).abs().max() < 1e-6
     # both models see the same view by default; independent views differ only in colour/blur
     cfg = g2l.Config(img_size=32, seed=3)
     xt, xs = g2l.make_views(x, cfg, step=5, micro=0, device="cpu")
     assert torch.equal(xt, xs)
     xt2, xs2 = g2l.make_views(x, g2l.Config(img_size=32, seed=3, views="independent"), step=5, micro=0, device="cpu")
     assert torch.equal(xt2, xt) and not torch.equal(xs2, xt2)
+    with pytest.MonkeyPatch.context() as mp:  # without colour and blur, independent views are the same pixels
+        mp.setattr(g2l, "colour_blur", lambda x, p: x)
+        xt3, xs3 = g2l.make_views(x, dataclasses.replace(cfg, views="independent"), step=5, micro=0, device="cpu")
+        assert torch.equal(xt3, xs3) and not torch.equal(xt3, x[:, :, :32, :32].float() / 255)  # cropped, flipped
     # the views are a function of (seed, step): a resumed run or another rank count sees the same
     assert torch.equal(g2l.make_views(x, cfg, step=5, micro=0, device="cpu")[0], xt)
     assert not torch.equal(g2l.make_views(x, cfg, step=6, micro=0, device="cpu")[0], xt)
@@ -465,9 +524,124 @@ def test_short_run_loss_falls_and_agreement_rises(tmp_path, tiles):
     cos = [r["val_cos"] for r in m if "val_cos" in r]
     ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     assert ck["first"]["val_cos"] < cos[-1] - 0.1, (ck["first"]["val_cos"], cos)
-    assert ck["first"]["val_cka"] < m[-1]["val_cka"], (ck["first"], m[-1])
+    # val_cka is not asked to rise: over 40 steps it falls at some seeds (0.959 -> 0.911 at seed 2) while loss and
+    # val_cos move by margins every seed tried keeps (seeds 0-5: loss -1.5 or more, val_cos +0.29 or more);
+    # its formula is checked by hand in test_agreement_metrics
+    assert [r["step"] for r in m if "val_cka" in r] == [20, 40] and 0 < m[-1]["val_cka"] <= 1
     assert last["step"] == 40 and (tmp_path / "run" / "config.json").is_file()
     assert "teacher" not in " ".join(ck["model"])  # the frozen teacher is never checkpointed
+
+TRACED = dict(lr=1e-3, min_lr_frac=0.2, weight_decay=0.3, warmup_steps=2, steps=6, clip_grad=0.01)
+
+@pytest.fixture(scope="session")
+def traced(tiles, tmp_path_factory):
+    """One run watched from outside g2l: every optimizer step (its groups' lr, weight decay, parameter names and the
+    gradient norm it applies), the inputs of each model's patch embedding at the first step, and every tile opened.
+    --balance on a lone tile beside a 40-tile slide; --no-augment with --load-size 36 over --img-size 28."""
+    import PIL.Image
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    root = tmp_path_factory.mktemp("traced")
+    train = sorted((tiles / "train").rglob("*.jpg"))
+    for i, f in enumerate(train[:41]):
+        (root / "data" / ("one" if i == 40 else "big")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, root / "data" / ("one" if i == 40 else "big") / f.name)
+    seen = types.SimpleNamespace(steps=[], inputs={}, first={}, modules={}, opened=[], names=None)
+    def on_forward(module, args):
+        seen.modules[id(module)] = module
+        if isinstance(module, timm.layers.PatchEmbed):
+            seen.inputs[module.patch_size[0]] = args[0].detach().clone()
+    def on_step(opt, args, kwargs):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if seen.names is None:  # the module that owns exactly the optimized parameters names them
+            owner = next(m for m in seen.modules.values() if {id(p) for p in m.parameters()} == set(map(id, params)))
+            names = {id(p): n for n, p in owner.named_parameters()}
+            seen.names = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+            seen.first = dict(seen.inputs)
+        norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params if p.grad is not None))
+        seen.steps.append(dict(lr=[g["lr"] for g in opt.param_groups], norm=norm,
+                               wd=[g["weight_decay"] for g in opt.param_groups]))
+    real_open = PIL.Image.open
+    def opening(path, *a, **k):
+        seen.opened.append(Path(path))
+        return real_open(path, *a, **k)
+    hooks = [torch.nn.modules.module.register_module_forward_pre_hook(on_forward),
+             register_optimizer_step_pre_hook(on_step)]
+    PIL.Image.open = opening
+    try:
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in TRACED.items() if k != "steps"]
+        run(root, tiles, "--data", str(root / "data"), *flags, "--balance", "--no-augment", "--load-size", "36",
+            steps=TRACED["steps"])
+    finally:
+        PIL.Image.open = real_open
+        for h in hooks:
+            h.remove()
+    seen.out = root / "run"
+    return seen
+
+def schedule(step):
+    """The documented schedule: linear warm-up over warmup_steps, then a cosine from 1 down to min_lr_frac."""
+    c = types.SimpleNamespace(**TRACED)
+    if step < c.warmup_steps:
+        return (step + 1) / c.warmup_steps
+    t = (step - c.warmup_steps) / (c.steps - c.warmup_steps)
+    return c.min_lr_frac + (1 - c.min_lr_frac) * (1 + math.cos(math.pi * t)) / 2
+
+def test_lr_and_weight_decay_follow_the_warmup_cosine_schedule(traced):
+    steps = traced.steps
+    assert len(steps) == TRACED["steps"]
+    for k, s in enumerate(steps):  # both groups' lr; weight decay on the decaying group only, decaying with the lr
+        assert s["lr"] == pytest.approx([TRACED["lr"] * schedule(k)] * 2, rel=1e-9), k
+        assert s["wd"] == pytest.approx([TRACED["weight_decay"] * schedule(k), 0.0], rel=1e-9), k
+    assert [steps[k]["lr"][0] for k in (1, 2)] == [TRACED["lr"]] * 2  # the peak, then down: never back up
+    assert all(a["lr"][0] > b["lr"][0] for a, b in zip(steps[2:], steps[3:]))
+    rows = metrics(traced.out)  # the lr column: the lr of the step each row ends
+    assert [r["lr"] for r in rows] == pytest.approx([TRACED["lr"] * schedule(r["step"] - 1) for r in rows], rel=1e-9)
+
+def test_weight_decay_groups_by_parameter_name(traced):
+    decay, plain = traced.names
+    assert traced.steps[0]["wd"][0] > 0 and traced.steps[0]["wd"][1] == 0
+    # matrices decay; biases, norms, the CLS token and the position embedding do not
+    no_decay = lambda n: n.endswith(".bias") or ".norm" in n or "norm1" in n or "norm2" in n or \
+        n.rsplit(".", 1)[-1] in ("cls_token", "pos_embed", "reg_token")
+    assert decay and plain and not any(map(no_decay, decay)) and all(map(no_decay, plain))
+    for name in ("backbone.blocks.0.attn.qkv.weight", "backbone.patch_embed.proj.weight", "global_head.weight",
+                 "local_head.weight"):
+        assert name in decay, name
+    for name in ("backbone.pos_embed", "backbone.cls_token", "backbone.norm.weight", "global_head.bias"):
+        assert name in plain, name
+
+def test_gradients_are_clipped_to_the_norm_given(traced):
+    """The norm the optimizer applies, computed here from the gradients themselves, is --clip-grad whenever the
+    logged (pre-clipping) norm is above it."""
+    rows = metrics(traced.out)
+    assert all(r["grad_norm"] > 10 * TRACED["clip_grad"] for r in rows)  # clipping acts at every step
+    for s in traced.steps:
+        assert s["norm"] == pytest.approx(TRACED["clip_grad"], rel=1e-4)
+
+def test_no_augment_with_load_size_shows_the_teacher_a_plain_crop(traced):
+    """--no-augment keeps only the random crop: each teacher image is, pixel for pixel, a 28 px window of a tile
+    decoded at --load-size 36, in the teacher's normalisation; the student sees that view resized to its grid."""
+    x = traced.first[14]  # teacher /14
+    cfg_t = timm.get_pretrained_cfg("vit_small_patch14_dinov2")
+    mean, std = torch.tensor(cfg_t.mean).view(1, 3, 1, 1), torch.tensor(cfg_t.std).view(1, 3, 1, 1)
+    view = x * std + mean
+    assert view.shape == (8, 3, 28, 28)
+    drawn = sorted({p for p in traced.opened if "data" in p.parts})
+    windows = torch.stack([g2l.load_tile(p, 36) for p in drawn]).float().div(255).unfold(2, 28, 1).unfold(3, 28, 1)
+    windows = windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, 28, 28)  # every tile x every offset
+    for img in view:
+        assert (windows - img).abs().flatten(1).amax(1).min() < 1e-5
+    cfg_s = timm.get_pretrained_cfg("vit_tiny_patch16_224")
+    s = traced.first[16] * torch.tensor(cfg_s.std).view(1, 3, 1, 1) + torch.tensor(cfg_s.mean).view(1, 3, 1, 1)
+    ref = F.interpolate(view, size=32, mode="bilinear", antialias=True, align_corners=False)  # same grid: 2 x 2
+    assert (s - ref).abs().max() < 1e-5  # not mirrored, not cropped elsewhere: the same view
+
+def test_balance_draws_a_lone_tile_as_often_as_a_40_tile_slide(traced):
+    """48 draws: without --balance the lone tile comes at most twice (an epoch is a permutation); balanced, its
+    count is Binomial(48, 1/2), under 8 with probability 1e-7."""
+    opened = [p.parent.name for p in traced.opened if "data" in p.parts]
+    assert len(opened) >= 48 and opened[-48:].count("one") >= 8
+    assert json.loads((traced.out / "config.json").read_text())["balance"] is True
 
 def keep_checkpoints(monkeypatch):
     """Keep a copy of every checkpoint as ckpt.pt.STEP (the run overwrites ckpt.pt)."""
@@ -498,9 +672,8 @@ def test_derived_options_are_recorded_and_the_parsed_config_is_never_changed(tmp
 def test_resume_is_exact(tmp_path, tiles, monkeypatch):
     keep_checkpoints(monkeypatch)
     run(tmp_path, tiles, "--ckpt-every", "3", "--seed", "5", "--head", "mlp", steps=6, name="full")
-    os.makedirs(tmp_path / "half")
-    shutil.copy(tmp_path / "full" / "ckpt.pt.3", tmp_path / "half" / "ckpt.pt")
-    run(tmp_path, tiles, "--ckpt-every", "3", "--seed", "5", "--head", "mlp", "--resume", "auto", steps=6, name="half")
+    run(tmp_path, tiles, "--ckpt-every", "3", "--seed", "5", "--head", "mlp", "--resume",
+        str(tmp_path / "full" / "ckpt.pt.3"), steps=6, name="half")  # an explicit checkpoint, in another folder
     full, half = metrics(tmp_path / "full"), metrics(tmp_path / "half")
     assert [r["loss"] for r in full[3:]] == [r["loss"] for r in half]
     a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["model"]
@@ -521,6 +694,45 @@ def test_demo_composes_with_flags_and_its_hint_works_as_printed(tmp_path, monkey
     ev.main(argv[2:] + ["--seeds", "1", "--C", "1.0"])  # as printed, plus fewer fits (speed only)
     res = json.loads((tmp_path / "demo" / "eval" / "probe_pcam.json").read_text())
     assert res[0]["n_train"] > 0 and 0 <= res[0]["linear_bacc"] <= 1
+
+def test_demo_without_the_hub_falls_back_to_a_random_pooling_teacher(tmp_path, tiles, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    real = g2l.load_model
+    def offline(name, *a, **k):  # what an offline machine without the weights cached meets
+        if name == g2l.DEMO["teacher"]:
+            raise SystemExit(f"error: could not load {name} from the Hugging Face hub (offline)")
+        return real(name, *a, **k)
+    monkeypatch.setattr(g2l, "load_model", offline)
+    kw = '{"depth": 1, "embed_dim": 32, "num_heads": 2}'
+    common = ["--teacher-kwargs", kw, *TINY_S, "--img-size", "28", "--steps", "1", "--workers", "0",
+              "--eval-every", "1000"]
+    g2l.main(["--demo", *common, "--out", "demo"])
+    conf = json.loads((tmp_path / "demo" / "config.json").read_text())
+    assert "pretrained weights are not reachable" in capsys.readouterr().out
+    assert json.loads(conf["teacher_kwargs"]) == {**json.loads(kw), "global_pool": "avg"}
+    assert conf["teacher_source"] == "random init" and conf["teacher"] == g2l.DEMO["teacher"]
+    with pytest.raises(SystemExit, match="could not load"):  # outside the demo the same failure stops the run
+        g2l.main(["--teacher", g2l.DEMO["teacher"], *common, "--data", str(tiles / "train"), "--out", "other"])
+
+def test_sigint_finishes_the_step_saves_and_exits_130(tmp_path, tiles, request, capsys):
+    """Ctrl-C: the same clean stop as SIGTERM, with the shell's code for SIGINT."""
+    import signal
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    def not_handled(*a):
+        raise RuntimeError("SIGINT reached the caller: g2l did not handle it")
+    request.addfinalizer(lambda old=signal.signal(signal.SIGINT, not_handled): signal.signal(signal.SIGINT, old))
+    steps = []
+    def ctrl_c_at_the_second_step(opt, args, kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+    hook = register_optimizer_step_pre_hook(ctrl_c_at_the_second_step)
+    request.addfinalizer(hook.remove)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, tiles, steps=5)
+    assert e.value.code == 130 and "stopped by SIGINT at step 2" in capsys.readouterr().out
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 2
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
 
 def test_export_reloads_through_timm_with_identical_outputs(tmp_path, tiles):
     run(tmp_path, tiles, steps=2)
@@ -792,11 +1004,33 @@ def test_evaluation_follows_eval_every_whatever_log_every(tmp_path, tiles):
     assert [r["step"] for r in metrics(tmp_path / "run") if "val_cos" in r] == [3, 6]
 
 # ----------------------------------------------------------------------------- distributed (DDP, two CPU processes)
-def _ddp_worker(rank, world, port, argv, out):
+def save_first_gradients(path):
+    """An optimizer hook saving the gradients the first step applies (every group, in order) to path."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    def hook(opt, args, kwargs):
+        if not os.path.exists(path):
+            torch.save([p.grad.clone() for g in opt.param_groups for p in g["params"]], path)
+    return register_optimizer_step_pre_hook(hook)
+
+def _ddp_worker(rank, world, port, argv, grads):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    if grads:
+        save_first_gradients(f"{grads}.{rank}")
     g2l.main(argv)
+
+def same_gradients(one, two):
+    """The first step's gradients of one process and of each of two (the same weights, so equal up to summation
+    order). Later steps are compared by loss and gradient norm, never by weights: Adam turns rounding on
+    near-zero gradients into steps of ~lr, a difference that means nothing."""
+    a = torch.load(one)
+    scale = max(float(x.abs().max()) for x in a)  # the inert parameters' gradients are rounding noise: ~1e-10
+    for rank in (0, 1):
+        b = torch.load(f"{two}.{rank}")
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert torch.allclose(x, y, rtol=1e-4, atol=1e-6 * scale), (rank, x.shape)
 
 def _free_port():
     with socket.socket() as s:
@@ -807,19 +1041,20 @@ def test_two_process_ddp_matches_one_process_and_resumes(tmp_path, tiles, monkey
     import torch.multiprocessing as mp
     common = [*TINY_T, *TINY_S, "--data", str(tiles / "train"), "--val-data", str(tiles / "val"), "--img-size", "28",
               "--steps", "4", "--warmup-steps", "1", "--workers", "1", "--log-every", "1", "--eval-every", "1000",
-              "--lr", "1e-4", "--ckpt-every", "2"]  # a small lr: Adam turns rounding into ~lr steps (same_weights)
+              "--lr", "1e-4", "--ckpt-every", "2"]  # small: Adam's ~lr steps made of rounding barely move a loss
     request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))  # for later tests
     torch.set_num_threads(1)  # the same thread count as each of the two processes
+    hook = save_first_gradients(tmp_path / "grads1")
     g2l.main(common + ["--batch-size", "8", "--out", str(tmp_path / "one")])
+    hook.remove()
     mp.spawn(_ddp_worker, args=(2, _free_port(), common + ["--batch-size", "4", "--out", str(tmp_path / "two")],
-                                None), nprocs=2)
+                                str(tmp_path / "grads2")), nprocs=2)
+    same_gradients(tmp_path / "grads1", tmp_path / "grads2")
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
-    wa = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
-    wb = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["model"]
-    same_weights(wa, wb)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
     # two processes resumed from the step-2 checkpoint of the one-process run reach the same end
     keep_checkpoints(monkeypatch)
     g2l.main(common + ["--batch-size", "8", "--out", str(tmp_path / "again")])
@@ -831,23 +1066,52 @@ def test_two_process_ddp_matches_one_process_and_resumes(tmp_path, tiles, monkey
     assert [r["step"] for r in res] == [3, 4]
     for a, b in zip(one[2:], res):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
-    same_weights(wa, torch.load(tmp_path / "res" / "ckpt.pt", weights_only=False)["model"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
 
-def same_weights(a, b):
-    """Equal within fp32 tolerance. Two parameters have zero gradient in exact arithmetic (the global head's
-    bias, removed by the loss's BatchNorm, and the attention key bias, removed by softmax), so Adam turns
-    summation-order rounding into steps of ~lr there: they are compared through the student's output."""
-    inert = ("global_head.bias", "attn.qkv.bias")
-    for k in a:
-        if not k.endswith(inert):
-            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
-    s, spec = g2l.load_model("vit_tiny_patch16_224", kwargs=TINY_S[3], img_size=32)
-    outs = []
-    for w in (a, b):
-        s.load_state_dict({k[len("backbone."):]: v for k, v in w.items() if k.startswith("backbone.")})
-        with torch.no_grad():
-            outs.append(s.eval()(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))))
-    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+def _start_ranks(rank, cfg, folders, barrier, failures):
+    """One rank of a torchrun start: the --out checks of every fresh folder, all ranks released at once."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+    for out in folders:
+        barrier.wait()
+        try:
+            g2l.check_args(dataclasses.replace(cfg, out=out))
+        except SystemExit as e:
+            failures.put(f"rank {rank}: {e}")
+
+def test_ranks_starting_together_on_a_fresh_out_never_fail_its_checks(tmp_path, monkeypatch):
+    """torchrun starts every rank at once on the same --out: one rank's folder check must never trip another's."""
+    import multiprocessing
+    argv = [*TINY_T, *TINY_S, "--data", "/nonexistent/tiles", "--workers", "0", "--out", str(tmp_path / "one")]
+    # deterministic: rank 0's whole start falls between rank 1's first write in the folder and its clean-up
+    real, seen = os.remove, []
+    def rank_0_between(path):
+        if str(path).startswith(str(tmp_path / "one")) and not seen:
+            seen.append(path)
+            monkeypatch.setenv("RANK", "0")
+            with pytest.raises(SystemExit, match="does not exist"):
+                g2l.main(argv)
+            monkeypatch.setenv("RANK", "1")
+        real(path)
+    monkeypatch.setattr(os, "remove", rank_0_between)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit, match="does not exist"):
+        g2l.main(argv)
+    monkeypatch.setattr(os, "remove", real)
+    # and as it happens: 3 forked ranks released together onto 200 fresh folders (parsing once: it costs 0.1 s)
+    ctx = multiprocessing.get_context("fork")
+    barrier, failures = ctx.Barrier(3), ctx.Queue()
+    folders = [str(tmp_path / "race" / str(i)) for i in range(200)]
+    ranks = [ctx.Process(target=_start_ranks, args=(r, g2l.parse_args(argv), folders, barrier, failures))
+             for r in range(3)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=120)
+    assert [p.exitcode for p in ranks] == [0, 0, 0]
+    said = []
+    while not failures.empty():
+        said.append(failures.get())
+    assert not said, said[:3]
 
 def test_ddp_with_grad_accum_matches_one_process(tmp_path, tiles, request):
     """2 gloo processes x batch 2 x 2 micro-steps take the same steps as 1 process x batch 4 x 2 micro-steps."""
@@ -857,15 +1121,17 @@ def test_ddp_with_grad_accum_matches_one_process(tmp_path, tiles, request):
               "--lr", "1e-4", "--grad-accum", "2"]
     request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))
     torch.set_num_threads(1)
+    hook = save_first_gradients(tmp_path / "grads1")
     g2l.main(common + ["--batch-size", "4", "--out", str(tmp_path / "one")])
+    hook.remove()
     mp.spawn(_ddp_worker, args=(2, _free_port(), common + ["--batch-size", "2", "--out", str(tmp_path / "two")],
-                                None), nprocs=2)
+                                str(tmp_path / "grads2")), nprocs=2)
+    same_gradients(tmp_path / "grads1", tmp_path / "grads2")
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):  # Adam hides a wrongly scaled gradient; the logged gradient norm does not
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    same_weights(*(torch.load(tmp_path / n / "ckpt.pt", weights_only=False)["model"] for n in ("one", "two")))
 
 # ---------------------------------------------------------------------- speed and memory: FLOPs, MFU, compile, chunking
 def test_memory_options_keep_the_maths(tmp_path, tiles):
@@ -875,9 +1141,22 @@ def test_memory_options_keep_the_maths(tmp_path, tiles):
     for a, b in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "lean")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
-def test_one_compiled_step_runs(tmp_path, tiles):
-    last = run(tmp_path, tiles, "--compile", "on", "--synthetic", steps=1)
-    assert math.isfinite(last["loss"])
+def test_compile_on_compiles_both_models_and_matches_eager(tmp_path, tiles, monkeypatch):
+    real, compiled, used = torch.compile, [], []
+    def spy(fn, *a, **k):  # the real torch.compile, noting what it compiled and whether the result is used
+        out = real(fn, *a, **k)
+        compiled.append(fn)
+        if isinstance(out, torch.nn.Module):
+            out.register_forward_pre_hook(lambda m, args: used.append(fn))
+            return out
+        return lambda *args: used.append(fn) or out(*args)
+    monkeypatch.setattr(torch, "compile", spy)
+    on = run(tmp_path, tiles, "--compile", "on", "--synthetic", steps=1, name="on")
+    monkeypatch.setattr(torch, "compile", real)
+    off = run(tmp_path, tiles, "--compile", "off", "--synthetic", steps=1, name="off")
+    assert len(compiled) == 2 and set(map(id, used)) == set(map(id, compiled))  # student (+ heads) and teacher
+    assert on["loss"] == pytest.approx(off["loss"], rel=1e-4) and on["grad_norm"] == pytest.approx(off["grad_norm"],
+                                                                                                rel=1e-3)
 
 def test_forward_flops_formula_matches_torch_flop_counter():
     """The MFU's FLOP formula (linear layers, attention, patch embedding) against torch's own counter."""
