@@ -9,16 +9,14 @@
     python eval.py probe --model vit_small_patch14_dinov2 --model-kwargs '{"depth": 1, "global_pool": "avg"}' \\
         --img-size 56 --data examples/pcam/labels.csv     # any timm model, random init, on the bundled PCam tiles
 
---data: a CSV with columns path,label and optional split,center,slide (paths relative to the CSV), or an ImageFolder
-root/<split>/<class>/* or root/<class>/*. Models follow g2l.py's naming rules (presets, timm names, hf-hub:,
-local-dir:, transformers DINOv2 checkpoints such as hf-hub:histai/hibou-L, g2l run folders); per-model options are
-given once per --model, in order, or (all but --model-weights) once for all models.
-Features are extracted once and cached in OUT/features/. Each command writes OUT/<name>.json + .csv and prints a table.
-Protocols (UNI / eva style): linear probe = multinomial logistic regression by L-BFGS on standardised features, L2 in
-sklearn's convention (C * sum CE + |W|^2 / 2), C picked on the validation split by balanced accuracy; kNN = majority
-vote of k=20 cosine neighbours after centring by the train mean and L2-normalising; robustness = PathoROB's index.
+--data: a CSV path,label[,split,center,slide] (paths relative to it) or an ImageFolder root/[<split>/]<class>/*.
+Models are named as in g2l.py, their options given once per --model, in order, or (not --model-weights) once for all.
+Features are cached in OUT/features/; each command writes OUT/<name>.json + .csv and prints a table. Protocols (UNI,
+eva): logistic-regression probe, C picked on val; kNN, k=20 centred cosine; robustness, PathoROB's index.
+Exit status: 0 done, 1 a failure during the work, 2 an argument error (found before any model is built), 128+n
+stopped by signal n (SIGTERM: 143; features extracted so far stay cached).
 """
-import argparse, csv, hashlib, itertools, json, math, multiprocessing as mp, os, random, time
+import argparse, csv, hashlib, itertools, json, math, multiprocessing as mp, os, random, signal, sys, time
 from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from pathlib import Path
 
@@ -29,7 +27,10 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from g2l import AUG, DTYPES, Config, TileDataset, atomic_open, centred_cosine, encode, extract_features, find_images, \
-    forward_flops, index_tiles, linear_cka, load_model, make_views, peak_memory_gb, projection, resolve
+    forward_flops, index_tiles, linear_cka, load_model, make_views, peak_memory_gb, projection, quiet_worker, resolve
+
+class UsageError(SystemExit):
+    code = 2  # an argument error, found before any work: argparse's exit status (its one line: see __main__)
 
 # ----------------------------------------------------------------------------- data
 DATA = "a labels CSV (path,label[,split,center,slide]; paths relative to it) or an ImageFolder root/<split>/<class>/*"
@@ -42,27 +43,26 @@ def read_labelled(data, need=("path", "label")):
     if p.is_dir():
         parts = [(f, Path(f).relative_to(p).parts) for f in find_images([str(p)])]
         has_split = all(len(q) >= 3 and q[0].lower() in SPLITS for _, q in parts)  # root/<split>/<class>/*
-        rows = [dict(path=f, label=q[has_split] if len(q) > 1 else "", **({"split": q[0]} if has_split else {}))
-                for f, q in parts]
-        cols = ["path", "label"] + ["split"] * has_split
+        cols = ["path", "label", "split"][:2 + has_split]
+        rows = [dict(zip(cols, [f, q[has_split] if len(q) > 1 else "", q[0]])) for f, q in parts]
     elif p.is_file():
         try:  # an image or other binary file given as --data is not a CSV
             with open(p, newline="") as fh:  # the header's names cleaned first, then each row read by them
                 cols = [c.strip().replace("centre", "center") for c in next(csv.reader(fh), [])]
                 rows = [{c: (r[c] or "").strip() for c in cols} for r in csv.DictReader(fh, fieldnames=cols)]
         except (UnicodeDecodeError, csv.Error) as e:
-            raise SystemExit(f"error: --data {data} is not a labels CSV ({type(e).__name__}); pass {DATA}")
+            raise UsageError(f"error: --data {data} is not a labels CSV ({type(e).__name__}); pass {DATA}")
         rows = [dict(r, path=os.path.normpath(p.parent / r.get("path", ""))) for r in rows]
     else:
-        raise SystemExit(f"error: --data {data} does not exist; pass {DATA}")
+        raise UsageError(f"error: --data {data} does not exist; pass {DATA}")
     if not rows:
-        raise SystemExit(f"error: --data {data} lists no images; pass {DATA} that has images")
+        raise UsageError(f"error: --data {data} lists no images; pass {DATA} that has images")
     if missing := [c for c in need if c not in cols]:
-        raise SystemExit(f"error: {data} has no column {', '.join(missing)} (it has {', '.join(cols)}); pass {DATA}")
+        raise UsageError(f"error: {data} has no column {', '.join(missing)} (it has {', '.join(cols)}); pass {DATA}")
     if "label" in need and any(not r["label"] for r in rows):
-        raise SystemExit(f"error: {data} has rows without a label; fill them in or use root/<class>/* folders")
+        raise UsageError(f"error: {data} has rows without a label; fill them in or use root/<class>/* folders")
     if gone := [r["path"] for r in rows if not os.path.isfile(r["path"])]:
-        raise SystemExit(f"error: {len(gone)} image(s) listed in {data} do not exist (e.g. {gone[0]}); "
+        raise UsageError(f"error: {len(gone)} image(s) listed in {data} do not exist (e.g. {gone[0]}); "
                          "paths are relative to the CSV")
     return rows
 
@@ -85,7 +85,7 @@ def split_rows(rows, seed, val=0.15, test=0.25):
     names = {r.get("split", "").lower() for r in rows}
     if len(names) >= 2:
         if unknown := names - set(SPLITS):
-            raise SystemExit(f"error: unknown split value(s) {sorted(unknown)} in --data; use train/val/test")
+            raise UsageError(f"error: unknown split value(s) {sorted(unknown)} in --data; use train/val/test")
         idx = {s: [i for i, r in enumerate(rows) if SPLITS[r["split"].lower()] == s] for s in ("train", "val", "test")}
         if not idx["test"]:
             idx["test"], idx["val"] = idx["val"], []
@@ -96,7 +96,7 @@ def split_rows(rows, seed, val=0.15, test=0.25):
         tr, va = group_split(rows, rest, seed + 1000, val / (1 - test))
         idx = dict(train=tr, val=va, test=te)
     if not all(idx.values()):
-        raise SystemExit(f"error: too few samples or slides in --data for a train/val/test split "
+        raise UsageError(f"error: too few samples or slides in --data for a train/val/test split "
                          f"({ {k: len(v) for k, v in idx.items()} }); add data or give a split column")
     return idx
 
@@ -105,16 +105,23 @@ def model_list(names, weights, kwargs, sizes, flag="--model"):
     """[{name, weights, kwargs, size}]: an option given once applies to every model, else once per model, in order;
     a weights file fits one model, so with several models --model-weights is given once per model."""
     for name in names:
-        resolve(name)  # an unknown name fails here, before any work
+        try:
+            resolve(name)  # an unknown name fails here, before any work
+        except SystemExit as e:
+            raise UsageError(e.code) from None
     cols, n, size_flag = [names], len(names), "--img-size" if flag == "--model" else flag + "-img-size"
     for values, opt, default in [(weights, flag + "-weights", ""), (kwargs, flag + "-kwargs", ""),
                                  (sizes, size_flag, 0)]:
-        one_file_for_many = opt.endswith("-weights") and len(values) == 1 and n > 1  # a file fits one model
-        if (len(values) > 1 and len(values) != n) or one_file_for_many:
-            raise SystemExit(f"error: {opt} given {len(values)} times for {n} models; give it once per model, in "
-                             "order ('' for none)" + ("" if opt.endswith("-weights") else ", or once for all"))
+        once = not opt.endswith("-weights")  # a weights file fits one model, never all of them
+        if len(values) not in (0, n, 1 if once else 0):
+            raise UsageError(f"error: {opt} given {len(values)} times for {n} models; give it once per model, in "
+                             "order ('' for none)" + ", or once for all" * once)
         cols.append(values if len(values) > 1 else [values[0] if values else default] * n)
     return [dict(name=a, weights=b, kwargs=c, size=d) for a, b, c, d in zip(*cols)]
+
+def describe(name, source, px):
+    """The log line saying what a model is: a bare timm name is random init at its default size (DINOv2's: 518 px)."""
+    print(f"{name}: {source}" + " (no pretrained weights)" * (source == "random init") + f", {px} px")
 
 def open_model(m, device):
     """g2l's loader; seeded, so a random-init architecture is the same model on every call (and in the cache)."""
@@ -133,8 +140,10 @@ def features(m, rows, a):
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in m["name"].strip("/"))[-60:]
     cache = Path(a.out) / "features" / f"{safe}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
     paths = [r["path"] for r in rows]
-    feats = torch.load(cache, weights_only=True) if cache.is_file() else {}
-    feats = feats["feats"] if feats.get("paths") == paths else extract(m, paths, a, cache)
+    got = torch.load(cache, weights_only=True) if cache.is_file() else {}
+    got = got if got.get("paths") == paths and "source" in got else extract(m, paths, a, cache)
+    feats, m["source"], m["px"] = got["feats"], got["source"], got["size"]
+    describe(m["name"], m["source"], m["px"])
     bad = (~torch.isfinite(feats).all(1)).nonzero().flatten()
     if len(bad):
         raise SystemExit(f"error: {len(bad)} of {len(feats)} feature vectors of {m['name']} are NaN/inf (e.g. "
@@ -144,7 +153,7 @@ def features(m, rows, a):
 def extract(m, paths, a, cache):
     model, spec = open_model(m, a.device)
     dl = torch.utils.data.DataLoader(TileDataset(paths, m["size"] or spec.size), batch_size=a.batch_size,
-                                     num_workers=a.workers)
+                                     num_workers=a.workers, worker_init_fn=quiet_worker)  # main decides on a signal
     def pooled(x):
         g, pmap = encode(model, spec, x)
         mean = pmap.flatten(2).mean(2)
@@ -156,9 +165,10 @@ def extract(m, paths, a, cache):
         raise SystemExit(f"error: {paths[int(skipped.nonzero()[0])]} cannot be read; fix it or drop its row "
                          f"from {a.data}")
     cache.parent.mkdir(parents=True, exist_ok=True)
+    got = dict(feats=feats, paths=paths, source=spec.source, size=m["size"] or spec.size)
     with atomic_open(cache, "wb") as f:
-        torch.save(dict(feats=feats, paths=paths), f)
-    return feats
+        torch.save(got, f)
+    return got
 
 def load_heads(run):
     """The global projection head of a g2l run, frozen: its student's features in the teacher's space."""
@@ -267,17 +277,22 @@ def robustness_index(feats, labels, centres, slides=None, ks=(3, 5, 10, 20), n_b
     return out
 
 # ----------------------------------------------------------------------------- bench
-def timed(step, n, warmup, device, desc=None):
-    """Seconds per call of step() over n calls, after `warmup` untimed ones; on a GPU, queued work is waited for."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+SPREAD = 0.2  # bench: timings of one model spread wider than this around their median mean a busy machine
+
+def timed(step, n, warmup, device, desc=None, runs=1):
+    """Seconds per call of step() in each of `runs` runs of n calls, after `warmup` untimed calls; on a GPU, queued
+    work is waited for."""
+    sync, times = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None), []
     for _ in range(warmup):
         step()
     sync()
-    t = time.perf_counter()
-    for _ in tqdm(range(n), desc=desc, disable=desc is None, dynamic_ncols=True):
-        step()
-    sync()
-    return (time.perf_counter() - t) / n
+    for _ in range(runs):
+        t = time.perf_counter()
+        for _ in tqdm(range(n), desc=desc, disable=desc is None, dynamic_ncols=True):
+            step()
+        sync()
+        times.append((time.perf_counter() - t) / n)
+    return times
 
 def bench_one(m, a):
     """One model, run in a fresh process so that peak memory (max RSS on CPU, max allocated on GPU) is its own.
@@ -286,6 +301,7 @@ def bench_one(m, a):
     base = 0 if dev.type == "cuda" else peak_memory_gb(dev)  # CPU: this process's baseline RSS before the model
     weights = "random" if a.random_init else m["weights"]  # random: g2l builds the bare architecture
     model, spec = open_model(dict(m, size=a.img_size, weights=weights), dev)
+    describe(m["name"], spec.source, a.img_size)
     bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
     dtype = DTYPES.get(a.dtype, torch.bfloat16 if bf16 else torch.float32)  # auto: as its --help says
     params_m, rows = sum(p.numel() for p in model.parameters()) / 1e6, []
@@ -295,18 +311,16 @@ def bench_one(m, a):
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         with torch.inference_mode(), torch.autocast(dev.type, dtype, enabled=dtype != torch.float32):
-            dt = timed(lambda: encode(model, spec, x), a.iters, a.warmup, dev, desc=f"bench {m['name']} x{bs}")
+            dts = timed(lambda: encode(model, spec, x), a.iters, a.warmup, dev, f"bench {m['name']} x{bs}", a.runs)
+        dt = float(np.median(dts))
+        spread = (max(dts) - min(dts)) / dt  # one timing hides a busy machine; the spread of several shows it
+        if spread > SPREAD:
+            print(f"warning: {m['name']} x{bs}: its {a.runs} timings spread {spread:.0%} around their median (over "
+                  f"{SPREAD:.0%}): the machine was busy; rerun on idle cores or an idle GPU")
         rows.append(dict(model=m["name"], source=spec.source, img_size=a.img_size, dtype=str(dtype)[6:], batch=bs,
-                         img_per_s=bs / dt, ms_per_batch=1e3 * dt,
+                         img_per_s=bs / dt, ms_per_batch=1e3 * dt, runs=a.runs, spread=spread, steady=spread <= SPREAD,
                          peak_mem_gb=peak_memory_gb(dev) - base, params_m=params_m, gflops=gflops))
     return rows
-
-def run_isolated(m, a):
-    try:  # a SystemExit in the child (unknown model, ...) is re-raised here
-        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
-            return ex.submit(bench_one, m, a).result()
-    except BrokenProcessPool:
-        raise SystemExit(f"error: benchmarking {m['name']} killed its process (out of memory?); lower --batch-sizes")
 
 # ----------------------------------------------------------------------------- commands
 def fmt(r, c):
@@ -340,7 +354,7 @@ def cmd_probe(a):
     rows = read_labelled(a.data)
     classes = sorted({r["label"] for r in rows})
     if len(classes) < 2:
-        raise SystemExit(f"error: {a.data} has a single class ({classes[0]!r}); a probe needs >= 2 labels")
+        raise UsageError(f"error: {a.data} has a single class ({classes[0]!r}); a probe needs >= 2 labels")
     y = torch.tensor([classes.index(r["label"]) for r in rows])
     if len({r.get("split", "").lower() for r in rows}) < 2:
         print("note: --data has no usable split column; using seeded train/val/test splits " +
@@ -352,7 +366,7 @@ def cmd_probe(a):
               "optimistic results")
     for sp in splits:
         if absent := set(y[sp["test"]].tolist()) - set(y[sp["train"]].tolist()):
-            raise SystemExit(f"error: class(es) {[classes[c] for c in absent]} in the test split of {a.data} have "
+            raise UsageError(f"error: class(es) {[classes[c] for c in absent]} in the test split of {a.data} have "
                              "no training rows; add training samples of them or drop them")
     res = []
     for m in model_list(a.model, a.model_weights, a.model_kwargs, a.img_size):
@@ -363,8 +377,9 @@ def cmd_probe(a):
             kn = metrics(y[sp["test"]], knn(f[sp["train"]], y[sp["train"]], f[sp["test"]], len(classes), a.k))
             per.append({**{f"linear_{k}": v for k, v in lin.items()}, **{f"knn_{k}": v for k, v in kn.items()}})
             Cs.append(C)
-        row = dict(model=m["name"], task=task_name(a), pooling=a.pooling, n_train=len(splits[0]["train"]),
-                   n_test=len(splits[0]["test"]), seeds=a.seeds, C=float(np.median(Cs)))
+        row = dict(model=m["name"], source=m["source"], img_size=m["px"], task=task_name(a), pooling=a.pooling,
+                   n_train=len(splits[0]["train"]), n_test=len(splits[0]["test"]), seeds=a.seeds,
+                   C=float(np.median(Cs)))
         for k in per[0]:
             row[k], row[k + "_std"] = float(np.mean([p[k] for p in per])), float(np.std([p[k] for p in per]))
         res.append(row)
@@ -380,7 +395,9 @@ def cmd_agree(a):
     res = []
     for s in model_list(a.student, a.student_weights, a.student_kwargs, a.student_img_size, "--student"):
         fs = features(s, rows, a)
-        r = dict(teacher=t["name"], student=s["name"], n=len(rows), pooling=a.pooling, cka=linear_cka(fs, ft))
+        r = dict(teacher=t["name"], student=s["name"], teacher_source=t["source"], student_source=s["source"],
+                 teacher_img_size=t["px"], student_img_size=s["px"], n=len(rows), pooling=a.pooling,
+                 cka=linear_cka(fs, ft))
         if fs.shape[1] == ft.shape[1]:
             r.update(cos_centred=centred_cosine(fs, ft), cos_raw=float(F.cosine_similarity(fs, ft).mean()))
         # G2L: the student in the teacher's space
@@ -404,10 +421,18 @@ def cmd_robustness(a):
         check_design(labels, centres, slides, a.ks)  # before any model is built
         for m in model_list(a.model, a.model_weights, a.model_kwargs, a.img_size):
             ri = robustness_index(features(m, rows, a), labels, centres, slides, a.ks, a.boot)
-            res += [dict(model=m["name"], task=task_name(a), n=len(rows), **r) for r in ri]
+            res += [dict(model=m["name"], source=m["source"], img_size=m["px"], task=task_name(a), n=len(rows), **r)
+                    for r in ri]
     except ValueError as e:
-        raise SystemExit(f"error: {a.data}: {e}")
+        raise UsageError(f"error: {a.data}: {e}")
     save_and_print(a, f"robustness_{task_name(a)}", res, ["model", "task", "n", "k", "ri", "dejong"])
+
+def run_isolated(m, a):
+    try:  # in a fresh process; a SystemExit there (unknown model, ...) is re-raised here
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+            return ex.submit(bench_one, m, a).result()
+    except BrokenProcessPool:
+        raise SystemExit(f"error: benchmarking {m['name']} killed its process (out of memory?); lower --batch-sizes")
 
 def cmd_bench(a):
     res = [r for m in model_list(a.model, a.model_weights, a.model_kwargs, []) for r in run_isolated(m, a)]
@@ -415,8 +440,8 @@ def cmd_bench(a):
         ref = next(x for x in res if x["batch"] == r["batch"])
         r.update(speedup=r["img_per_s"] / ref["img_per_s"], param_ratio=ref["params_m"] / r["params_m"],
                  flop_ratio=ref["gflops"] / r["gflops"])
-    save_and_print(a, "bench", res, ["model", "batch", "img_per_s", "ms_per_batch", "peak_mem_gb", "params_m", "gflops",
-                   "speedup", "param_ratio", "flop_ratio"])
+    save_and_print(a, "bench", res, ["model", "batch", "img_per_s", "ms_per_batch", "spread", "peak_mem_gb", "params_m",
+                   "gflops", "speedup", "param_ratio", "flop_ratio"])
 
 class CpuAugmented(TileDataset):
     """The usual CPU pipeline, for comparison: the same augmentations in PIL/torchvision inside the workers."""
@@ -441,10 +466,10 @@ def cmd_bench_data(a):
         dl = torch.utils.data.DataLoader(ds, batch_size=a.batch_size, shuffle=True, num_workers=a.workers,
                                          drop_last=True)
         batches = (batch for _ in itertools.count() for batch in dl)  # the loader again and again
-        rate = a.batch_size / timed(lambda: next(batches), a.batches, 1, torch.device("cpu"))  # 1: worker start-up
+        rate = a.batch_size / timed(lambda: next(batches), a.batches, 1, torch.device("cpu"))[0]  # 1: start-up
         res.append(dict(pipeline=name, workers=a.workers, tiles_per_s=rate, per_worker=rate / max(1, a.workers)))
     x, steps = torch.randint(0, 256, (a.batch_size, 3, load, load), dtype=torch.uint8), itertools.count()
-    rate = a.batch_size / timed(lambda: make_views(x, cfg, next(steps), 0, dev), a.batches, 1, dev)
+    rate = a.batch_size / timed(lambda: make_views(x, cfg, next(steps), 0, dev), a.batches, 1, dev)[0]
     res.append(dict(pipeline=f"device augment, batched ({dev.type})", workers=0, tiles_per_s=rate, per_worker=rate))
     save_and_print(a, "bench-data", [dict(r, load_px=load) for r in res],
                    ["pipeline", "workers", "tiles_per_s", "per_worker", "load_px"])
@@ -452,7 +477,7 @@ def cmd_bench_data(a):
 # ----------------------------------------------------------------------------- report
 def cmd_report(a):
     """OUT/report.md (every results table) and OUT/report.png (bars per metric, one colour per model)."""
-    out, md, bars = Path(a.out), ["# g2l evaluation report", ""], {}
+    out, md, bars = Path(a.out), ["# g2l evaluation report", ""], {}  # bars: {metric: {model: value}}
     shown = dict(probe=["linear_bacc", "linear_auroc", "knn_bacc"], agree=["cka", "heads_cka"], robustness=["ri"])
     for f in sorted(out.glob("*.json")):
         rows = json.loads(f.read_text())
@@ -468,16 +493,16 @@ def cmd_report(a):
             name = r.get("student") or r.get("model")
             for k in shown.get(kind, []):
                 if isinstance(r.get(k), float):
-                    bars.setdefault((task, f"{k}@{r['k']}" if kind == "robustness" else k), {})[name] = r[k]
+                    bars.setdefault(f"{task} {k}" + f"@{r.get('k')}" * (kind == "robustness"), {})[name] = r[k]
             if kind == "bench":  # speed relative to the fastest model
                 fastest = max(x["img_per_s"] for x in rows)
-                bars.setdefault(("speed", f"rel. x{r['batch']}"), {})[name] = r["img_per_s"] / fastest
+                bars.setdefault(f"speed rel. x{r['batch']}", {})[name] = r["img_per_s"] / fastest
     if not bars:
-        raise SystemExit(f"error: no results (*.json from probe/agree/robustness/bench) in {out}; run those first")
+        raise UsageError(f"error: no results (*.json from probe/agree/robustness/bench) in {out}; run those first")
     models = list(dict.fromkeys(m for g in bars.values() for m in g))
     colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
                "#17becf", "#000000", "#aec7e8"]
-    lines = [(f"{task} {metric}", m, vals[m]) for (task, metric), vals in bars.items() for m in models if m in vals]
+    lines = [(metric, m, vals[m]) for metric, vals in bars.items() for m in models if m in vals]
     img = Image.new("RGB", (800, 16 * len(lines) + 24), "white")
     d, x0, w = ImageDraw.Draw(img), 440, 340  # a metric and a model name left of x0, then w px of bar for 1.0
     for t in range(5):  # axis 0..1
@@ -501,7 +526,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         empty = action.required or action.default in (None, "", [], argparse.SUPPRESS)
         return action.help if empty else super()._get_help_string(action)
 
-def main(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub, par = p.add_subparsers(dest="cmd", required=True), lambda: argparse.ArgumentParser(add_help=False)
     cmd = lambda name, parents, text: sub.add_parser(name, parents=parents, help=text, description=text,
@@ -511,21 +536,19 @@ def main(argv=None):
     dev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     for r in ("model", "teacher", "student"):  # repeat for several models, with their options in the same order
         g, many = group.setdefault(r, par()), dict(action="append", default=[]) if r != "teacher" else {}
-        g.add_argument(f"--{r}", required=True, **many,
-                       help="preset, timm name, hf-hub:, local-dir:, a transformers DINOv2 folder or a g2l run folder"
-                       + ("" if r == "teacher" else f"; repeat --{r} for several, each followed by its own options"))
+        g.add_argument(f"--{r}", required=True, **many, help="preset, timm name, hf-hub:, local-dir:, a DINOv2 "
+                       "folder or a g2l run" + f"; repeat --{r} for several, each with its options" * bool(many))
         g.add_argument(f"--{r}-weights", **(many or dict(default="")),
                        help="local .safetensors/.pth/.bin weights for its architecture (default: none)")
         g.add_argument(f"--{r}-kwargs", **(many or dict(default="")),
                        help="JSON architecture kwargs, e.g. '{\"depth\": 2}' (default: none)")
-        if r != "model":
+        if r != "model":  # --model's is --img-size, below: bench has another
             g.add_argument(f"--{r}-img-size", type=int, **(many or dict(default=0)),
-                           help="input px; 0 = the size the model was built or trained for"
-                           + (" (default: 0)" if many else ""))
+                           help="input px; 0 = as built or trained" + " (default: 0)" * bool(many))
     data.add_argument("--data", required=True, help="labels CSV (path,label[,split,center,slide]) or ImageFolder root")
     data.add_argument("--task", default="", help="name in the results (default: the data folder's name)")
     data.add_argument("--pooling", default="cls", choices=["cls", "mean", "cls+mean"],
-                      help="feature: the model's global output (cls), the mean patch token, or both concatenated")
+                      help="the model's global output (cls), the mean patch token, or both concatenated")
     data.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass")
     data.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding tiles (0 = in-process)")
     pr = cmd("probe", [out, dev, group["model"], data], "linear probe and kNN on frozen features, per model")
@@ -541,13 +564,14 @@ def main(argv=None):
     ro.add_argument("--boot", type=int, default=200, help="bootstrap resamples for the std")
     for s in (pr, ro):
         s.add_argument("--img-size", type=int, action="append", default=[],
-                       help="input px, once for all models or once per --model; 0 = the size it was built or trained "
-                            "for (default: 0)")
+                       help="input px, once for all or once per --model; 0 = as built or trained (default: 0)")
     be = cmd("bench", [out, dev, group["model"]], "inference speed and memory per model, in a fresh process each")
     be.add_argument("--img-size", type=int, default=224, help="the same input size for every model")
     be.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to time")
     be.add_argument("--iters", type=int, default=5, help="timed forward passes per batch size")
     be.add_argument("--warmup", type=int, default=2, help="untimed passes first")
+    be.add_argument("--runs", type=int, default=3,
+                    help=f"timed runs of --iters passes: median reported, a spread over {SPREAD * 100:.0f}%% flagged")
     be.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="auto = bf16 on GPUs that support it, else fp32")
     be.add_argument("--random-init", action="store_true", help="presets' bare architectures, random weights")
@@ -558,8 +582,39 @@ def main(argv=None):
                                 ("workers", 2, "DataLoader processes"), ("batches", 20, "timed batches per pipeline")):
         bd.add_argument(f"--{flag}", type=int, default=default, help=text)
     cmd("report", [out], "report.md + report.png from the results in --out")
+    return p
+
+def main(argv=None):
+    p = parser()
     a = p.parse_args(argv)
-    return globals()[f"cmd_{a.cmd.replace('-', '_')}"](a)
+    if getattr(a, "runs", 3) < 3:
+        p.error(f"--runs {a.runs}: give >= 3, or no spread can be told from one slow run")
+    check_out(a.out)
+    default = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        return globals()[f"cmd_{a.cmd.replace('-', '_')}"](a)
+    except KeyboardInterrupt as e:  # Ctrl-C, or a scheduler's SIGTERM through interrupt()
+        n = e.args[0] if e.args else signal.SIGINT
+        print(f"stopped by {signal.Signals(n).name}; features extracted so far are cached: rerun the same command",
+              file=sys.stderr)
+        return 128 + n
+    finally:
+        signal.signal(signal.SIGTERM, default)
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)  # unwinds like Ctrl-C: temp files removed, workers stopped
+
+def check_out(out):
+    """--out refused before any data is read or model built: a file, or a place this user cannot write."""
+    p = Path(out).absolute()
+    near = next(q for q in [p, *p.parents] if q.exists())  # --out itself is made when the first results are written
+    if not near.is_dir() or not os.access(near, os.W_OK | os.X_OK):
+        why = "it is a file" if near == p else f"{near} is a file" if not near.is_dir() else f"{near} is read-only"
+        raise UsageError(f"error: --out {out} is not a writable folder ({why}); choose a folder you can write to")
 
 if __name__ == "__main__":
-    main()
+    try:
+        sys.exit(main())
+    except UsageError as e:  # the one line without argparse's usage block, and argparse's exit status
+        print(e, file=sys.stderr)
+        sys.exit(2)

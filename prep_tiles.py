@@ -1,17 +1,16 @@
-"""
-prep_tiles.py: whole-slide images -> tile folders for g2l.py, at a physical resolution, with QC pictures.
+"""prep_tiles.py: whole-slide images -> tile folders for g2l.py, at a physical resolution, with QC pictures.
 
     python prep_tiles.py examples/CMU-1-Small-Region.svs --out examples/tiles --mpp 0.5 --format jpg --quality 90
     python prep_tiles.py /data/slides/ --out tiles/ --mpp 0.5 --tile-size 224 --workers 8   # folders: recursive
     python prep_tiles.py crop.svs --out tiles/ --mpp-override 0.25   # the header has no mpp: you say what it is
 
-Writes: tiles/slides.csv, tiles/tiles.csv (one row per tile: path, slide_id, x, y; g2l.py reads it instead of
-walking the folder), tiles/<slide_id>/<slide_id>_x<X>_y<Y>.jpg (X, Y = level-0 top-left pixel), tiles/masks/
-<slide_id>.png (thumbnail, tissue tinted green, kept tiles in blue). A slide folder appears only when complete (temp
-folder + rename), so a killed run resumes: finished slides are skipped unless --overwrite. Exit status: 0 ok, 1 if
-any slide failed, 2 on argument errors (found before any work).
+Writes tiles/slides.csv, tiles/tiles.csv (path, slide_id, x, y per tile: g2l.py reads it instead of walking the folder),
+tiles/<slide_id>/<slide_id>_x<X>_y<Y>.jpg (X, Y: level-0 top-left pixel), tiles/masks/<slide_id>.png (QC: tissue green,
+tiles blue). A slide folder appears only when complete: a killed run resumes, skipping finished slides unless
+--overwrite. Exit status: 0 ok, 1 a slide failed, 2 an argument error (found before any work), 128+n stopped by signal
+n (SIGTERM: 143).
 """
-import argparse, contextlib, csv, json, math, os, random, re, shutil, sys, tempfile, time
+import argparse, contextlib, csv, json, math, os, random, re, shutil, signal, sys, tempfile, time
 from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Future, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -261,17 +260,14 @@ def run_slides(todo, out, workers, plan_opts, cut_opts, record):
                 if (s := slides.get(sid)) is None:
                     continue  # a chunk of a slide that has already failed
                 try:
-                    if "plan" in s:
-                        job.result()
-                        s["left"] -= 1
-                    else:
-                        fields, tiles, s["plan"] = job.result()
+                    result = job.result()  # a plan's, or None from a cut
+                    if "plan" not in s:
+                        fields, tiles, s["plan"] = result
                         s["row"] |= fields
                         n = CHUNK if pool else max(1, len(tiles))  # in this process: one job a slide
                         chunks.extend((sid, tiles[i:i + n]) for i in range(0, len(tiles), n))
-                        s["left"] = math.ceil(len(tiles) / n)
-                    if s["left"]:
-                        continue
+                    if sid in running.values() or any(c[0] == sid for c in chunks):
+                        continue  # more of its tiles to cut
                     shutil.rmtree(out / sid, ignore_errors=True)  # only with --overwrite (else finished = skipped)
                     os.replace(out / f".tmp_{sid}", out / sid)  # a slide folder appears only when complete
                 except Exception as e:  # the slide failed (any stage), or its worker died
@@ -397,15 +393,26 @@ def main(argv=None):
 
     write_csv(out / "slides.csv", [rows[sid] for sid, _ in slides if sid in rows])  # even when all are skipped
     (out / "tiles.csv").unlink(missing_ok=True)  # rewritten at the end: never stale while tiles change
-    t0 = time.time()
-    with tqdm(total=len(todo), desc="slides", unit="slide") as bar:
-        run_slides(todo, out, a.workers, plan_opts, cut_opts, record)
+    t0, default = time.time(), signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with tqdm(total=len(todo), desc="slides", unit="slide") as bar:
+            run_slides(todo, out, a.workers, plan_opts, cut_opts, record)
+    except KeyboardInterrupt as e:  # Ctrl-C, or a scheduler's SIGTERM through interrupt()
+        n = e.args[0] if e.args else signal.SIGINT
+        print(f"stopped by {signal.Signals(n).name}: finished slides are kept; rerun the same command to resume",
+              file=sys.stderr)
+        return 128 + n
+    finally:
+        signal.signal(signal.SIGTERM, default)
     write_manifest(out)
     dt, n = time.time() - t0, Counter(r["status"] for r in rows.values())
     made = sum(int(r["n_tiles"]) for r in rows.values() if r["status"] != "skipped")
     print(f"slides: {n['ok']} ok, {n['no_tissue']} no_tissue, {n['failed']} failed, {n['skipped']} skipped, "
           f"{len(slides) - len(rows)} not run | {made} tiles in {dt:.1f} s, {made / max(dt, 1e-9):.1f} tiles/s")
     return 1 if n["failed"] else 0
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)  # unwinds like Ctrl-C: the pool is shut down, slides.csv stays whole
 
 if __name__ == "__main__":
     sys.exit(main())
