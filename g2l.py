@@ -469,44 +469,38 @@ def student_view(x, cfg):
     return F.interpolate(x, size=cfg.student_img_size, mode="bilinear", antialias=True, align_corners=False)
 
 # ----------------------------------------------------------------------------- models
-BIOPTIMUS = dict(mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517))  # Bioptimus' stats
-IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))                     # ImageNet
-HIBOU = dict(mean=(0.7068, 0.5755, 0.7220), std=(0.1950, 0.2316, 0.1816))  # histai/hibou-* preprocessor_config
+BIOPTIMUS = dict(mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517))
+IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+HIBOU = dict(mean=(0.7068, 0.5755, 0.7220), std=(0.1950, 0.2316, 0.1816))
 SWIGLU = dict(mlp_layer="swiglu_packed", act_layer="silu")
 
-def swiglu_ratio(dim, ratio=4):
-    """timm mlp_ratio of DINOv2's SwiGLU: its hidden size is 2/3 of dim*ratio rounded up to a multiple of 8, and
+def swiglu(dim, ratio=4):
+    """timm kwargs for DINOv2's SwiGLU MLP: its hidden size is 2/3 of dim*ratio rounded up to a multiple of 8, and
     timm's SwiGLUPacked packs gate + value into one fc1 of twice that width (+0.5: int() must not round down)."""
     hidden = (int(dim * ratio * 2 / 3) + 7) // 8 * 8
-    return (2 * hidden + 0.5) / dim
+    return dict(mlp_ratio=(2 * hidden + 0.5) / dim, **SWIGLU)
 
-PRESETS = {  # hub name, bare timm architecture + kwargs (builds offline), normalisation, native px, embedding
-    "h-optimus-0": dict(hub="hf-hub:bioptimus/H-optimus-0", arch="vit_giant_patch14_reg4_dinov2",
-                        kwargs=dict(init_values=1e-5, dynamic_img_size=False), size=224, embed="pool", **BIOPTIMUS),
-    "h-optimus-1": dict(hub="hf-hub:bioptimus/H-optimus-1", arch="vit_giant_patch14_reg4_dinov2",
-                        kwargs=dict(init_values=1e-5, dynamic_img_size=False), size=224, embed="pool", **BIOPTIMUS),
-    "h0-mini": dict(hub="hf-hub:bioptimus/H0-mini", arch="vit_base_patch14_reg4_dinov2",
-                    kwargs=dict(init_values=1e-5, mlp_ratio=5.33334, **SWIGLU), size=224, embed="pool", **BIOPTIMUS),
-    "uni": dict(hub="hf-hub:MahmoodLab/UNI", arch="vit_large_patch16_224",
-                kwargs=dict(init_values=1e-5, dynamic_img_size=True), size=224, embed="pool", **IMAGENET),
-    "uni2-h": dict(hub="hf-hub:MahmoodLab/UNI2-h", arch="vit_giant_patch14_224",
-                   kwargs=dict(depth=24, num_heads=24, embed_dim=1536, init_values=1e-5, mlp_ratio=5.33334,
-                               no_embed_class=True, reg_tokens=8, dynamic_img_size=True, **SWIGLU),
-                   size=224, embed="pool", **IMAGENET),
-    # embedding cls+mean: the CLS token concatenated with the mean patch token, as Virchow2's card does
-    "virchow2": dict(hub="hf-hub:paige-ai/Virchow2", arch="vit_huge_patch14_224",
-                     kwargs=dict(init_values=1e-5, mlp_ratio=5.3375, reg_tokens=4, global_pool="",
-                                 dynamic_img_size=True, **SWIGLU), size=224, embed="cls+mean", **IMAGENET),
-    "prov-gigapath": dict(hub="hf-hub:prov-gigapath/prov-gigapath", arch="vit_giant_patch14_dinov2",
-                          kwargs=dict(patch_size=16, embed_dim=1536, depth=40, num_heads=24, init_values=1e-5,
-                                      mlp_ratio=5.33334), size=224, embed="pool", **IMAGENET),
-    # `hf`: published in the transformers DINOv2 format, converted to timm on load (dinov2_to_timm)
-    "hibou-l": dict(hub="hf-hub:histai/hibou-L", hf="hf-hub:histai/hibou-L", arch="vit_large_patch14_reg4_dinov2",
-                    kwargs=dict(img_size=224, mlp_ratio=swiglu_ratio(1024), **SWIGLU), size=224, embed="pool", **HIBOU),
-    "hibou-b": dict(hub="hf-hub:histai/hibou-b", hf="hf-hub:histai/hibou-b", arch="vit_base_patch14_reg4_dinov2",
-                    kwargs=dict(img_size=224, mlp_ratio=swiglu_ratio(768), **SWIGLU), size=224, embed="pool", **HIBOU),
-    "phikon-v2": dict(hub="hf-hub:owkin/phikon-v2", hf="hf-hub:owkin/phikon-v2", arch="vit_large_patch14_dinov2",
-                      kwargs=dict(patch_size=16, img_size=224), size=224, embed="pool", **IMAGENET),
+def preset(repo, arch, norm, embed="pool", hf=False, **kwargs):
+    """A preset: its hub name, the bare timm architecture + kwargs that build it offline (at 224 px, the native size
+    of every preset), its normalisation and embedding. hf: published in transformers' DINOv2 format (dinov2_to_timm)."""
+    hub = "hf-hub:" + repo
+    return dict(hub=hub, hf=hub if hf else None, arch=arch, kwargs=dict(img_size=224, **kwargs), embed=embed, **norm)
+
+PRESETS = {  # embed cls+mean: the CLS token and the mean patch token, concatenated (Virchow2's own embedding)
+    "h-optimus-0": preset("bioptimus/H-optimus-0", "vit_giant_patch14_reg4_dinov2", BIOPTIMUS),
+    "h-optimus-1": preset("bioptimus/H-optimus-1", "vit_giant_patch14_reg4_dinov2", BIOPTIMUS),
+    "h0-mini": preset("bioptimus/H0-mini", "vit_base_patch14_reg4_dinov2", BIOPTIMUS, mlp_ratio=5.33334, **SWIGLU),
+    "uni": preset("MahmoodLab/UNI", "vit_large_patch16_224", IMAGENET, init_values=1e-5, dynamic_img_size=True),
+    "uni2-h": preset("MahmoodLab/UNI2-h", "vit_giant_patch14_224", IMAGENET, depth=24, num_heads=24, embed_dim=1536,
+                     init_values=1e-5, mlp_ratio=5.33334, no_embed_class=True, reg_tokens=8, dynamic_img_size=True,
+                     **SWIGLU),
+    "virchow2": preset("paige-ai/Virchow2", "vit_huge_patch14_224", IMAGENET, "cls+mean", init_values=1e-5,
+                       mlp_ratio=5.3375, reg_tokens=4, global_pool="", dynamic_img_size=True, **SWIGLU),
+    "prov-gigapath": preset("prov-gigapath/prov-gigapath", "vit_giant_patch14_dinov2", IMAGENET, patch_size=16,
+                            embed_dim=1536, depth=40, num_heads=24, mlp_ratio=5.33334),
+    "hibou-l": preset("histai/hibou-L", "vit_large_patch14_reg4_dinov2", HIBOU, hf=True, **swiglu(1024)),
+    "hibou-b": preset("histai/hibou-b", "vit_base_patch14_reg4_dinov2", HIBOU, hf=True, **swiglu(768)),
+    "phikon-v2": preset("owkin/phikon-v2", "vit_large_patch14_dinov2", IMAGENET, hf=True, patch_size=16),
 }
 LAYERS = {"swiglu_packed": timm.layers.SwiGLUPacked, "silu": nn.SiLU}  # JSON-able names for layer kwargs
 
@@ -1164,10 +1158,10 @@ def dinov2_spec(where):
               init_values=c.get("layerscale_value", 1.0), qkv_bias=c.get("qkv_bias", True),
               reg_tokens=reg, no_embed_class=reg > 0)  # registers: positions for the patches only (see dinov2_to_timm)
     if c.get("use_swiglu_ffn"):
-        kw.update(mlp_ratio=swiglu_ratio(dim, ratio), **SWIGLU)
+        kw.update(swiglu(dim, ratio))
     pre = hf_file(where, "preprocessor_config.json")  # the checkpoint's own normalisation
     pre = json.loads(Path(pre).read_text()) if pre else {}
-    return dict(hf=where, arch="vit_base_patch14_dinov2", kwargs=kw, embed="pool", size=kw["img_size"],
+    return dict(hf=where, arch="vit_base_patch14_dinov2", kwargs=kw, embed="pool",
                 mean=tuple(pre.get("image_mean", IMAGENET["mean"])), std=tuple(pre.get("image_std", IMAGENET["std"])))
 
 # ----------------------------------------------------------------------------- checkpoint I/O
