@@ -992,20 +992,18 @@ def set_up(cfg):
 MANIFEST = "tiles.csv"  # prep_tiles.py lists every tile it wrote here: a folder with one is read, never walked
 CACHE_MIN = 50_000      # a walked folder with at least this many tiles keeps its listing in ~/.cache/g2l
 
-def group_tiles(groups):
-    """Tiles from [(folder, [file names])], sorted by folder then name: a slide's tiles are contiguous."""
-    groups = sorted((d, sorted(ns)) for d, ns in groups if ns)
-    return Tiles(np.array([os.fsencode(d) for d, _ in groups], dtype="S"),
-                 np.repeat(np.arange(len(groups), dtype=np.int32), [len(ns) for _, ns in groups]),
-                 np.array([os.fsencode(n) for _, ns in groups for n in ns], dtype="S"))
+def group_tiles(pairs):
+    """Tiles from (folder, file name) pairs, in their order: one slide per folder."""
+    dirs, slide, names = {}, [], []
+    for d, n in pairs:
+        slide.append(dirs.setdefault(d, len(dirs)))
+        names.append(os.fsencode(n))
+    return Tiles(np.array([os.fsencode(d) for d in dirs], dtype="S"), np.array(slide, dtype=np.int32),
+                 np.array(names, dtype="S"))
 
 def tiles_from_paths(paths):
     """Tiles from a list of paths, in the given order (eval.py's labels follow it)."""
-    dirs, slide = {}, [0] * len(paths)
-    for i, p in enumerate(paths):
-        slide[i] = dirs.setdefault(os.path.dirname(p), len(dirs))
-    return Tiles(np.array([os.fsencode(d) for d in dirs], dtype="S"), np.array(slide, dtype=np.int32),
-                 np.array([os.fsencode(os.path.basename(p)) for p in paths], dtype="S"))
+    return group_tiles(map(os.path.split, paths))
 
 def concat_tiles(parts):
     off = np.cumsum([0] + [len(t.dirs) for t in parts])
@@ -1013,10 +1011,10 @@ def concat_tiles(parts):
                  np.concatenate([t.names for t in parts]))
 
 def walk_images(folder):
-    """([(folder, [image names])], [(folder, mtime_ns)] of every folder entered), relative to `folder`.
+    """([(folder, image name)], [(folder, mtime_ns)] of every folder entered), relative to `folder`.
     Follows symlinks but enters each real folder once (no loops, no tile counted twice); skips .hidden
     entries and the masks/ folder at the top (prep_tiles.py's QC pictures)."""
-    groups, stamps, seen = [], [], set()
+    pairs, stamps, seen = [], [], set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         st = os.stat(top)
         if (st.st_dev, st.st_ino) in seen:
@@ -1026,39 +1024,31 @@ def walk_images(folder):
         rel = os.path.relpath(top, folder) if top != folder else ""
         dirs[:] = [d for d in dirs if not d.startswith(".") and (rel or d != "masks")]
         stamps.append((rel, st.st_mtime_ns))
-        groups.append((rel, [n for n in files if not n.startswith(".") and n.lower().endswith(IMG_EXTS)]))
-    return groups, stamps
-
-def cache_file(folder):
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "g2l" / f"tiles-{hashlib.sha1(os.fsencode(os.path.realpath(folder))).hexdigest()[:16]}.npz"
+        pairs += [(rel, n) for n in files if not n.startswith(".") and n.lower().endswith(IMG_EXTS)]
+    return pairs, stamps
 
 def read_manifest(folder):
-    """[(folder, [file names])] relative to `folder`, from its tiles.csv (path column)."""
-    path, groups = os.path.join(folder, MANIFEST), {}
+    """(folder, file name) pairs relative to `folder`, from its tiles.csv (path column)."""
+    path = os.path.join(folder, MANIFEST)
     with open(path, newline="") as f:
-        rows = csv.reader(f)
-        header = next(rows, [])
-        if "path" not in header:
+        rows = csv.DictReader(f)
+        if "path" not in (rows.fieldnames or []):
             raise SystemExit(f"error: {path} has no 'path' column; delete it (the folder is then scanned) or "
                              "re-run prep_tiles.py")
-        col = header.index("path")
-        for r in rows:
-            d, n = os.path.split(r[col])
-            groups.setdefault(d, []).append(n)
-    return list(groups.items())
+        return [os.path.split(r["path"]) for r in rows]
 
 def walk_cached(folder):
     """Tiles relative to `folder`: the cached listing while no folder in the tree changed (entries added or
     removed change a folder's mtime), else a walk, cached when large (small trees walk in milliseconds)."""
-    cache = cache_file(folder)
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    cache = Path(root) / "g2l" / f"tiles-{hashlib.sha1(os.fsencode(os.path.realpath(folder))).hexdigest()[:16]}.npz"
     with contextlib.suppress(Exception):  # no cache, a stale one or an unreadable one: walk
         z = np.load(cache)
         stamp = lambda d: os.stat(os.path.join(folder, os.fsdecode(d))).st_mtime_ns
         if all(stamp(d) == m for d, m in zip(z["walked"], z["mtimes"])):
             return Tiles(z["dirs"], z["slide"], z["names"])
-    groups, stamps = walk_images(folder)
-    tiles = group_tiles(groups)
+    pairs, stamps = walk_images(folder)
+    tiles = group_tiles(sorted(pairs))  # sorted: the same order on every file system
     if len(tiles) >= CACHE_MIN:
         with contextlib.suppress(OSError):  # a read-only home only means no cache
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -1073,7 +1063,7 @@ def index_folder(folder):
         raise SystemExit(f"error: data folder {folder} does not exist; pass --data with folders of tiles "
                          "(e.g. the --out of prep_tiles.py), or add --demo to use the bundled demo tiles")
     has_manifest = os.path.isfile(os.path.join(folder, MANIFEST))
-    tiles = group_tiles(read_manifest(folder)) if has_manifest else walk_cached(folder)
+    tiles = group_tiles(sorted(read_manifest(folder))) if has_manifest else walk_cached(folder)
     if not len(tiles):
         raise SystemExit(f"error: no images ({', '.join(IMG_EXTS)}) under {folder}; "
                          "make tiles with: python prep_tiles.py SLIDES --out " + folder)
