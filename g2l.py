@@ -6,12 +6,9 @@ log-sum of |BN(student) - BN(teacher)|^4 (Miles & Mikolajczyk, AAAI 2024). g2l a
 local loss on patch tokens (RADIO / GPFM style: 0.9 cosine + 0.1 smooth-L1).
 
     python g2l.py                                    # demo: bundled CC0 tiles, small ViTs, < 5 min on CPU
-    python g2l.py --demo --steps 5                   # the demo's settings, any option changed
     python g2l.py --teacher h-optimus-0 --student uni --data tiles/ --out runs/luad
     python g2l.py --teacher h-optimus-0 --student hibou-l --w-local 0 --data tiles/   # the paper's pair and loss
     torchrun --standalone --nproc_per_node=8 g2l.py --teacher h-optimus-0 --student uni --data tiles/
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
-        g2l.py --teacher h-optimus-0 --student uni --data tiles/       # run the same line on both nodes
     python g2l.py --teacher h-optimus-0 --teacher-weights h0.safetensors \\
         --student vit_large_patch16_224 --data tiles/                  # offline weights
     python g2l.py --synthetic --steps 20 ...         # step speed without I/O (loader speed: eval.py bench-data)
@@ -1113,13 +1110,13 @@ def load_weights(model, path, name):
     if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in sd):  # transformers DINOv2 format
         sd = dinov2_to_timm(sd, model)
         how = dict(antialias="reg_token" in sd)  # resample positions as transformers does (antialias: registers)
-    fix = "pass the matching architecture/preset or fix --*-kwargs"
     try:
         if isinstance(model, VisionTransformer):  # timm's ViT converter: resamples position embeddings, legacy keys
             sd = checkpoint_filter_fn(sd, model, **how)
         model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("head.")})  # classifier: unused
     except (RuntimeError, ValueError, KeyError, IndexError) as e:
-        raise SystemExit(f"error: weights file {path} does not fit {name} ({one_line(e, 400)}); {fix}")
+        raise SystemExit(f"error: weights file {path} does not fit {name} ({one_line(e, 400)}); "
+                         "pass the matching architecture/preset or fix --*-kwargs")
 
 def hf_file(where, fname):
     """Path of FILE in a Hugging Face checkpoint (a local folder, or hf-hub:ORG/NAME via the hub cache), or None."""
@@ -1341,11 +1338,8 @@ def gpu_peak(name, precision):
     """Peak FLOP/s of a GPU by name: a table key that is a whole word of the name ("NVIDIA L40" is no L40S);
     NaN for a GPU not in the table, and for the slower PCIe / NVL parts (no MFU rather than a wrong one)."""
     words = re.split(r"[^a-z0-9]+", name.lower())
-    found = [k for k in PEAK_TFLOPS if k.lower() in words]
-    if not found or {"pcie", "nvl"} & set(words):
-        return float("nan")
-    half, single = PEAK_TFLOPS[found[0]]
-    return (half if precision in ("bf16", "fp16") else single) * 1e12
+    peaks = [v for k, v in PEAK_TFLOPS.items() if k.lower() in words and not {"pcie", "nvl"} & set(words)]
+    return peaks[0][precision not in ("bf16", "fp16")] * 1e12 if peaks else float("nan")
 
 def peak_flops(device, precision):
     """Peak of the device, or NaN (MFU n/a): on CPU there is no honest peak to divide by."""
