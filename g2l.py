@@ -6,12 +6,9 @@ log-sum of |BN(student) - BN(teacher)|^4 (Miles & Mikolajczyk, AAAI 2024). g2l a
 local loss on patch tokens (RADIO / GPFM style: 0.9 cosine + 0.1 smooth-L1).
 
     python g2l.py                                    # demo: bundled CC0 tiles, small ViTs, < 5 min on CPU
-    python g2l.py --demo --steps 5                   # the demo's settings, any option changed
     python g2l.py --teacher h-optimus-0 --student uni --data tiles/ --out runs/luad
     python g2l.py --teacher h-optimus-0 --student hibou-l --w-local 0 --data tiles/   # the paper's pair and loss
     torchrun --standalone --nproc_per_node=8 g2l.py --teacher h-optimus-0 --student uni --data tiles/
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
-        g2l.py --teacher h-optimus-0 --student uni --data tiles/       # run the same line on both nodes
     python g2l.py --teacher h-optimus-0 --teacher-weights h0.safetensors \\
         --student vit_large_patch16_224 --data tiles/                  # offline weights
     python g2l.py --synthetic --steps 20 ...         # step speed without I/O (loader speed: eval.py bench-data)
@@ -469,44 +466,38 @@ def student_view(x, cfg):
     return F.interpolate(x, size=cfg.student_img_size, mode="bilinear", antialias=True, align_corners=False)
 
 # ----------------------------------------------------------------------------- models
-BIOPTIMUS = dict(mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517))  # Bioptimus' stats
-IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))                     # ImageNet
-HIBOU = dict(mean=(0.7068, 0.5755, 0.7220), std=(0.1950, 0.2316, 0.1816))  # histai/hibou-* preprocessor_config
+BIOPTIMUS = dict(mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517))
+IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+HIBOU = dict(mean=(0.7068, 0.5755, 0.7220), std=(0.1950, 0.2316, 0.1816))
 SWIGLU = dict(mlp_layer="swiglu_packed", act_layer="silu")
 
-def swiglu_ratio(dim, ratio=4):
-    """timm mlp_ratio of DINOv2's SwiGLU: its hidden size is 2/3 of dim*ratio rounded up to a multiple of 8, and
+def swiglu(dim, ratio=4):
+    """timm kwargs for DINOv2's SwiGLU MLP: its hidden size is 2/3 of dim*ratio rounded up to a multiple of 8, and
     timm's SwiGLUPacked packs gate + value into one fc1 of twice that width (+0.5: int() must not round down)."""
     hidden = (int(dim * ratio * 2 / 3) + 7) // 8 * 8
-    return (2 * hidden + 0.5) / dim
+    return dict(mlp_ratio=(2 * hidden + 0.5) / dim, **SWIGLU)
 
-PRESETS = {  # hub name, bare timm architecture + kwargs (builds offline), normalisation, native px, embedding
-    "h-optimus-0": dict(hub="hf-hub:bioptimus/H-optimus-0", arch="vit_giant_patch14_reg4_dinov2",
-                        kwargs=dict(init_values=1e-5, dynamic_img_size=False), size=224, embed="pool", **BIOPTIMUS),
-    "h-optimus-1": dict(hub="hf-hub:bioptimus/H-optimus-1", arch="vit_giant_patch14_reg4_dinov2",
-                        kwargs=dict(init_values=1e-5, dynamic_img_size=False), size=224, embed="pool", **BIOPTIMUS),
-    "h0-mini": dict(hub="hf-hub:bioptimus/H0-mini", arch="vit_base_patch14_reg4_dinov2",
-                    kwargs=dict(init_values=1e-5, mlp_ratio=5.33334, **SWIGLU), size=224, embed="pool", **BIOPTIMUS),
-    "uni": dict(hub="hf-hub:MahmoodLab/UNI", arch="vit_large_patch16_224",
-                kwargs=dict(init_values=1e-5, dynamic_img_size=True), size=224, embed="pool", **IMAGENET),
-    "uni2-h": dict(hub="hf-hub:MahmoodLab/UNI2-h", arch="vit_giant_patch14_224",
-                   kwargs=dict(depth=24, num_heads=24, embed_dim=1536, init_values=1e-5, mlp_ratio=5.33334,
-                               no_embed_class=True, reg_tokens=8, dynamic_img_size=True, **SWIGLU),
-                   size=224, embed="pool", **IMAGENET),
-    # embedding cls+mean: the CLS token concatenated with the mean patch token, as Virchow2's card does
-    "virchow2": dict(hub="hf-hub:paige-ai/Virchow2", arch="vit_huge_patch14_224",
-                     kwargs=dict(init_values=1e-5, mlp_ratio=5.3375, reg_tokens=4, global_pool="",
-                                 dynamic_img_size=True, **SWIGLU), size=224, embed="cls+mean", **IMAGENET),
-    "prov-gigapath": dict(hub="hf-hub:prov-gigapath/prov-gigapath", arch="vit_giant_patch14_dinov2",
-                          kwargs=dict(patch_size=16, embed_dim=1536, depth=40, num_heads=24, init_values=1e-5,
-                                      mlp_ratio=5.33334), size=224, embed="pool", **IMAGENET),
-    # `hf`: published in the transformers DINOv2 format, converted to timm on load (dinov2_to_timm)
-    "hibou-l": dict(hub="hf-hub:histai/hibou-L", hf="hf-hub:histai/hibou-L", arch="vit_large_patch14_reg4_dinov2",
-                    kwargs=dict(img_size=224, mlp_ratio=swiglu_ratio(1024), **SWIGLU), size=224, embed="pool", **HIBOU),
-    "hibou-b": dict(hub="hf-hub:histai/hibou-b", hf="hf-hub:histai/hibou-b", arch="vit_base_patch14_reg4_dinov2",
-                    kwargs=dict(img_size=224, mlp_ratio=swiglu_ratio(768), **SWIGLU), size=224, embed="pool", **HIBOU),
-    "phikon-v2": dict(hub="hf-hub:owkin/phikon-v2", hf="hf-hub:owkin/phikon-v2", arch="vit_large_patch14_dinov2",
-                      kwargs=dict(patch_size=16, img_size=224), size=224, embed="pool", **IMAGENET),
+def preset(repo, arch, norm, embed="pool", hf=False, **kwargs):
+    """A preset: its hub name, the bare timm architecture + kwargs that build it offline (at 224 px, the native size
+    of every preset), its normalisation and embedding. hf: published in transformers' DINOv2 format (dinov2_to_timm)."""
+    hub = "hf-hub:" + repo
+    return dict(hub=hub, hf=hub if hf else None, arch=arch, kwargs=dict(img_size=224, **kwargs), embed=embed, **norm)
+
+PRESETS = {  # embed cls+mean: the CLS token and the mean patch token, concatenated (Virchow2's own embedding)
+    "h-optimus-0": preset("bioptimus/H-optimus-0", "vit_giant_patch14_reg4_dinov2", BIOPTIMUS),
+    "h-optimus-1": preset("bioptimus/H-optimus-1", "vit_giant_patch14_reg4_dinov2", BIOPTIMUS),
+    "h0-mini": preset("bioptimus/H0-mini", "vit_base_patch14_reg4_dinov2", BIOPTIMUS, mlp_ratio=5.33334, **SWIGLU),
+    "uni": preset("MahmoodLab/UNI", "vit_large_patch16_224", IMAGENET, init_values=1e-5, dynamic_img_size=True),
+    "uni2-h": preset("MahmoodLab/UNI2-h", "vit_giant_patch14_224", IMAGENET, depth=24, num_heads=24, embed_dim=1536,
+                     init_values=1e-5, mlp_ratio=5.33334, no_embed_class=True, reg_tokens=8, dynamic_img_size=True,
+                     **SWIGLU),
+    "virchow2": preset("paige-ai/Virchow2", "vit_huge_patch14_224", IMAGENET, "cls+mean", init_values=1e-5,
+                       mlp_ratio=5.3375, reg_tokens=4, global_pool="", dynamic_img_size=True, **SWIGLU),
+    "prov-gigapath": preset("prov-gigapath/prov-gigapath", "vit_giant_patch14_dinov2", IMAGENET, patch_size=16,
+                            embed_dim=1536, depth=40, num_heads=24, mlp_ratio=5.33334),
+    "hibou-l": preset("histai/hibou-L", "vit_large_patch14_reg4_dinov2", HIBOU, hf=True, **swiglu(1024)),
+    "hibou-b": preset("histai/hibou-b", "vit_base_patch14_reg4_dinov2", HIBOU, hf=True, **swiglu(768)),
+    "phikon-v2": preset("owkin/phikon-v2", "vit_large_patch14_dinov2", IMAGENET, hf=True, patch_size=16),
 }
 LAYERS = {"swiglu_packed": timm.layers.SwiGLUPacked, "silu": nn.SiLU}  # JSON-able names for layer kwargs
 
@@ -998,20 +989,18 @@ def set_up(cfg):
 MANIFEST = "tiles.csv"  # prep_tiles.py lists every tile it wrote here: a folder with one is read, never walked
 CACHE_MIN = 50_000      # a walked folder with at least this many tiles keeps its listing in ~/.cache/g2l
 
-def group_tiles(groups):
-    """Tiles from [(folder, [file names])], sorted by folder then name: a slide's tiles are contiguous."""
-    groups = sorted((d, sorted(ns)) for d, ns in groups if ns)
-    return Tiles(np.array([os.fsencode(d) for d, _ in groups], dtype="S"),
-                 np.repeat(np.arange(len(groups), dtype=np.int32), [len(ns) for _, ns in groups]),
-                 np.array([os.fsencode(n) for _, ns in groups for n in ns], dtype="S"))
+def group_tiles(pairs):
+    """Tiles from (folder, file name) pairs, in their order: one slide per folder."""
+    dirs, slide, names = {}, [], []
+    for d, n in pairs:
+        slide.append(dirs.setdefault(d, len(dirs)))
+        names.append(os.fsencode(n))
+    return Tiles(np.array([os.fsencode(d) for d in dirs], dtype="S"), np.array(slide, dtype=np.int32),
+                 np.array(names, dtype="S"))
 
 def tiles_from_paths(paths):
     """Tiles from a list of paths, in the given order (eval.py's labels follow it)."""
-    dirs, slide = {}, [0] * len(paths)
-    for i, p in enumerate(paths):
-        slide[i] = dirs.setdefault(os.path.dirname(p), len(dirs))
-    return Tiles(np.array([os.fsencode(d) for d in dirs], dtype="S"), np.array(slide, dtype=np.int32),
-                 np.array([os.fsencode(os.path.basename(p)) for p in paths], dtype="S"))
+    return group_tiles(map(os.path.split, paths))
 
 def concat_tiles(parts):
     off = np.cumsum([0] + [len(t.dirs) for t in parts])
@@ -1019,10 +1008,10 @@ def concat_tiles(parts):
                  np.concatenate([t.names for t in parts]))
 
 def walk_images(folder):
-    """([(folder, [image names])], [(folder, mtime_ns)] of every folder entered), relative to `folder`.
+    """([(folder, image name)], [(folder, mtime_ns)] of every folder entered), relative to `folder`.
     Follows symlinks but enters each real folder once (no loops, no tile counted twice); skips .hidden
     entries and the masks/ folder at the top (prep_tiles.py's QC pictures)."""
-    groups, stamps, seen = [], [], set()
+    pairs, stamps, seen = [], [], set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         st = os.stat(top)
         if (st.st_dev, st.st_ino) in seen:
@@ -1032,39 +1021,31 @@ def walk_images(folder):
         rel = os.path.relpath(top, folder) if top != folder else ""
         dirs[:] = [d for d in dirs if not d.startswith(".") and (rel or d != "masks")]
         stamps.append((rel, st.st_mtime_ns))
-        groups.append((rel, [n for n in files if not n.startswith(".") and n.lower().endswith(IMG_EXTS)]))
-    return groups, stamps
-
-def cache_file(folder):
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "g2l" / f"tiles-{hashlib.sha1(os.fsencode(os.path.realpath(folder))).hexdigest()[:16]}.npz"
+        pairs += [(rel, n) for n in files if not n.startswith(".") and n.lower().endswith(IMG_EXTS)]
+    return pairs, stamps
 
 def read_manifest(folder):
-    """[(folder, [file names])] relative to `folder`, from its tiles.csv (path column)."""
-    path, groups = os.path.join(folder, MANIFEST), {}
+    """(folder, file name) pairs relative to `folder`, from its tiles.csv (path column)."""
+    path = os.path.join(folder, MANIFEST)
     with open(path, newline="") as f:
-        rows = csv.reader(f)
-        header = next(rows, [])
-        if "path" not in header:
+        rows = csv.DictReader(f)
+        if "path" not in (rows.fieldnames or []):
             raise SystemExit(f"error: {path} has no 'path' column; delete it (the folder is then scanned) or "
                              "re-run prep_tiles.py")
-        col = header.index("path")
-        for r in rows:
-            d, n = os.path.split(r[col])
-            groups.setdefault(d, []).append(n)
-    return list(groups.items())
+        return [os.path.split(r["path"]) for r in rows]
 
 def walk_cached(folder):
     """Tiles relative to `folder`: the cached listing while no folder in the tree changed (entries added or
     removed change a folder's mtime), else a walk, cached when large (small trees walk in milliseconds)."""
-    cache = cache_file(folder)
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    cache = Path(root) / "g2l" / f"tiles-{hashlib.sha1(os.fsencode(os.path.realpath(folder))).hexdigest()[:16]}.npz"
     with contextlib.suppress(Exception):  # no cache, a stale one or an unreadable one: walk
         z = np.load(cache)
         stamp = lambda d: os.stat(os.path.join(folder, os.fsdecode(d))).st_mtime_ns
         if all(stamp(d) == m for d, m in zip(z["walked"], z["mtimes"])):
             return Tiles(z["dirs"], z["slide"], z["names"])
-    groups, stamps = walk_images(folder)
-    tiles = group_tiles(groups)
+    pairs, stamps = walk_images(folder)
+    tiles = group_tiles(sorted(pairs))  # sorted: the same order on every file system
     if len(tiles) >= CACHE_MIN:
         with contextlib.suppress(OSError):  # a read-only home only means no cache
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -1079,7 +1060,7 @@ def index_folder(folder):
         raise SystemExit(f"error: data folder {folder} does not exist; pass --data with folders of tiles "
                          "(e.g. the --out of prep_tiles.py), or add --demo to use the bundled demo tiles")
     has_manifest = os.path.isfile(os.path.join(folder, MANIFEST))
-    tiles = group_tiles(read_manifest(folder)) if has_manifest else walk_cached(folder)
+    tiles = group_tiles(sorted(read_manifest(folder))) if has_manifest else walk_cached(folder)
     if not len(tiles):
         raise SystemExit(f"error: no images ({', '.join(IMG_EXTS)}) under {folder}; "
                          "make tiles with: python prep_tiles.py SLIDES --out " + folder)
@@ -1129,13 +1110,13 @@ def load_weights(model, path, name):
     if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in sd):  # transformers DINOv2 format
         sd = dinov2_to_timm(sd, model)
         how = dict(antialias="reg_token" in sd)  # resample positions as transformers does (antialias: registers)
-    fix = "pass the matching architecture/preset or fix --*-kwargs"
     try:
         if isinstance(model, VisionTransformer):  # timm's ViT converter: resamples position embeddings, legacy keys
             sd = checkpoint_filter_fn(sd, model, **how)
         model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("head.")})  # classifier: unused
     except (RuntimeError, ValueError, KeyError, IndexError) as e:
-        raise SystemExit(f"error: weights file {path} does not fit {name} ({one_line(e, 400)}); {fix}")
+        raise SystemExit(f"error: weights file {path} does not fit {name} ({one_line(e, 400)}); "
+                         "pass the matching architecture/preset or fix --*-kwargs")
 
 def hf_file(where, fname):
     """Path of FILE in a Hugging Face checkpoint (a local folder, or hf-hub:ORG/NAME via the hub cache), or None."""
@@ -1164,10 +1145,10 @@ def dinov2_spec(where):
               init_values=c.get("layerscale_value", 1.0), qkv_bias=c.get("qkv_bias", True),
               reg_tokens=reg, no_embed_class=reg > 0)  # registers: positions for the patches only (see dinov2_to_timm)
     if c.get("use_swiglu_ffn"):
-        kw.update(mlp_ratio=swiglu_ratio(dim, ratio), **SWIGLU)
+        kw.update(swiglu(dim, ratio))
     pre = hf_file(where, "preprocessor_config.json")  # the checkpoint's own normalisation
     pre = json.loads(Path(pre).read_text()) if pre else {}
-    return dict(hf=where, arch="vit_base_patch14_dinov2", kwargs=kw, embed="pool", size=kw["img_size"],
+    return dict(hf=where, arch="vit_base_patch14_dinov2", kwargs=kw, embed="pool",
                 mean=tuple(pre.get("image_mean", IMAGENET["mean"])), std=tuple(pre.get("image_std", IMAGENET["std"])))
 
 # ----------------------------------------------------------------------------- checkpoint I/O
@@ -1357,11 +1338,8 @@ def gpu_peak(name, precision):
     """Peak FLOP/s of a GPU by name: a table key that is a whole word of the name ("NVIDIA L40" is no L40S);
     NaN for a GPU not in the table, and for the slower PCIe / NVL parts (no MFU rather than a wrong one)."""
     words = re.split(r"[^a-z0-9]+", name.lower())
-    found = [k for k in PEAK_TFLOPS if k.lower() in words]
-    if not found or {"pcie", "nvl"} & set(words):
-        return float("nan")
-    half, single = PEAK_TFLOPS[found[0]]
-    return (half if precision in ("bf16", "fp16") else single) * 1e12
+    peaks = [v for k, v in PEAK_TFLOPS.items() if k.lower() in words and not {"pcie", "nvl"} & set(words)]
+    return peaks[0][precision not in ("bf16", "fp16")] * 1e12 if peaks else float("nan")
 
 def peak_flops(device, precision):
     """Peak of the device, or NaN (MFU n/a): on CPU there is no honest peak to divide by."""

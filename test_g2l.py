@@ -138,6 +138,7 @@ def test_presets_have_published_sizes():
         assert n == pytest.approx(params, rel=0.03), name
         assert spec.dim == dim, name
         assert spec.mean == g2l.PRESETS[name]["mean"]
+        assert model.patch_embed.img_size == (224, 224), name  # built bare (offline weights) at its native size
 
 def test_hibou_l_is_the_papers_student_shape():
     model, spec = g2l.load_model("hibou-l", meta=True)
