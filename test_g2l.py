@@ -426,7 +426,7 @@ def test_only_rank_0_reads_the_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(g2l, "index_folder", lambda f: pytest.fail("rank 1 read the disk"))
     monkeypatch.setattr(g2l.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, sent))
     assert g2l.find_images(["/nowhere"]) == ["/x/s/a.jpg", "/x/s/b.jpg"]
-    monkeypatch.setattr(g2l.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, "error: no tiles"))
+    monkeypatch.setattr(g2l.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, SystemExit("error: no tiles")))
     with pytest.raises(SystemExit, match="no tiles"):  # rank 0's error stops every rank
         g2l.index_tiles(["/nowhere"])
 
@@ -787,7 +787,8 @@ def test_help_states_the_exit_status_and_the_readmes_demo_time(capsys):
 def test_a_mismatched_torchvision_is_one_line_not_a_traceback(tmp_path):
     import subprocess, sys
     (tmp_path / "torchvision").mkdir()  # what a torchvision built for another torch does on import
-    (tmp_path / "torchvision" / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")')
+    (tmp_path / "torchvision" / "__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")')
     for script in ("g2l.py", "eval.py"):
         r = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
                            env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=120)
