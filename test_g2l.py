@@ -426,7 +426,8 @@ def test_only_rank_0_reads_the_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(g2l, "index_folder", lambda f: pytest.fail("rank 1 read the disk"))
     monkeypatch.setattr(g2l.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, sent))
     assert g2l.find_images(["/nowhere"]) == ["/x/s/a.jpg", "/x/s/b.jpg"]
-    monkeypatch.setattr(g2l.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, SystemExit("error: no tiles")))
+    no_tiles = SystemExit("error: no tiles")
+    monkeypatch.setattr(g2l.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, no_tiles))
     with pytest.raises(SystemExit, match="no tiles"):  # rank 0's error stops every rank
         g2l.index_tiles(["/nowhere"])
 
