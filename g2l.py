@@ -5,7 +5,8 @@ projection head maps the student's global feature into the teacher's space, and 
 log-sum of |BN(student) - BN(teacher)|^4 (Miles & Mikolajczyk, AAAI 2024). g2l adds an optional
 local loss on patch tokens (RADIO / GPFM style: 0.9 cosine + 0.1 smooth-L1).
 
-    python g2l.py                                    # demo: bundled CC0 tiles, small ViTs, < 5 min on CPU
+    python g2l.py             # demo: bundled CC0 tiles, small ViTs, 135 s on 2 idle cores of an AMD EPYC machine
+    python g2l.py --demo --steps 5                   # the demo's settings, any option changed
     python g2l.py --teacher h-optimus-0 --student uni --data tiles/ --out runs/luad
     python g2l.py --teacher h-optimus-0 --student hibou-l --w-local 0 --data tiles/   # the paper's pair and loss
     torchrun --standalone --nproc_per_node=8 g2l.py --teacher h-optimus-0 --student uni --data tiles/
@@ -15,9 +16,10 @@ local loss on patch tokens (RADIO / GPFM style: 0.9 cosine + 0.1 smooth-L1).
 
 The student lands in OUT/student/ as a timm local-dir:
     timm.create_model("local-dir:runs/NAME/student", pretrained=True)
+Exit status: 0 done, 1 a failure, 2 an argument error, 128+n stopped by signal n (after saving; SIGTERM: 143).
 """
 import argparse, contextlib, csv, dataclasses, errno, fcntl, functools, gc, hashlib, inspect, json, math, os, random
-import re, resource, shutil, signal, sys, time
+import re, resource, shlex, shutil, signal, sys, time, warnings
 from collections import deque
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -31,7 +33,16 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-import timm
+try:
+    import timm
+except RuntimeError as e:  # a torchvision built for another torch: "operator torchvision::nms does not exist"
+    if "torchvision" not in str(e):
+        raise
+    from importlib.metadata import version
+    raise SystemExit(f"error: torch {version('torch')} and torchvision {version('torchvision')} do not match "
+                     f"({' '.join(str(e).split())[-60:]}); reinstall both from one index: pip install "
+                     "--force-reinstall torch torchvision (CPU: --index-url https://download.pytorch.org/whl/cpu)") \
+        from None
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 def rank_world():
@@ -44,8 +55,13 @@ def print0(*a, **k):
 
 def one_line(e, limit=200):
     """An exception in one short line, for the one-line errors: its type and its message (whitespace collapsed)."""
-    msg = " ".join(str(e).split())[:limit]
+    msg = " ".join(str(e).split())
+    if len(msg) > limit:  # keep the end too, where torch names the key or shape; cut between words
+        msg = msg[:limit // 3].rsplit(" ", 1)[0] + " ... " + msg[-limit * 2 // 3:].split(" ", 1)[-1]
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+class UsageError(SystemExit):
+    code = 2  # an argument error, found before any work: argparse's exit status (its one line: see __main__)
 
 # ----------------------------------------------------------------------------- config and command line
 @dataclasses.dataclass(frozen=True)  # frozen: derived values come from final_config, never by assignment
@@ -92,6 +108,7 @@ class Config:
     eval_every: int = 100               # steps between validation agreement checks
     ckpt_every: int = 500               # steps between checkpoints (and one at the end)
     resume: str = ""                    # "" | auto | path to ckpt.pt
+    overwrite: bool = False             # start over in an --out that holds a run (ckpt.pt or student/)
     early_stop: bool = False            # G2L: stop when loss > mean of last 100 steps more than 10 times in a row
     max_bad_frac: float = 0.01          # stop when more than this fraction of tiles cannot be read
     synthetic: bool = False             # random tensors instead of tiles: measures the step alone
@@ -155,25 +172,31 @@ def check_args(cfg):
         except ValueError:
             ok = False
         if not ok:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} {getattr(cfg, flag)}: must be a JSON object, "
+            raise UsageError(f"error: --{flag.replace('_', '-')} {getattr(cfg, flag)}: must be a JSON object, "
                              "e.g. '{\"depth\": 2}'")
     if not any(w > 0 for w in loss_weights(cfg).values()):
-        raise SystemExit(f"error: --w-global {cfg.w_global} and --w-local {cfg.w_local} (--local-loss "
+        raise UsageError(f"error: --w-global {cfg.w_global} and --w-local {cfg.w_local} (--local-loss "
                          f"{cfg.local_loss}) leave no loss to train on")
     if cfg.load_size and cfg.img_size and cfg.load_size < cfg.img_size:
-        raise SystemExit(f"error: --load-size {cfg.load_size}: must be >= --img-size {cfg.img_size}")
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out {out} is a file; give a folder for the run (config, checkpoint, student)")
+        raise UsageError(f"error: --load-size {cfg.load_size}: must be >= --img-size {cfg.img_size}")
     if int(os.environ.get("RANK", 0)) == 0:  # rank 0 writes everything: a read-only place fails before any model
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / ".write_test").touch()
-            (out / ".write_test").unlink()
-        except OSError as e:
-            raise SystemExit(f"error: --out {out} is not writable ({e.strerror}); choose a folder you can write to")
+        check_out(cfg.out)
+    if not (cfg.resume or cfg.overwrite or cfg.out == DEMO["out"] and cfg.demo) and holds_run(cfg.out):
+        raise UsageError(f"error: --out {cfg.out} holds a run (ckpt.pt or student/); add --resume auto to continue "
+                         "it, or --overwrite to start over (it is replaced at the first checkpoint)")
     if cfg.resume not in ("", "auto") and not os.path.isfile(cfg.resume):
-        raise SystemExit(f"error: --resume {cfg.resume}: no such checkpoint; pass a ckpt.pt, auto, or nothing")
+        raise UsageError(f"error: --resume {cfg.resume}: no such checkpoint; pass a ckpt.pt, auto, or nothing")
+
+def check_out(out):
+    """--out refused before any data is read or model built: a file, or a place this user cannot write."""
+    p = Path(out).absolute()
+    near = next(q for q in [p, *p.parents] if q.exists())  # --out itself is made by run_lock
+    if not near.is_dir() or not os.access(near, os.W_OK | os.X_OK):
+        why = "it is a file" if near == p else f"{near} is a file" if not near.is_dir() else f"{near} is read-only"
+        raise UsageError(f"error: --out {out} is not a writable folder ({why}); choose a folder you can write to")
+
+def holds_run(out):
+    return any((Path(out) / f).exists() for f in ("ckpt.pt", "student"))
 
 def input_sizes(cfg, spec_t, spec_s):
     """Teacher px, the student px whose patch grid equals the teacher's (/14 at 224 -> 16x16 -> /16 at 256), load px."""
@@ -181,17 +204,17 @@ def input_sizes(cfg, spec_t, spec_s):
     if not spec_t.patch:
         raise SystemExit(f"error: the teacher {cfg.teacher} has no patch embedding; g2l distils from ViT teachers")
     if img % spec_t.patch:
-        raise SystemExit(f"error: --img-size {img} is not a multiple of the teacher's patch size {spec_t.patch}")
+        raise UsageError(f"error: --img-size {img} is not a multiple of the teacher's patch size {spec_t.patch}")
     student = cfg.student_img_size or (img // spec_t.patch * spec_s.patch if spec_s.patch else img)
     if (cfg.load_size or img) < img:
-        raise SystemExit(f"error: --load-size {cfg.load_size} is smaller than --img-size {img}")
+        raise UsageError(f"error: --load-size {cfg.load_size} is smaller than --img-size {img}")
     return dict(img_size=img, student_img_size=student, load_size=cfg.load_size or img)
 
 def run_steps(cfg, n_train):
     """The run's length in optimizer steps (from --epochs when --steps is 0)."""
     per_batch = cfg.batch_size * rank_world()[1]
     if not cfg.synthetic and n_train < per_batch:
-        raise SystemExit(f"error: {n_train} training tiles is fewer than one batch over all processes "
+        raise UsageError(f"error: {n_train} training tiles is fewer than one batch over all processes "
                          f"({per_batch}); lower --batch-size")
     steps = cfg.steps or max(1, int(cfg.epochs * n_train / (per_batch * cfg.grad_accum)))
     if cfg.warmup_steps > steps:
@@ -235,11 +258,11 @@ def index_tiles(folders):
         try:
             box = [concat_tiles([index_folder(f) for f in folders])]
         except SystemExit as e:  # every rank stops with rank 0's message instead of waiting for the broadcast
-            box = [str(e)]
+            box = [e]
     if world > 1:
         dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], str):
-        raise SystemExit(box[0])
+    if isinstance(box[0], SystemExit):
+        raise box[0]
     return box[0]
 
 def find_images(folders):
@@ -922,8 +945,13 @@ def summary(cfg, reason, first, last, out):
     if not cfg.synthetic:
         # the demo's hint must work as printed, offline: the student on the 200 labelled PCam tiles bundled in examples/
         labels = os.path.relpath(Path(__file__).resolve().parent / "examples" / "pcam" / "labels.csv")
+        # eval.py takes each option once per --model: the teacher's as it ran here, the student's from its folder
+        opts = [(f, v, e) for f, v, e in (("--model-weights", cfg.teacher_weights, "''"), ("--img-size", cfg.img_size,
+                0), ("--model-kwargs", cfg.teacher_kwargs, "''")) if v]
+        teacher = "".join(f" {f} {shlex.quote(str(v))}" for f, v, _ in opts)
         evaluate = (f"python eval.py probe --model {out} --data {labels} --out {out / 'eval'}" if cfg.demo else
-                    f"python eval.py probe --model {cfg.teacher} --model {out} --data LABELS.csv  (a CSV: path,label)")
+                    f"python eval.py probe --model {shlex.quote(cfg.teacher)}{teacher} --model {out}"
+                    + "".join(f" {f} {e}" for f, _, e in opts) + " --data LABELS.csv  (a CSV: path,label)")
         print0(f"student: {out / 'student'}  ->  timm.create_model('local-dir:{out / 'student'}', pretrained=True)\n"
                f"evaluate: {evaluate}\n"
                f"a real run: python g2l.py --teacher h-optimus-0 --student uni --data tiles/ --out runs/NAME")
@@ -1024,15 +1052,16 @@ def walk_images(folder):
         pairs += [(rel, n) for n in files if not n.startswith(".") and n.lower().endswith(IMG_EXTS)]
     return pairs, stamps
 
-def read_manifest(folder):
-    """(folder, file name) pairs relative to `folder`, from its tiles.csv (path column)."""
-    path = os.path.join(folder, MANIFEST)
-    with open(path, newline="") as f:
-        rows = csv.DictReader(f)
-        if "path" not in (rows.fieldnames or []):
-            raise SystemExit(f"error: {path} has no 'path' column; delete it (the folder is then scanned) or "
-                             "re-run prep_tiles.py")
-        return [os.path.split(r["path"]) for r in rows]
+def read_manifest(path):
+    """(folder, file name) pairs relative to the CSV's folder, from its path column (tiles.csv, a labels CSV)."""
+    try:
+        with open(path, newline="") as f:
+            rows = csv.reader(f)
+            col = [c.strip() for c in next(rows, [])].index("path")  # ValueError: no path column
+            return [os.path.split(r[col].strip()) for r in rows]
+    except (UnicodeDecodeError, csv.Error, ValueError, IndexError) as e:
+        raise UsageError(f"error: --data {path} is neither a tile folder nor a CSV with a 'path' column "
+                         f"({one_line(e, 80)}); give folders of tiles or such a CSV (paths relative to it)")
 
 def walk_cached(folder):
     """Tiles relative to `folder`: the cached listing while no folder in the tree changed (entries added or
@@ -1055,12 +1084,13 @@ def walk_cached(folder):
     return tiles
 
 def index_folder(folder):
-    """One --data folder: its manifest (written by prep_tiles.py) if it has one, else a (cached) walk."""
-    if not os.path.isdir(folder):
-        raise SystemExit(f"error: data folder {folder} does not exist; pass --data with folders of tiles "
+    """One --data folder: its manifest (written by prep_tiles.py) if it has one, else a (cached) walk; or a CSV."""
+    if not os.path.exists(folder):
+        raise UsageError(f"error: data folder {folder} does not exist; pass --data with folders of tiles "
                          "(e.g. the --out of prep_tiles.py), or add --demo to use the bundled demo tiles")
-    has_manifest = os.path.isfile(os.path.join(folder, MANIFEST))
-    tiles = group_tiles(sorted(read_manifest(folder))) if has_manifest else walk_cached(folder)
+    csv_file = folder if os.path.isfile(folder) else os.path.join(folder, MANIFEST)
+    tiles = group_tiles(sorted(read_manifest(csv_file))) if os.path.isfile(csv_file) else walk_cached(folder)
+    folder = os.path.dirname(csv_file)  # the tiles' paths are relative to the CSV
     if not len(tiles):
         raise SystemExit(f"error: no images ({', '.join(IMG_EXTS)}) under {folder}; "
                          "make tiles with: python prep_tiles.py SLIDES --out " + folder)
@@ -1179,6 +1209,9 @@ def save_checkpoint(cfg, tr, at):
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        for name in ("config.json", "metrics.jsonl"):  # held back by start_run_folder over an earlier run
+            if (path.parent / f"{name}.new").exists():
+                os.replace(path.parent / f"{name}.new", path.parent / name)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
         raise SystemExit(f"error: cannot write {path} ({one_line(e)}); free space or fix the folder's permissions, "
                          "then --resume auto (the last good copy is kept)")
@@ -1187,9 +1220,8 @@ def resume(cfg, student, opt, scaler, device):
     """Weights, optimizer, scaler, RNG and Progress; the data position and augmentations follow from the step."""
     path = Path(cfg.out) / "ckpt.pt" if cfg.resume in ("auto", "") else Path(cfg.resume)
     if not (cfg.resume and path.is_file()):  # (a --resume PATH that does not exist stopped in check_args)
-        if path.is_file():  # not an error (a deliberate fresh start), but never a silent loss
-            print0(f"note: starting afresh in {cfg.out}: its ckpt.pt will be replaced at the first checkpoint; "
-                   "stop now and add --resume auto to continue that run instead")
+        if holds_run(cfg.out):  # --overwrite (or the demo): never a silent loss
+            print0(f"note: starting over in {cfg.out}: the run there is replaced at the first checkpoint")
         return Progress()
     fix = f"resume from an earlier copy (--resume PATH), or move {path} away to start afresh"
     try:
@@ -1233,13 +1265,17 @@ def start_run_folder(cfg, spec_t, spec_s, n_train, n_val, step):
     """config.json (every resolved option) and metrics.jsonl, opened for appending (rank 0 only)."""
     if rank_world()[0] != 0:
         return None
-    out = Path(cfg.out)  # made by check_args
+    out = Path(cfg.out)  # made by run_lock
+    # over an earlier run (--overwrite), its config and metrics stay until the first checkpoint renames these over them
+    new = ".new" if not step and holds_run(out) else ""
+    for name in ("config.json.new", "metrics.jsonl.new") if not new else ():  # an --overwrite run stopped early
+        (out / name).unlink(missing_ok=True)
     conf = dict(dataclasses.asdict(cfg), world_size=rank_world()[1], torch=torch.__version__, timm=timm.__version__,
                 teacher_source=spec_t.source, student_source=spec_s.source, n_train=n_train, n_val=n_val)
-    with atomic_open(out / "config.json") as f:
+    with atomic_open(out / f"config.json{new}") as f:
         f.write(json.dumps(conf, indent=2))
     print0(json.dumps(conf))
-    return open_metrics(out / "metrics.jsonl", step)
+    return open_metrics(out / f"metrics.jsonl{new}", step)
 
 def timm_args(model, spec):
     """(architecture, model_args) that plain timm rebuilds from JSON. A layer class cannot go in JSON, so a SwiGLU
@@ -1276,6 +1312,9 @@ def export(student, spec, cfg, out):
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         save_file(sd, str(tmp / "model.safetensors"))
+        umask = os.umask(0o22)
+        os.umask(umask)
+        os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors writes 600; other files follow the umask
         (tmp / "config.json").write_text(json.dumps(conf, indent=2))
         if (out / "student").exists():
             os.replace(out / "student", out / "student.old")
@@ -1307,11 +1346,14 @@ def catch_stop_signals():
 @contextlib.contextmanager
 def run_lock(cfg):
     """One run per --out at a time (rank 0 holds an flock; the kernel releases it when the process dies, so a killed
-    run never blocks the next one): two runs in one folder would mix checkpoints, config and metrics."""
+    run never blocks the next one): two runs in one folder would mix checkpoints, config and metrics. A folder it
+    made is removed again when the run wrote nothing else (it failed before it started)."""
     if int(os.environ.get("RANK", 0)) != 0:
         yield
         return
-    fh = open(Path(cfg.out) / ".lock", "a")  # not "w": a refused run must not blank the holder's pid
+    out, made = Path(cfg.out), not Path(cfg.out).exists()
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / ".lock", "a")  # not "w": a refused run must not blank the holder's pid
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -1328,6 +1370,8 @@ def run_lock(cfg):
         yield
     finally:
         fh.close()
+        if made and [p.name for p in out.iterdir()] == [".lock"]:
+            shutil.rmtree(out, ignore_errors=True)
 
 # ----------------------------------------------------------------------------- speed accounting
 # dense TFLOPS (bf16/fp16 tensor cores, TF32) from NVIDIA's datasheets; keys are whole words of the device name
@@ -1388,5 +1432,29 @@ class Speed:
         return dict(img_per_s=round(self.steps * self.tiles_per_step / dt, 2), mfu=mfu(self.flops * self.steps / dt,
                     self.peak), mem_gb=round(peak_memory_gb(self.device), 2))
 
+class Unbroken:
+    """stdout/stderr whose writes never fail: once the reader is gone (a `tee` killed with the job), the stream is
+    pointed at /dev/null, as Python's docs advise for SIGPIPE, and the run goes on, saves and exits as usual."""
+    def __init__(self, stream):
+        self.stream = stream
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+    def write(self, text):
+        return self.quiet(self.stream.write, text) or len(text)
+    def flush(self):
+        self.quiet(self.stream.flush)
+    def quiet(self, fn, *a):
+        try:
+            return fn(*a)
+        except OSError:  # EPIPE, or EIO from a closed terminal
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
 if __name__ == "__main__":
-    main()
+    sys.stdout, sys.stderr = Unbroken(sys.stdout), Unbroken(sys.stderr)
+    warnings.showwarning = lambda *a, **k: tqdm.write(warnings.formatwarning(*a, **k).rstrip(), file=sys.stderr)
+    try:
+        main()
+    except UsageError as e:  # the one line without a traceback, and argparse's exit status
+        print(e, file=sys.stderr)
+        sys.exit(2)

@@ -486,7 +486,8 @@ def test_only_rank_0_reads_the_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(g2l, "index_folder", lambda f: pytest.fail("rank 1 read the disk"))
     monkeypatch.setattr(g2l.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, sent))
     assert g2l.find_images(["/nowhere"]) == ["/x/s/a.jpg", "/x/s/b.jpg"]
-    monkeypatch.setattr(g2l.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, "error: no tiles"))
+    no_tiles = SystemExit("error: no tiles")
+    monkeypatch.setattr(g2l.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, no_tiles))
     with pytest.raises(SystemExit, match="no tiles"):  # rank 0's error stops every rank
         g2l.index_tiles(["/nowhere"])
 
@@ -937,11 +938,111 @@ def test_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_path
     holder.wait()
     assert run(tmp_path, tiles, steps=1)["step"] == 1
 
-def test_a_fresh_start_over_a_checkpoint_says_so(tmp_path, tiles, capsys):
-    run(tmp_path, tiles, steps=1)
-    capsys.readouterr()
-    run(tmp_path, tiles, steps=1)  # no --resume: a deliberate fresh start, but the old checkpoint is about to go
-    assert "starting afresh" in capsys.readouterr().out
+def snapshot(out):
+    return {p.relative_to(out): p.read_bytes() for p in sorted(Path(out).rglob("*")) if p.is_file()}
+
+def g2l_cli(*argv, **kw):
+    import subprocess, sys
+    return subprocess.run([sys.executable, g2l.__file__, *argv], capture_output=True, text=True, timeout=300, **kw)
+
+def test_a_rerun_never_replaces_a_run_unless_asked_and_then_only_at_its_first_checkpoint(tmp_path, tiles, capsys,
+                                                                                          monkeypatch):
+    run(tmp_path, tiles, steps=2)
+    out, said = tmp_path / "run", capsys.readouterr().out
+    assert "--model vit_small_patch14_dinov2 --model-weights" not in said  # the evaluate hint: the teacher as it ran
+    assert re.search(r"--img-size 28 --model-kwargs '\{.*\}' --model \S+ --img-size 0 --model-kwargs ''", said), said
+    mode, umask = lambda p: (out / p).stat().st_mode & 0o777, os.umask(0)
+    os.umask(umask)
+    assert mode("student/model.safetensors") == mode("config.json") == 0o666 & ~umask
+    before = snapshot(out)
+    r = g2l_cli(*TINY_T, *TINY_S, "--data", str(tiles / "train"), "--out", str(out))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr  # an argument error: one line, exit 2
+    assert "holds a run" in r.stderr and "--resume auto" in r.stderr and "--overwrite" in r.stderr, r.stderr
+    def killed(*a):  # the user stops the new run before its first checkpoint
+        raise KeyboardInterrupt
+    monkeypatch.setattr(g2l, "distil_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, tiles, "--overwrite", "--seed", "1", steps=3)
+    assert {k: v for k, v in snapshot(out).items() if k.suffix != ".new"} == before
+    monkeypatch.undo()
+    run(tmp_path, tiles, "--overwrite", "--seed", "1", steps=3)
+    assert json.loads((out / "config.json").read_text())["seed"] == 1 and len(metrics(out)) == 3
+    assert not list(out.glob("*.new")) and "starting over" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)  # the demo's own folder is replaced without asking
+    (tmp_path / "runs" / "demo" / "student").mkdir(parents=True)
+    g2l.check_args(g2l.parse_args(["--demo"]))
+    with pytest.raises(SystemExit, match="holds a run"):
+        g2l.check_args(g2l.parse_args(["--demo", "--out", str(out)]))
+
+def test_a_failed_start_leaves_no_out_folder_and_a_csv_is_data(tmp_path, tiles, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, tiles, "--data", str(tmp_path / "nowhere"), steps=2)
+    assert e.value.code == 2 and not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit, match="neither a tile folder nor a CSV with a 'path' column"):
+        run(tmp_path, tiles, "--data", str(pcam_tiles()["0"][0]), steps=2)  # an image is not a tile list
+    run(tmp_path, tiles, "--data", str(PCAM / "labels.csv"), steps=2)  # eval's labels: paths relative to the CSV
+    with open(PCAM / "labels.csv") as f:
+        assert json.loads((tmp_path / "run" / "config.json").read_text())["n_train"] == len(list(csv.DictReader(f)))
+
+def test_one_line_errors_keep_the_end_of_the_message_in_whole_words():
+    e = RuntimeError("size mismatch for pos_embed: copying a param with shape torch.Size([1, 65, 384]) from "
+                     "checkpoint, " * 5 + "the shape in current model is torch.Size([1, 1, 38]).")
+    said = g2l.one_line(e)
+    assert said.endswith("the shape in current model is torch.Size([1, 1, 38]).") and len(said) < 220, said
+    assert set(said.split()) - {"..."} <= set(f"RuntimeError: {e}".split()), said
+
+def test_help_states_the_exit_status_and_the_readmes_demo_time(capsys):
+    with pytest.raises(SystemExit):
+        g2l.parse_args(["--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert "Exit status: 0 done, 1 a failure, 2 an argument error, 128+n" in said
+    assert "135 s on 2 idle cores of an AMD EPYC machine" in said and "135 s" in (ROOT / "README.md").read_text()
+
+def test_a_mismatched_torchvision_is_one_line_not_a_traceback(tmp_path):
+    import subprocess, sys
+    (tmp_path / "torchvision").mkdir()  # what a torchvision built for another torch does on import
+    (tmp_path / "torchvision" / "__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")')
+    for script in ("g2l.py", "eval.py"):
+        r = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=120)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert re.match(r"error: torch \S+ and torchvision \S+ do not match .*pip install", r.stderr), r.stderr
+
+def pipe_run(tmp_path, tiles, steps, shell=""):
+    import subprocess, sys
+    argv = [*TINY_T, *TINY_S, "--data", str(tiles / "train"), "--val-data", str(tiles / "val"), "--img-size", "28",
+            "--batch-size", "8", "--steps", str(steps), "--warmup-steps", "2", "--log-every", "1", "--workers", "0",
+            "--eval-every", "100000", "--ckpt-every", "100000", "--out", str(tmp_path / "run")]
+    return subprocess.Popen((["bash", "-c", shell, sys.executable] if shell else [sys.executable])
+                            + [g2l.__file__, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+def test_sigterm_to_a_group_with_tee_still_saves_and_exports(tmp_path, tiles):
+    """`python g2l.py ... | tee log` pre-empted: SIGTERM reaches tee too, and the log's reader is gone at once
+    (the subshell around g2l waits for it and keeps its exit status)."""
+    import signal, time
+    rc = tmp_path / "rc"
+    p = pipe_run(tmp_path, tiles, 100000, f'{{ trap : TERM; "$0" "$@"; echo $? > {rc}; }} 2>&1 | tee {tmp_path}/log')
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((tmp_path / "run" / "metrics.jsonl").is_file() and metrics(tmp_path / "run")):
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGTERM)
+    p.communicate(timeout=120)
+    while time.time() < deadline and not rc.is_file():
+        time.sleep(0.05)
+    assert rc.read_text() == "143\n"  # 128 + SIGTERM, after saving
+    step = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"]
+    assert step >= 1 and metrics(tmp_path / "run")[-1]["step"] == step
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
+
+def test_stdout_closed_early_the_run_finishes(tmp_path, tiles):
+    p = pipe_run(tmp_path, tiles, 4)
+    p.stdout.readline()
+    p.stdout.close()  # the reader is gone after the first line
+    assert p.wait(timeout=300) == 0
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 4
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
 
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "-5"], "argument --steps: -5 is not in [0, inf)"),
@@ -964,7 +1065,7 @@ def test_bad_numbers_are_refused_by_argparse(argv, message, capsys):
     (["--student-kwargs", "{depth: 1}"], "--student-kwargs {depth: 1}: must be a JSON object"),
     (["--teacher-kwargs", "[1, 2]"], "--teacher-kwargs [1, 2]: must be a JSON object"),
     (["--out", "FILE"], "is a file"),
-    (["--out", "FILE/run"], "is not writable"),
+    (["--out", "FILE/run"], "is not a writable folder ("),
     (["--resume", "/nonexistent/ckpt.pt"], "no such checkpoint"),
     (["--load-size", "20"], "--load-size 20: must be >= --img-size"),
     (["--w-global", "0", "--local-loss", "none"], "leave no loss to train on"),
