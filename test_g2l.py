@@ -1285,22 +1285,22 @@ def test_ranks_starting_together_on_a_fresh_out_never_fail_its_checks(tmp_path, 
     """torchrun starts every rank at once on the same --out: one rank's folder check must never trip another's."""
     import multiprocessing
     argv = [*TINY_T, *TINY_S, "--data", "/nonexistent/tiles", "--workers", "0", "--out", str(tmp_path / "one")]
-    # deterministic: rank 1's whole start falls between rank 0's write in the folder and its clean-up
-    real, seen = os.unlink, []
-    def rank_1_between(path, *a, **k):
-        if str(path).startswith(str(tmp_path / "one")) and not seen:
-            seen.append(path)
+    # deterministic: rank 1's whole start falls inside rank 0's, after rank 0 made --out and took its lock
+    real, seen = g2l.load_data, []
+    def rank_1_inside(cfg):
+        if os.environ["RANK"] == "0":
+            seen.append(Path(cfg.out).is_dir())
             monkeypatch.setenv("RANK", "1")
             with pytest.raises(SystemExit, match="does not exist"):
                 g2l.main(argv)
             monkeypatch.setenv("RANK", "0")
-        real(path, *a, **k)
-    monkeypatch.setattr(os, "unlink", rank_1_between)
+        return real(cfg)
+    monkeypatch.setattr(g2l, "load_data", rank_1_inside)
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemExit, match="does not exist"):
         g2l.main(argv)
-    monkeypatch.setattr(os, "unlink", real)
-    assert seen  # the clean-up was reached, so the interleaving did happen
+    assert seen == [True]  # the interleaving did happen, with rank 0's folder in place
+    assert not (tmp_path / "one").exists()  # and the failed start left no --out behind
     # and as it happens: 3 forked ranks released together onto 200 fresh folders (parsing once: it costs 0.1 s)
     ctx = multiprocessing.get_context("fork")
     barrier, failures = ctx.Barrier(3), ctx.Queue()
