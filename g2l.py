@@ -362,8 +362,9 @@ def make_batches(cfg, tiles, start, device):
     """An endless iterator of (uint8 tiles, skipped) for this rank, starting at sample `start` of the run."""
     if cfg.synthetic:  # the same step on random tensors: no I/O
         pin = (lambda t: t.pin_memory()) if device.type == "cuda" else (lambda t: t)  # as the DataLoader's are
-        return iter(lambda: (pin(torch.randint(0, 256, (cfg.batch_size, 3, cfg.load_size, cfg.load_size),
-                                               dtype=torch.uint8)), torch.zeros(cfg.batch_size, dtype=torch.long)), None)
+        shape = (cfg.batch_size, 3, cfg.load_size, cfg.load_size)
+        return iter(lambda: (pin(torch.randint(0, 256, shape, dtype=torch.uint8)),
+                             torch.zeros(cfg.batch_size, dtype=torch.long)), None)
     weights = slide_weights(tiles.slide) if cfg.balance else None
     sampler = InfiniteSampler(len(tiles), weights, cfg.batch_size * rank_world()[1], cfg.seed, start)
     if cfg.workers:  # the workers fork now: frozen objects are never scanned by gc, so no gc pass copies their pages
