@@ -381,8 +381,10 @@ class InfiniteSampler(torch.utils.data.Sampler):
 def make_batches(cfg, tiles, start, device):
     """An endless iterator of (uint8 tiles, skipped) for this rank, starting at sample `start` of the run."""
     if cfg.synthetic:  # the same step on random tensors: no I/O
-        return iter(lambda: (torch.randint(0, 256, (cfg.batch_size, 3, cfg.load_size, cfg.load_size),
-                                           dtype=torch.uint8), torch.zeros(cfg.batch_size, dtype=torch.long)), None)
+        pin = (lambda t: t.pin_memory()) if device.type == "cuda" else (lambda t: t)  # as the DataLoader's are
+        shape = (cfg.batch_size, 3, cfg.load_size, cfg.load_size)
+        return iter(lambda: (pin(torch.randint(0, 256, shape, dtype=torch.uint8)),
+                             torch.zeros(cfg.batch_size, dtype=torch.long)), None)
     weights = slide_weights(tiles.slide) if cfg.balance else None
     sampler = InfiniteSampler(len(tiles), weights, cfg.batch_size * rank_world()[1], cfg.seed, start)
     if cfg.workers:  # the workers fork now: frozen objects are never scanned by gc, so no gc pass copies their pages
@@ -435,15 +437,25 @@ def crop_flip(x, p, size):
     x = torch.where(p["hflip"][:, None, None, None], x.flip(-1), x)
     return torch.where(p["vflip"][:, None, None, None], x.flip(-2), x)
 
-GRAY = torch.tensor([0.299, 0.587, 0.114])
-YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-YIQ_INV = torch.linalg.inv(YIQ)
+CONSTANTS = {}
+def constant(values, device):
+    """A small fp32 constant on the device, made once: on CUDA each torch.tensor(..., device=) is a copy that waits
+    for the stream. A compiled graph holds its constants itself, so there it is made in the graph."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, device=device)
+    if (values, device) not in CONSTANTS:
+        CONSTANTS[values, device] = torch.tensor(values, device=device)
+    return CONSTANTS[values, device]
+
+GRAY = (0.299, 0.587, 0.114)
+YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+YIQ_INV = tuple(map(tuple, torch.linalg.inv(torch.tensor(YIQ)).tolist()))  # fp32 values: tolist keeps them exact
 def colour_blur(x, p):
     """The paper's photometric augmentations (AUG) on a float [0,1] batch, per sample: colour jitter, Gaussian blur."""
     B = x.shape[0]
     on = p["jitter"].view(B, 1, 1, 1)
-    b, c, s, h = (p["bcsh"] * torch.tensor(AUG["jitter"], device=x.device)).unbind(1)
-    gray = lambda t: (t * GRAY.to(t.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    b, c, s, h = (p["bcsh"] * constant(AUG["jitter"], x.device)).unbind(1)
+    gray = lambda t: (t * constant(GRAY, t.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
     y = (x * (1 + b).view(B, 1, 1, 1)).clamp(0, 1)
     m = gray(y).mean((2, 3), keepdim=True)
     y = ((y - m) * (1 + c).view(B, 1, 1, 1) + m).clamp(0, 1)
@@ -453,10 +465,11 @@ def colour_blur(x, p):
     cos, sin = torch.cos(2 * math.pi * h), torch.sin(2 * math.pi * h)
     rot = torch.zeros(B, 3, 3, device=x.device)
     rot[:, 0, 0], rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = 1, cos, -sin, sin, cos
-    M = YIQ_INV.to(x.device) @ rot @ YIQ.to(x.device)
+    M = constant(YIQ_INV, x.device) @ rot @ constant(YIQ, x.device)
     y = torch.einsum("bij,bjhw->bihw", M, y).clamp(0, 1)
     x = torch.where(on, y, x)
-    idx = p["blur"].nonzero().flatten()
+    idx = p["blur"].nonzero().flatten()  # make_views keeps this mask on the host: no device-to-host sync here
+    idx = idx.to(x.device, non_blocking=True)
     if len(idx):  # a separable Gaussian, one sigma per image, as a grouped convolution
         r = AUG["blur_px"] // 2
         t = torch.arange(2 * r + 1, device=x.device) - float(r)
@@ -468,11 +481,21 @@ def colour_blur(x, p):
         x = x.index_copy(0, idx, z.view(len(idx), 3, *x.shape[2:]))
     return x
 
+def to_device(p, device):
+    """The draws on the device in one pinned, non-blocking copy (fp32 holds the flags exactly), but the blur mask,
+    which stays on the host: colour_blur takes its indices, and on the device that would be a sync."""
+    moved = {k: v for k, v in p.items() if k != "blur"}
+    if torch.device(device).type != "cuda":
+        return dict({k: v.to(device) for k, v in moved.items()}, blur=p["blur"])  # a no-op on the CPU
+    flat = torch.cat([v.float().flatten() for v in moved.values()]).pin_memory().to(device, non_blocking=True)
+    parts = flat.split([v.numel() for v in moved.values()])
+    return dict({k: part.view(v.shape).to(v.dtype) for (k, v), part in zip(moved.items(), parts)}, blur=p["blur"])
+
 def make_views(x, cfg, step, micro, device):
     """uint8 tiles -> (teacher view, student view), float [0,1] on the device. G2L: the same view (--views same)."""
     n, (rank, world) = x.shape[0], rank_world()
-    mine = lambda seed: {k: v[rank * n:(rank + 1) * n].to(device)  # this rank's slice of the global batch
-                         for k, v in aug_params(n * world, seed, step, micro).items()}
+    mine = lambda seed: to_device({k: v[rank * n:(rank + 1) * n]  # this rank's slice of the global batch
+                                   for k, v in aug_params(n * world, seed, step, micro).items()}, device)
     p = mine(cfg.seed)
     if not cfg.augment:  # the random crop (when --load-size > --img-size) stays; flips, colour and blur go
         p["hflip"], p["vflip"] = torch.zeros_like(p["hflip"]), torch.zeros_like(p["vflip"])
@@ -651,8 +674,7 @@ class Features(NamedTuple):
 
 def encode(model, spec, x):
     """Features of a float [0,1] batch, in the model's own mean/std: tokens are its own [B, width, h, w]."""
-    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+    mean, std = (constant(tuple(v), x.device).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
     feats = model.forward_features((x - mean) / std)
     if feats.ndim == 2:  # one vector per image: no tokens (train it with --w-local 0)
         return Features(feats, None)
@@ -728,7 +750,7 @@ def all_sum(x):
 
 def batchnorm(z, eps=1e-5):
     """BatchNorm1d(affine=False) in training mode over the global batch (synchronised across ranks)."""
-    n = all_sum(torch.tensor(float(z.shape[0]), device=z.device))
+    n = float(z.shape[0] * rank_world()[1])  # every rank holds as many rows (drop_last, a fixed batch size)
     mean = all_sum(z.sum(0)) / n
     var = all_sum(((z - mean) ** 2).sum(0)) / n
     return (z - mean) / torch.sqrt(var + eps)
@@ -746,7 +768,7 @@ def pair_loss(kind, zs, zt, alpha=4.0):
     if kind == "logsum":  # G2L / Miles & Mikolajczyk: log( sum_{b,j} |BN(W z_s) - BN(z_t)|^alpha ), one log
         return torch.log(all_sum((batchnorm(zs) - batchnorm(zt)).abs().pow(alpha).sum()))
     per_sample = PER_SAMPLE[kind](zs, zt)
-    return all_sum(per_sample.sum()) / all_sum(torch.tensor(float(per_sample.numel()), device=zs.device))
+    return all_sum(per_sample.sum()) / float(per_sample.numel() * rank_world()[1])  # as many on every rank
 
 def loss_weights(cfg):
     """{term l_NAME: its weight, the config's w_NAME}; --local-loss none is weight 0 (no local head)."""
@@ -829,8 +851,10 @@ def distil_step(cfg, tr, step, batches):
         for k, v in terms.items():
             logged[k] = logged.get(k, 0) + v.detach() / cfg.grad_accum
     tr.scaler.unscale_(tr.opt)
-    gnorm = float(torch.nn.utils.clip_grad_norm_(tr.wrapped.parameters(), cfg.clip_grad or math.inf))
-    logged = {k: float(v) for k, v in logged.items()}  # the same on every rank: the loss is global
+    gnorm = torch.nn.utils.clip_grad_norm_(tr.wrapped.parameters(), cfg.clip_grad or math.inf)
+    # the step's one host sync: skipping a non-finite update needs the loss on the host; the grad norm comes along
+    gnorm, *values = torch.stack([gnorm.float(), *logged.values()]).tolist()
+    logged = dict(zip(logged, values))  # the same on every rank: the loss is global
     finite = math.isfinite(logged["loss"])
     if finite:  # else skip this update (the loop stops after three in a row)
         tr.scaler.step(tr.opt)
@@ -845,7 +869,7 @@ def extract_features(loader, encoders, device, amp, desc=None):
     outs, skipped = [[] for _ in encoders], []
     with torch.no_grad():
         for x, k in tqdm(loader, total=len(loader), desc=desc, disable=desc is None, dynamic_ncols=True):
-            x = x.to(device).float() / 255
+            x = x.to(device, non_blocking=True).float() / 255  # CUDA: no stream sync per batch
             with amp():
                 for out, fn in zip(outs, encoders):
                     out.append(fn(x).float().cpu())
