@@ -1004,9 +1004,9 @@ def main(argv=None):
         batches = make_batches(cfg, tiles, at.samples, device)
         # its workers ignore SIGTERM (quiet_worker), so a terminate() at exit would not end them: stop them ourselves
         cleanup.callback(getattr(batches, "_shutdown_workers", lambda: None))
-        val = torch.utils.data.DataLoader(TileDataset(val_tiles, cfg.img_size), batch_size=cfg.batch_size,
-                                          num_workers=min(cfg.workers, 2), worker_init_fn=quiet_worker,
-                                          pin_memory=device.type == "cuda") if rank_world()[0] == 0 and val_tiles else None
+        val = None if rank_world()[0] != 0 or not val_tiles else torch.utils.data.DataLoader(
+            TileDataset(val_tiles, cfg.img_size), batch_size=cfg.batch_size, num_workers=min(cfg.workers, 2),
+            worker_init_fn=quiet_worker, pin_memory=device.type == "cuda")
         reason, code, last = train_loop(cfg, tr, at, batches, val, metrics, stop)
         save_checkpoint(cfg, tr, at)
         if rank_world()[0] == 0:
