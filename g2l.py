@@ -190,7 +190,7 @@ def check_args(cfg):
 def check_out(out):
     """--out refused before any data is read or model built: a file, or a place this user cannot write."""
     p = Path(out).absolute()
-    near = next(q for q in [p, *p.parents] if q.exists())  # --out itself is made by run_lock
+    near = next(q for q in [p, *p.parents] if q.exists())  # --out itself is made later
     if not near.is_dir() or not os.access(near, os.W_OK | os.X_OK):
         why = "it is a file" if near == p else f"{near} is a file" if not near.is_dir() else f"{near} is read-only"
         raise UsageError(f"error: --out {out} is not a writable folder ({why}); choose a folder you can write to")
