@@ -1296,7 +1296,7 @@ def timm_args(model, spec):
 def export(student, spec, cfg, out):
     """student/ as a timm local-dir (config.json + model.safetensors) and heads.safetensors, atomically: a full
     disk or a read-only folder gives one line, and the last good export is kept."""
-    from safetensors.torch import save, save_file
+    from safetensors.torch import save
     out, tmp = Path(out), Path(out) / "student.tmp"
     sd = {k: v.detach().float().cpu().contiguous() for k, v in student.backbone.state_dict().items()}
     arch, args = timm_args(student.backbone, spec)
@@ -1311,10 +1311,7 @@ def export(student, spec, cfg, out):
              if not k.startswith("backbone.")}
     try:
         tmp.mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(tmp / "model.safetensors"))
-        umask = os.umask(0o22)
-        os.umask(umask)
-        os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors writes 600; other files follow the umask
+        (tmp / "model.safetensors").write_bytes(save(sd))  # not save_file: it writes mode 600, ignoring the umask
         (tmp / "config.json").write_text(json.dumps(conf, indent=2))
         if (out / "student").exists():
             os.replace(out / "student", out / "student.old")
