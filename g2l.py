@@ -90,16 +90,16 @@ class Config:
     weight_decay: float = 0.05          # AdamW peak weight decay (G2L)
     warmup_steps: int = 100             # linear warm-up of the learning rate
     clip_grad: float = 1.0              # max gradient norm (0 = no clipping)
-    global_loss: str = "logsum"         # logsum | cosine | smoothl1 | mse
-    local_loss: str = "cosine-smoothl1" # cosine-smoothl1 | logsum | mse | none
+    global_loss: str = "logsum"         # the loss on the global feature (logsum: G2L's)
+    local_loss: str = "cosine-smoothl1" # the loss on the patch tokens (none: the global loss alone)
     w_global: float = 1.0               # weight of the global loss
     w_local: float = 1.0                # weight of the local loss (0 = the paper's global-only recipe)
     alpha: float = 4.0                  # exponent of the logsum loss
-    head: str = "linear"                # linear | mlp (Linear-GELU-Linear): the projection heads, dropped at export
+    head: str = "linear"                # the projection heads (mlp: Linear-GELU-Linear), dropped at export
     augment: bool = True                # the paper's flips, colour jitter and blur
-    views: str = "same"                 # same | independent (independent colour/blur per model; same crop and flips)
-    precision: str = "auto"             # auto | bf16 | fp16 | fp32
-    compile: str = "auto"               # auto (on for CUDA) | on | off
+    views: str = "same"                 # independent: colour and blur drawn per model (crop and flips shared)
+    precision: str = "auto"             # autocast dtype (auto: bf16 on a GPU that has it, else fp32)
+    compile: str = "auto"               # torch.compile the student (auto: on for CUDA)
     grad_checkpointing: bool = False    # recompute the student's activations in backward (memory)
     teacher_chunk: int = 0              # teacher forward in micro-batches of this size (memory)
     workers: int = 4                    # DataLoader processes decoding tiles
@@ -107,7 +107,7 @@ class Config:
     log_every: int = 10                 # steps between log lines / metrics.jsonl rows
     eval_every: int = 100               # steps between validation agreement checks
     ckpt_every: int = 500               # steps between checkpoints (and one at the end)
-    resume: str = ""                    # "" | auto | path to ckpt.pt
+    resume: str = ""                    # auto (OUT/ckpt.pt) or a path to a ckpt.pt
     overwrite: bool = False             # start over in an --out that holds a run (ckpt.pt or student/)
     early_stop: bool = False            # G2L: stop when loss > mean of last 100 steps more than 10 times in a row
     max_bad_frac: float = 0.01          # stop when more than this fraction of tiles cannot be read
@@ -167,13 +167,7 @@ def parse_args(argv=None):
 def check_args(cfg):
     """The rules argparse cannot express, checked before any model is built or any file written: one line each."""
     for flag in ("teacher_kwargs", "student_kwargs"):
-        try:
-            ok = not getattr(cfg, flag) or isinstance(json.loads(getattr(cfg, flag)), dict)
-        except ValueError:
-            ok = False
-        if not ok:
-            raise UsageError(f"error: --{flag.replace('_', '-')} {getattr(cfg, flag)}: must be a JSON object, "
-                             "e.g. '{\"depth\": 2}'")
+        json_kwargs(getattr(cfg, flag), "--" + flag.replace("_", "-"))
     if not any(w > 0 for w in loss_weights(cfg).values()):
         raise UsageError(f"error: --w-global {cfg.w_global} and --w-local {cfg.w_local} (--local-loss "
                          f"{cfg.local_loss}) leave no loss to train on")
@@ -194,6 +188,16 @@ def check_out(out):
     if not near.is_dir() or not os.access(near, os.W_OK | os.X_OK):
         why = "it is a file" if near == p else f"{near} is a file" if not near.is_dir() else f"{near} is read-only"
         raise UsageError(f"error: --out {out} is not a writable folder ({why}); choose a folder you can write to")
+
+def json_kwargs(text, flag):
+    """A --*-kwargs value as a dict ("" is none); anything but a JSON object is an argument error."""
+    try:
+        kwargs = json.loads(text or "{}")
+    except ValueError:
+        kwargs = None
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"error: {flag} {text}: must be a JSON object, e.g. '{{\"depth\": 2}}'")
+    return kwargs
 
 def holds_run(out):
     return any((Path(out) / f).exists() for f in ("ckpt.pt", "student"))
@@ -295,8 +299,7 @@ class TileDataset(torch.utils.data.Dataset):
         for k in range(len(self.tiles)):
             path = self.tiles.path((i + k) % len(self.tiles))
             try:
-                x = load_tile(path, self.size)
-                return x, k
+                return load_tile(path, self.size), k
             except Exception as e:  # corrupt / truncated / not an image
                 print(f"warning: skipping unreadable tile {path}: {one_line(e)}", flush=True)
         raise RuntimeError("no readable tile in the dataset")
@@ -578,9 +581,7 @@ class Spec:
 def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False):
     """Build a model by the naming rules and return (model, Spec)."""
     info = resolve(name)
-    extra = json.loads(kwargs) if kwargs else {}
-    if extra and not isinstance(extra, dict):
-        raise SystemExit(f"error: --*-kwargs must be a JSON object, got {kwargs!r}")
+    extra = json_kwargs(kwargs, "--*-kwargs")
     kw = {**info["kwargs"], **extra}
     bare = bool(weights or extra or meta)  # own weights ("random": none) or another shape: the bare architecture
     weights = "" if weights == "random" else weights
@@ -635,7 +636,7 @@ def load_models(cfg, device):
             raise
         print0("note: the demo teacher's pretrained weights are not reachable; continuing with a random-init "
                "teacher that pools its patch tokens (a random ViT's CLS token barely depends on the image)")
-        teacher_kwargs = json.dumps({**json.loads(cfg.teacher_kwargs or "{}"), "global_pool": "avg"})
+        teacher_kwargs = json.dumps({**json_kwargs(cfg.teacher_kwargs, "--teacher-kwargs"), "global_pool": "avg"})
         teacher, spec_t = load_model(cfg.teacher.split(".")[0], "", teacher_kwargs, cfg.img_size, device)
     student, spec_s = load_model(cfg.student, cfg.student_weights, cfg.student_kwargs, 0, device)
     return teacher, spec_t, student, spec_s, teacher_kwargs
