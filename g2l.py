@@ -362,11 +362,11 @@ class InfiniteSampler(torch.utils.data.Sampler):
     """Seeded epoch permutations (or slide-balanced draws), sliced per rank, starting at any position:
     resuming at sample k continues exactly where an uninterrupted run would be."""
     def __init__(self, n, weights, global_batch, seed, start=0):
-        self.n, self.weights, self.global_batch, self.seed, self.start = n, weights, global_batch, seed, start
-        self.cdf = None if weights is None else torch.cumsum(weights.double(), 0)
+        self.n, self.global_batch, self.seed, self.start = n, global_batch, seed, start
+        self.cdf = None if weights is None else torch.cumsum(weights.double(), 0)  # weights: slide_weights or None
     def order(self, epoch):
         g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-        if self.weights is not None:  # inverse-CDF draws: torch.multinomial refuses more than 2^24 tiles
+        if self.cdf is not None:  # inverse-CDF draws: torch.multinomial refuses more than 2^24 tiles
             u = torch.rand(self.n, generator=g, dtype=torch.float64) * self.cdf[-1]
             return torch.searchsorted(self.cdf, u, right=True).clamp_(max=self.n - 1)
         return torch.randperm(self.n, generator=g)
@@ -504,10 +504,11 @@ def swiglu(dim, ratio=4):
     return dict(mlp_ratio=(2 * hidden + 0.5) / dim, **SWIGLU)
 
 def preset(repo, arch, norm, embed="pool", hf=False, **kwargs):
-    """A preset: its hub name, the bare timm architecture + kwargs that build it offline (at 224 px, the native size
-    of every preset), its normalisation and embedding. hf: published in transformers' DINOv2 format (dinov2_to_timm)."""
-    hub = "hf-hub:" + repo
-    return dict(hub=hub, hf=hub if hf else None, arch=arch, kwargs=dict(img_size=224, **kwargs), embed=embed, **norm)
+    """A preset as resolve describes it: hub name, the bare timm architecture + kwargs that build it offline (at 224
+    px, every preset's native size), normalisation, embedding; hf: in transformers' DINOv2 format (dinov2_to_timm)."""
+    load = "hf-hub:" + repo
+    return dict(load=load, pretrained=True, hf=load if hf else None, arch=arch, kwargs=dict(img_size=224, **kwargs),
+                embed=embed, **norm)
 
 PRESETS = {  # embed cls+mean: the CLS token and the mean patch token, concatenated (Virchow2's own embedding)
     "h-optimus-0": preset("bioptimus/H-optimus-0", "vit_giant_patch14_reg4_dinov2", BIOPTIMUS),
@@ -550,7 +551,7 @@ def resolve(name):
                     embed=cfg.get("g2l", {}).get("embed", "pool"), mean=pc.get("mean"), std=pc.get("std"),
                     size=pc.get("input_size", [3, 0, 0])[-1])
     if name in PRESETS:
-        return dict(PRESETS[name], load=PRESETS[name]["hub"], pretrained=True)
+        return dict(PRESETS[name])
     if not name.startswith("hf-hub:") and not timm.is_model(name.split(".")[0]):
         raise SystemExit(f"error: unknown model {name!r}: use a preset ({', '.join(PRESETS)}), a timm name "
                          "(timm.list_models()), hf-hub:ORG/NAME, local-dir:PATH or a g2l run folder")
