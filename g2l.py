@@ -526,7 +526,7 @@ PRESETS = {  # embed cls+mean: the CLS token and the mean patch token, concatena
     "hibou-b": preset("histai/hibou-b", "vit_base_patch14_reg4_dinov2", HIBOU, hf=True, **swiglu(768)),
     "phikon-v2": preset("owkin/phikon-v2", "vit_large_patch14_dinov2", IMAGENET, hf=True, patch_size=16),
 }
-LAYERS = {"swiglu_packed": timm.layers.SwiGLUPacked, "silu": nn.SiLU}  # JSON-able names for layer kwargs
+MLP_LAYERS = {"swiglu_packed": timm.layers.SwiGLUPacked}  # a JSON-able mlp_layer (timm reads act_layer names itself)
 
 def resolve(name):
     """What a model name tells, as a dict: load (the name timm loads it by), pretrained, arch (its bare timm
@@ -594,7 +594,7 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
         if not weights:
             raise SystemExit(f"error: could not get the weights of {name} ({info['hf']}: model.safetensors or "
                              f"pytorch_model.bin). {offline_help(info)}")
-    build = {k: LAYERS.get(v, v) if k in ("mlp_layer", "act_layer") else v for k, v in kw.items()}
+    build = {k: MLP_LAYERS.get(v, v) if k == "mlp_layer" else v for k, v in kw.items()}
     build.update({"img_size": img_size} if img_size else {})
     target, pretrained = (info["arch"], False) if bare or converted else (info["load"], info["pretrained"])
     source = (f"pretrained {info['hf']} (transformers DINOv2, converted to timm)" if converted else
