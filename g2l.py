@@ -22,7 +22,7 @@ import argparse, contextlib, csv, dataclasses, errno, fcntl, functools, gc, hash
 import re, resource, shlex, shutil, signal, sys, time, warnings
 from collections import deque
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional, get_args
 
 import numpy as np
 import torch
@@ -90,16 +90,16 @@ class Config:
     weight_decay: float = 0.05          # AdamW peak weight decay (G2L)
     warmup_steps: int = 100             # linear warm-up of the learning rate
     clip_grad: float = 1.0              # max gradient norm (0 = no clipping)
-    global_loss: str = "logsum"         # the loss on the global feature (logsum: G2L's)
-    local_loss: str = "cosine-smoothl1" # the loss on the patch tokens (none: the global loss alone)
+    global_loss: Literal["logsum", "cosine", "smoothl1", "mse"] = "logsum"  # on the global feature (logsum: G2L's)
+    local_loss: Literal["cosine-smoothl1", "logsum", "mse", "none"] = "cosine-smoothl1"  # on the patch tokens
     w_global: float = 1.0               # weight of the global loss
     w_local: float = 1.0                # weight of the local loss (0 = the paper's global-only recipe)
     alpha: float = 4.0                  # exponent of the logsum loss
-    head: str = "linear"                # the projection heads (mlp: Linear-GELU-Linear), dropped at export
+    head: Literal["linear", "mlp"] = "linear"  # the projection heads (mlp: Linear-GELU-Linear), dropped at export
     augment: bool = True                # the paper's flips, colour jitter and blur
-    views: str = "same"                 # independent: colour and blur drawn per model (crop and flips shared)
-    precision: str = "auto"             # autocast dtype (auto: bf16 on a GPU that has it, else fp32)
-    compile: str = "auto"               # torch.compile the student (auto: on for CUDA)
+    views: Literal["same", "independent"] = "same"  # independent: colour and blur drawn per model (crop, flips shared)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype (auto: bf16 on a GPU that has it)
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the student (auto: on for CUDA)
     grad_checkpointing: bool = False    # recompute the student's activations in backward (memory)
     teacher_chunk: int = 0              # teacher forward in micro-batches of this size (memory)
     workers: int = 4                    # DataLoader processes decoding tiles
@@ -119,11 +119,6 @@ DEMO = dict(teacher="vit_small_patch14_dinov2.lvd142m", student="vit_tiny_patch1
             data=[str(Path(__file__).resolve().parent / "examples" / "tiles")], out="runs/demo",
             img_size=112, batch_size=16, steps=120, warmup_steps=10, lr=5e-4, eval_every=40, log_every=10,
             ckpt_every=60, workers=2, val_frac=0.15, max_val=64)
-
-CHOICES = dict(global_loss=["logsum", "cosine", "smoothl1", "mse"],
-               local_loss=["cosine-smoothl1", "logsum", "mse", "none"],
-               head=["linear", "mlp"], views=["same", "independent"], precision=["auto", "bf16", "fp16", "fp32"],
-               compile=["auto", "on", "off"])
 
 def number(kind, lo, hi=math.inf, closed=(True, False)):
     """An argparse type: a `kind` in [lo, hi) (`closed` says which ends are included); NaN and inf are refused."""
@@ -153,13 +148,14 @@ def parse_args(argv=None):
     fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
     p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     for f in dataclasses.fields(Config):
-        name, kw = "--" + f.name.replace("_", "-"), dict(help=helps.get(f.name, " "), choices=CHOICES.get(f.name))
+        choices = get_args(f.type) or None  # a Literal field: its values
+        name, kw = "--" + f.name.replace("_", "-"), dict(help=helps.get(f.name, " "), choices=choices)
         if f.type is bool:
             p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=kw["help"])
         elif f.type is list:
             p.add_argument(name, nargs="+", default=f.default_factory(), **kw)
         else:
-            p.add_argument(name, type=TYPES.get(f.name, f.type), default=f.default, **kw)
+            p.add_argument(name, type=TYPES.get(f.name, str if choices else f.type), default=f.default, **kw)
     if not argv or "--demo" in argv:  # the demo's values become the defaults, so any flag given still wins
         p.set_defaults(**DEMO, demo=True)
     return Config(**vars(p.parse_args(argv)))
