@@ -18,7 +18,7 @@ The student lands in OUT/student/ as a timm local-dir:
     timm.create_model("local-dir:runs/NAME/student", pretrained=True)
 Exit status: 0 done, 1 a failure, 2 an argument error, 128+n stopped by signal n (after saving; SIGTERM: 143).
 """
-import argparse, contextlib, csv, dataclasses, errno, fcntl, functools, gc, hashlib, inspect, json, math, os, random
+import argparse, contextlib, csv, dataclasses, errno, fcntl, functools, gc, hashlib, inspect, json, math, os
 import re, resource, shlex, shutil, signal, sys, time, warnings
 from collections import deque
 from pathlib import Path
@@ -1006,8 +1006,6 @@ def set_up(cfg):
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
     return device
 
 # ============================================================================= plumbing: skip on a first read
@@ -1197,8 +1195,8 @@ def save_checkpoint(cfg, tr, at):
     if rank_world()[0] != 0 or cfg.synthetic:
         return
     cuda = tr.device.type == "cuda"
-    rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-               cuda=torch.cuda.get_rng_state(tr.device) if cuda else None)
+    # torch's is the one global RNG the run draws from (init, dropout); the views have their own, keyed by the step
+    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(tr.device) if cuda else None)
     state = dict(student=tr.student.state_dict(), optimizer=tr.opt.state_dict(), scaler=tr.scaler.state_dict(),
                  **dataclasses.asdict(at), config=dataclasses.asdict(cfg), rng=rng)
     path = Path(cfg.out) / "ckpt.pt"
@@ -1236,8 +1234,6 @@ def resume(cfg, student, opt, scaler, device):
         raise SystemExit(f"error: checkpoint {path} does not fit this run's models ({one_line(e)}); resume "
                          "with the --teacher/--student/--*-kwargs/--local-loss it was made with, or use a new --out")
     torch.set_rng_state(ck["rng"]["torch"])
-    np.random.set_state(ck["rng"]["numpy"])
-    random.setstate(ck["rng"]["python"])
     if device.type == "cuda" and ck["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(ck["rng"]["cuda"])
     print0(f"resumed from {path} at step {ck['step']}")
