@@ -26,11 +26,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from g2l import AUG, DTYPES, Config, TileDataset, atomic_open, centred_cosine, encode, extract_features, find_images, \
-    forward_flops, index_tiles, linear_cka, load_model, make_views, peak_memory_gb, projection, quiet_worker, resolve
-
-class UsageError(SystemExit):
-    code = 2  # an argument error, found before any work: argparse's exit status (its one line: see __main__)
+from g2l import AUG, DTYPES, Config, TileDataset, UsageError, atomic_open, centred_cosine, check_out, encode, \
+    extract_features, find_images, forward_flops, index_tiles, linear_cka, load_model, make_views, peak_memory_gb, \
+    projection, quiet_worker, resolve
 
 # ----------------------------------------------------------------------------- data
 DATA = "a labels CSV (path,label[,split,center,slide]; paths relative to it) or an ImageFolder root/<split>/<class>/*"
@@ -603,14 +601,6 @@ def main(argv=None):
 
 def interrupt(signum, frame):
     raise KeyboardInterrupt(signum)  # unwinds like Ctrl-C: temp files removed, workers stopped
-
-def check_out(out):
-    """--out refused before any data is read or model built: a file, or a place this user cannot write."""
-    p = Path(out).absolute()
-    near = next(q for q in [p, *p.parents] if q.exists())  # --out itself is made when the first results are written
-    if not near.is_dir() or not os.access(near, os.W_OK | os.X_OK):
-        why = "it is a file" if near == p else f"{near} is a file" if not near.is_dir() else f"{near} is read-only"
-        raise UsageError(f"error: --out {out} is not a writable folder ({why}); choose a folder you can write to")
 
 if __name__ == "__main__":
     try:

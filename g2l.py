@@ -18,11 +18,11 @@ The student lands in OUT/student/ as a timm local-dir:
     timm.create_model("local-dir:runs/NAME/student", pretrained=True)
 Exit status: 0 done, 1 a failure, 2 an argument error, 128+n stopped by signal n (after saving; SIGTERM: 143).
 """
-import argparse, contextlib, csv, dataclasses, errno, fcntl, functools, gc, hashlib, inspect, json, math, os, random
+import argparse, contextlib, csv, dataclasses, errno, fcntl, functools, gc, hashlib, inspect, json, math, os
 import re, resource, shlex, shutil, signal, sys, time, warnings
 from collections import deque
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional, get_args
 
 import numpy as np
 import torch
@@ -90,16 +90,16 @@ class Config:
     weight_decay: float = 0.05          # AdamW peak weight decay (G2L)
     warmup_steps: int = 100             # linear warm-up of the learning rate
     clip_grad: float = 1.0              # max gradient norm (0 = no clipping)
-    global_loss: str = "logsum"         # logsum | cosine | smoothl1 | mse
-    local_loss: str = "cosine-smoothl1" # cosine-smoothl1 | logsum | mse | none
+    global_loss: Literal["logsum", "cosine", "smoothl1", "mse"] = "logsum"  # on the global feature (logsum: G2L's)
+    local_loss: Literal["cosine-smoothl1", "logsum", "mse", "none"] = "cosine-smoothl1"  # on the patch tokens
     w_global: float = 1.0               # weight of the global loss
     w_local: float = 1.0                # weight of the local loss (0 = the paper's global-only recipe)
     alpha: float = 4.0                  # exponent of the logsum loss
-    head: str = "linear"                # linear | mlp (Linear-GELU-Linear): the projection heads, dropped at export
+    head: Literal["linear", "mlp"] = "linear"  # the projection heads (mlp: Linear-GELU-Linear), dropped at export
     augment: bool = True                # the paper's flips, colour jitter and blur
-    views: str = "same"                 # same | independent (independent colour/blur per model; same crop and flips)
-    precision: str = "auto"             # auto | bf16 | fp16 | fp32
-    compile: str = "auto"               # auto (on for CUDA) | on | off
+    views: Literal["same", "independent"] = "same"  # independent: colour and blur drawn per model (crop, flips shared)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype (auto: bf16 on a GPU that has it)
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the student (auto: on for CUDA)
     grad_checkpointing: bool = False    # recompute the student's activations in backward (memory)
     teacher_chunk: int = 0              # teacher forward in micro-batches of this size (memory)
     workers: int = 4                    # DataLoader processes decoding tiles
@@ -107,7 +107,7 @@ class Config:
     log_every: int = 10                 # steps between log lines / metrics.jsonl rows
     eval_every: int = 100               # steps between validation agreement checks
     ckpt_every: int = 500               # steps between checkpoints (and one at the end)
-    resume: str = ""                    # "" | auto | path to ckpt.pt
+    resume: str = ""                    # auto (OUT/ckpt.pt) or a path to a ckpt.pt
     overwrite: bool = False             # start over in an --out that holds a run (ckpt.pt or student/)
     early_stop: bool = False            # G2L: stop when loss > mean of last 100 steps more than 10 times in a row
     max_bad_frac: float = 0.01          # stop when more than this fraction of tiles cannot be read
@@ -119,11 +119,6 @@ DEMO = dict(teacher="vit_small_patch14_dinov2.lvd142m", student="vit_tiny_patch1
             data=[str(Path(__file__).resolve().parent / "examples" / "tiles")], out="runs/demo",
             img_size=112, batch_size=16, steps=120, warmup_steps=10, lr=5e-4, eval_every=40, log_every=10,
             ckpt_every=60, workers=2, val_frac=0.15, max_val=64)
-
-CHOICES = dict(global_loss=["logsum", "cosine", "smoothl1", "mse"],
-               local_loss=["cosine-smoothl1", "logsum", "mse", "none"],
-               head=["linear", "mlp"], views=["same", "independent"], precision=["auto", "bf16", "fp16", "fp32"],
-               compile=["auto", "on", "off"])
 
 def number(kind, lo, hi=math.inf, closed=(True, False)):
     """An argparse type: a `kind` in [lo, hi) (`closed` says which ends are included); NaN and inf are refused."""
@@ -153,13 +148,14 @@ def parse_args(argv=None):
     fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
     p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     for f in dataclasses.fields(Config):
-        name, kw = "--" + f.name.replace("_", "-"), dict(help=helps.get(f.name, " "), choices=CHOICES.get(f.name))
+        choices = get_args(f.type) or None  # a Literal field: its values
+        name, kw = "--" + f.name.replace("_", "-"), dict(help=helps.get(f.name, " "), choices=choices)
         if f.type is bool:
             p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=kw["help"])
         elif f.type is list:
             p.add_argument(name, nargs="+", default=f.default_factory(), **kw)
         else:
-            p.add_argument(name, type=TYPES.get(f.name, f.type), default=f.default, **kw)
+            p.add_argument(name, type=TYPES.get(f.name, str if choices else f.type), default=f.default, **kw)
     if not argv or "--demo" in argv:  # the demo's values become the defaults, so any flag given still wins
         p.set_defaults(**DEMO, demo=True)
     return Config(**vars(p.parse_args(argv)))
@@ -167,13 +163,7 @@ def parse_args(argv=None):
 def check_args(cfg):
     """The rules argparse cannot express, checked before any model is built or any file written: one line each."""
     for flag in ("teacher_kwargs", "student_kwargs"):
-        try:
-            ok = not getattr(cfg, flag) or isinstance(json.loads(getattr(cfg, flag)), dict)
-        except ValueError:
-            ok = False
-        if not ok:
-            raise UsageError(f"error: --{flag.replace('_', '-')} {getattr(cfg, flag)}: must be a JSON object, "
-                             "e.g. '{\"depth\": 2}'")
+        json_kwargs(getattr(cfg, flag), "--" + flag.replace("_", "-"))
     if not any(w > 0 for w in loss_weights(cfg).values()):
         raise UsageError(f"error: --w-global {cfg.w_global} and --w-local {cfg.w_local} (--local-loss "
                          f"{cfg.local_loss}) leave no loss to train on")
@@ -190,10 +180,20 @@ def check_args(cfg):
 def check_out(out):
     """--out refused before any data is read or model built: a file, or a place this user cannot write."""
     p = Path(out).absolute()
-    near = next(q for q in [p, *p.parents] if q.exists())  # --out itself is made by run_lock
+    near = next(q for q in [p, *p.parents] if q.exists())  # --out itself is made later
     if not near.is_dir() or not os.access(near, os.W_OK | os.X_OK):
         why = "it is a file" if near == p else f"{near} is a file" if not near.is_dir() else f"{near} is read-only"
         raise UsageError(f"error: --out {out} is not a writable folder ({why}); choose a folder you can write to")
+
+def json_kwargs(text, flag):
+    """A --*-kwargs value as a dict ("" is none); anything but a JSON object is an argument error."""
+    try:
+        kwargs = json.loads(text or "{}")
+    except ValueError:
+        kwargs = None
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"error: {flag} {text}: must be a JSON object, e.g. '{{\"depth\": 2}}'")
+    return kwargs
 
 def holds_run(out):
     return any((Path(out) / f).exists() for f in ("ckpt.pt", "student"))
@@ -295,8 +295,7 @@ class TileDataset(torch.utils.data.Dataset):
         for k in range(len(self.tiles)):
             path = self.tiles.path((i + k) % len(self.tiles))
             try:
-                x = load_tile(path, self.size)
-                return x, k
+                return load_tile(path, self.size), k
             except Exception as e:  # corrupt / truncated / not an image
                 print(f"warning: skipping unreadable tile {path}: {one_line(e)}", flush=True)
         raise RuntimeError("no readable tile in the dataset")
@@ -359,11 +358,11 @@ class InfiniteSampler(torch.utils.data.Sampler):
     """Seeded epoch permutations (or slide-balanced draws), sliced per rank, starting at any position:
     resuming at sample k continues exactly where an uninterrupted run would be."""
     def __init__(self, n, weights, global_batch, seed, start=0):
-        self.n, self.weights, self.global_batch, self.seed, self.start = n, weights, global_batch, seed, start
-        self.cdf = None if weights is None else torch.cumsum(weights.double(), 0)
+        self.n, self.global_batch, self.seed, self.start = n, global_batch, seed, start
+        self.cdf = None if weights is None else torch.cumsum(weights.double(), 0)  # weights: slide_weights or None
     def order(self, epoch):
         g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-        if self.weights is not None:  # inverse-CDF draws: torch.multinomial refuses more than 2^24 tiles
+        if self.cdf is not None:  # inverse-CDF draws: torch.multinomial refuses more than 2^24 tiles
             u = torch.rand(self.n, generator=g, dtype=torch.float64) * self.cdf[-1]
             return torch.searchsorted(self.cdf, u, right=True).clamp_(max=self.n - 1)
         return torch.randperm(self.n, generator=g)
@@ -524,10 +523,11 @@ def swiglu(dim, ratio=4):
     return dict(mlp_ratio=(2 * hidden + 0.5) / dim, **SWIGLU)
 
 def preset(repo, arch, norm, embed="pool", hf=False, **kwargs):
-    """A preset: its hub name, the bare timm architecture + kwargs that build it offline (at 224 px, the native size
-    of every preset), its normalisation and embedding. hf: published in transformers' DINOv2 format (dinov2_to_timm)."""
-    hub = "hf-hub:" + repo
-    return dict(hub=hub, hf=hub if hf else None, arch=arch, kwargs=dict(img_size=224, **kwargs), embed=embed, **norm)
+    """A preset as resolve describes it: hub name, the bare timm architecture + kwargs that build it offline (at 224
+    px, every preset's native size), normalisation, embedding; hf: in transformers' DINOv2 format (dinov2_to_timm)."""
+    load = "hf-hub:" + repo
+    return dict(load=load, pretrained=True, hf=load if hf else None, arch=arch, kwargs=dict(img_size=224, **kwargs),
+                embed=embed, **norm)
 
 PRESETS = {  # embed cls+mean: the CLS token and the mean patch token, concatenated (Virchow2's own embedding)
     "h-optimus-0": preset("bioptimus/H-optimus-0", "vit_giant_patch14_reg4_dinov2", BIOPTIMUS),
@@ -545,7 +545,7 @@ PRESETS = {  # embed cls+mean: the CLS token and the mean patch token, concatena
     "hibou-b": preset("histai/hibou-b", "vit_base_patch14_reg4_dinov2", HIBOU, hf=True, **swiglu(768)),
     "phikon-v2": preset("owkin/phikon-v2", "vit_large_patch14_dinov2", IMAGENET, hf=True, patch_size=16),
 }
-LAYERS = {"swiglu_packed": timm.layers.SwiGLUPacked, "silu": nn.SiLU}  # JSON-able names for layer kwargs
+MLP_LAYERS = {"swiglu_packed": timm.layers.SwiGLUPacked}  # a JSON-able mlp_layer (timm reads act_layer names itself)
 
 def resolve(name):
     """What a model name tells, as a dict: load (the name timm loads it by), pretrained, arch (its bare timm
@@ -570,7 +570,7 @@ def resolve(name):
                     embed=cfg.get("g2l", {}).get("embed", "pool"), mean=pc.get("mean"), std=pc.get("std"),
                     size=pc.get("input_size", [3, 0, 0])[-1])
     if name in PRESETS:
-        return dict(PRESETS[name], load=PRESETS[name]["hub"], pretrained=True)
+        return dict(PRESETS[name])
     if not name.startswith("hf-hub:") and not timm.is_model(name.split(".")[0]):
         raise SystemExit(f"error: unknown model {name!r}: use a preset ({', '.join(PRESETS)}), a timm name "
                          "(timm.list_models()), hf-hub:ORG/NAME, local-dir:PATH or a g2l run folder")
@@ -601,9 +601,7 @@ class Spec:
 def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False):
     """Build a model by the naming rules and return (model, Spec)."""
     info = resolve(name)
-    extra = json.loads(kwargs) if kwargs else {}
-    if extra and not isinstance(extra, dict):
-        raise SystemExit(f"error: --*-kwargs must be a JSON object, got {kwargs!r}")
+    extra = json_kwargs(kwargs, "--*-kwargs")
     kw = {**info["kwargs"], **extra}
     bare = bool(weights or extra or meta)  # own weights ("random": none) or another shape: the bare architecture
     weights = "" if weights == "random" else weights
@@ -615,7 +613,7 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
         if not weights:
             raise SystemExit(f"error: could not get the weights of {name} ({info['hf']}: model.safetensors or "
                              f"pytorch_model.bin). {offline_help(info)}")
-    build = {k: LAYERS.get(v, v) if k in ("mlp_layer", "act_layer") else v for k, v in kw.items()}
+    build = {k: MLP_LAYERS.get(v, v) if k == "mlp_layer" else v for k, v in kw.items()}
     build.update({"img_size": img_size} if img_size else {})
     target, pretrained = (info["arch"], False) if bare or converted else (info["load"], info["pretrained"])
     source = (f"pretrained {info['hf']} (transformers DINOv2, converted to timm)" if converted else
@@ -658,7 +656,7 @@ def load_models(cfg, device):
             raise
         print0("note: the demo teacher's pretrained weights are not reachable; continuing with a random-init "
                "teacher that pools its patch tokens (a random ViT's CLS token barely depends on the image)")
-        teacher_kwargs = json.dumps({**json.loads(cfg.teacher_kwargs or "{}"), "global_pool": "avg"})
+        teacher_kwargs = json.dumps({**json_kwargs(cfg.teacher_kwargs, "--teacher-kwargs"), "global_pool": "avg"})
         teacher, spec_t = load_model(cfg.teacher.split(".")[0], "", teacher_kwargs, cfg.img_size, device)
     student, spec_s = load_model(cfg.student, cfg.student_weights, cfg.student_kwargs, 0, device)
     return teacher, spec_t, student, spec_s, teacher_kwargs
@@ -1032,8 +1030,6 @@ def set_up(cfg):
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
     return device
 
 # ============================================================================= plumbing: skip on a first read
@@ -1223,8 +1219,8 @@ def save_checkpoint(cfg, tr, at):
     if rank_world()[0] != 0 or cfg.synthetic:
         return
     cuda = tr.device.type == "cuda"
-    rng = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-               cuda=torch.cuda.get_rng_state(tr.device) if cuda else None)
+    # torch's is the one global RNG the run draws from (init, dropout); the views have their own, keyed by the step
+    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(tr.device) if cuda else None)
     state = dict(student=tr.student.state_dict(), optimizer=tr.opt.state_dict(), scaler=tr.scaler.state_dict(),
                  **dataclasses.asdict(at), config=dataclasses.asdict(cfg), rng=rng)
     path = Path(cfg.out) / "ckpt.pt"
@@ -1262,8 +1258,6 @@ def resume(cfg, student, opt, scaler, device):
         raise SystemExit(f"error: checkpoint {path} does not fit this run's models ({one_line(e)}); resume "
                          "with the --teacher/--student/--*-kwargs/--local-loss it was made with, or use a new --out")
     torch.set_rng_state(ck["rng"]["torch"])
-    np.random.set_state(ck["rng"]["numpy"])
-    random.setstate(ck["rng"]["python"])
     if device.type == "cuda" and ck["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(ck["rng"]["cuda"])
     print0(f"resumed from {path} at step {ck['step']}")
@@ -1320,7 +1314,7 @@ def timm_args(model, spec):
 def export(student, spec, cfg, out):
     """student/ as a timm local-dir (config.json + model.safetensors) and heads.safetensors, atomically: a full
     disk or a read-only folder gives one line, and the last good export is kept."""
-    from safetensors.torch import save, save_file
+    from safetensors.torch import save
     out, tmp = Path(out), Path(out) / "student.tmp"
     sd = {k: v.detach().float().cpu().contiguous() for k, v in student.backbone.state_dict().items()}
     arch, args = timm_args(student.backbone, spec)
@@ -1335,10 +1329,7 @@ def export(student, spec, cfg, out):
              if not k.startswith("backbone.")}
     try:
         tmp.mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(tmp / "model.safetensors"))
-        umask = os.umask(0o22)
-        os.umask(umask)
-        os.chmod(tmp / "model.safetensors", 0o666 & ~umask)  # safetensors writes 600; other files follow the umask
+        (tmp / "model.safetensors").write_bytes(save(sd))  # not save_file: it writes mode 600, ignoring the umask
         (tmp / "config.json").write_text(json.dumps(conf, indent=2))
         if (out / "student").exists():
             os.replace(out / "student", out / "student.old")
