@@ -996,7 +996,8 @@ def test_help_states_the_exit_status_and_the_readmes_demo_time(capsys):
         g2l.parse_args(["--help"])
     said = " ".join(capsys.readouterr().out.split())
     assert "Exit status: 0 done, 1 a failure, 2 an argument error, 128+n" in said
-    assert "135 s on 2 idle cores of an AMD EPYC machine" in said and "135 s" in (ROOT / "README.md").read_text()
+    demo_time = re.search(r"\d+ s on 2 idle cores of an AMD EPYC machine", said)  # one figure, --help = README
+    assert demo_time and demo_time.group() in " ".join((ROOT / "README.md").read_text().split())
 
 def test_a_mismatched_torchvision_is_one_line_not_a_traceback(tmp_path):
     import subprocess, sys
