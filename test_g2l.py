@@ -821,7 +821,7 @@ def test_early_stop_rule(tmp_path, tiles, monkeypatch, capsys):
         calls.append(1)
         return zs.float().sum() * 0 + len(calls)
     monkeypatch.setattr(g2l, "pair_loss", rising)
-    last = run(tmp_path, tiles, "--early-stop", "--w-local", "0", "--log-every", "1000", steps=300)
+    run(tmp_path, tiles, "--early-stop", "--w-local", "0", "--log-every", "1000", steps=300)
     assert "early stop at step 111" in capsys.readouterr().out  # 100 steps to fill the window, then 11 above it
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 111
 

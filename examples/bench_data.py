@@ -10,7 +10,7 @@ Worker memory is USS (pages only that worker holds) and PSS (shared pages split 
 /proc via psutil, sampled after the first batch and through the pass: growth = copy-on-read of shared data.
 Tiles are the bundled CC0 tiles shrunk to 32 px, so the pass measures the data path, not JPEG decoding.
 """
-import argparse, csv, importlib.util, json, os, sys, time
+import argparse, importlib.util, json, os, sys, time
 from pathlib import Path
 
 try:
