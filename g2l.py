@@ -120,26 +120,20 @@ DEMO = dict(teacher="vit_small_patch14_dinov2.lvd142m", student="vit_tiny_patch1
             img_size=112, batch_size=16, steps=120, warmup_steps=10, lr=5e-4, eval_every=40, log_every=10,
             ckpt_every=60, workers=2, val_frac=0.15, max_val=64)
 
-def number(kind, lo, hi=math.inf, closed=(True, False)):
-    """An argparse type: a `kind` in [lo, hi) (`closed` says which ends are included); NaN and inf are refused."""
+def number(kind, lo=0, hi=math.inf, ends="[)"):
+    """An argparse type: a `kind` between lo and hi, `ends` saying which ends are included; NaN and inf are refused."""
     def parse(text):
         v = kind(text)
-        if not ((lo <= v if closed[0] else lo < v) and (v <= hi if closed[1] else v < hi)):
-            ends = "[("[not closed[0]] + f"{lo}, {hi}" + "])"[not closed[1]]
-            raise argparse.ArgumentTypeError(f"{text} is not in {ends}")
+        if not ((lo <= v if ends[0] == "[" else lo < v) and (v <= hi if ends[1] == "]" else v < hi)):
+            raise argparse.ArgumentTypeError(f"{text} is not in {ends[0]}{lo}, {hi}{ends[1]}")
         return v
     parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
     return parse
 
-POSITIVE_INT, COUNT = number(int, 1), number(int, 0)
-TYPES = dict(batch_size=POSITIVE_INT, grad_accum=POSITIVE_INT, log_every=POSITIVE_INT, eval_every=POSITIVE_INT,
-             ckpt_every=POSITIVE_INT, max_val=POSITIVE_INT, steps=COUNT, warmup_steps=COUNT, workers=COUNT,
-             img_size=COUNT, student_img_size=COUNT, load_size=COUNT, teacher_chunk=COUNT,
-             lr=number(float, 0, closed=(False, False)), alpha=number(float, 0, closed=(False, False)),
-             epochs=number(float, 0, closed=(False, False)), weight_decay=number(float, 0),
-             clip_grad=number(float, 0), w_global=number(float, 0), w_local=number(float, 0),
-             min_lr_frac=number(float, 0, 1, (True, True)), max_bad_frac=number(float, 0, 1, (True, True)),
-             val_frac=number(float, 0, 1, (False, False)))
+RANGES = {number(int, 1): "batch_size grad_accum log_every eval_every ckpt_every max_val",  # other ints: >= 0
+          number(float, 0, ends="()"): "lr alpha epochs",  # other floats: >= 0
+          number(float, 0, 1, "[]"): "min_lr_frac max_bad_frac", number(float, 0, 1, "()"): "val_frac"}
+TYPES = {name: kind for kind, names in RANGES.items() for name in names.split()}
 
 def parse_args(argv=None):
     """The command line is the Config: same names (dashes for underscores), its comments are the --help."""
@@ -155,7 +149,8 @@ def parse_args(argv=None):
         elif f.type is list:
             p.add_argument(name, nargs="+", default=f.default_factory(), **kw)
         else:
-            p.add_argument(name, type=TYPES.get(f.name, str if choices else f.type), default=f.default, **kw)
+            kind = TYPES.get(f.name) or (number(f.type) if f.type in (int, float) else str)
+            p.add_argument(name, type=kind, default=f.default, **kw)
     if not argv or "--demo" in argv:  # the demo's values become the defaults, so any flag given still wins
         p.set_defaults(**DEMO, demo=True)
     return Config(**vars(p.parse_args(argv)))
@@ -414,14 +409,11 @@ def aug_params(n, seed, step, micro):
     """Random parameters for one global batch, each draw from its own generator keyed by (seed, step, micro-step,
     name): independent of the number of ranks and of resumption, so 1 x B and 2 x B/2 processes see identical
     views, and a draw added to DRAWS changes no other."""
-    def generator(name):
+    def uniform(name):
         key = hashlib.sha256(f"{seed},{step},{micro},{name}".encode()).digest()  # Python's hash() is not stable
-        return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
-    out = {}
-    for name, draw in DRAWS.items():
-        g = generator(name)
-        out[name] = draw(n, lambda *s: torch.rand(*s, generator=g))
-    return out
+        g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+        return lambda *shape: torch.rand(*shape, generator=g)
+    return {name: draw(n, uniform(name)) for name, draw in DRAWS.items()}
 
 def crop_flip(x, p, size):
     """Per-sample random crop to size and h/v flips of a uint8/float batch [B,3,H,W]."""
