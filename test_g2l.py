@@ -1151,8 +1151,8 @@ def test_hack_a_student_with_no_patch_tokens(tmp_path, tiles, monkeypatch):
         teacher, spec_t, _, _, teacher_kwargs = load_models(cfg, device)
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 8, 8), torch.nn.GELU(), torch.nn.AdaptiveAvgPool2d(1),
                                   torch.nn.Flatten())
-        spec_s = g2l.Spec(name="convnet", arch="convnet", kwargs={}, source="random init", mean=g2l.IMAGENET["mean"],
-                          std=g2l.IMAGENET["std"], size=0, patch=0, embed="pool", width=16, dim=16)
+        spec_s = g2l.Spec(arch="convnet", kwargs={}, source="random init", mean=g2l.IMAGENET["mean"],
+                          std=g2l.IMAGENET["std"], size=0, patch=0, embed="pool", width=16)
         return teacher, spec_t, GlobalOnly(net, 16).to(device), spec_s, teacher_kwargs
     monkeypatch.setattr(g2l, "load_models", global_only)
     run(tmp_path, tiles, "--w-local", "0", steps=2)
