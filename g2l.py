@@ -556,7 +556,7 @@ def resolve(name):
         name = f"local-dir:{p}"
     where = name.removeprefix("local-dir:")
     if name.startswith(("hf-hub:", "local-dir:")) and (hf := dinov2_spec(where)):
-        return dict(hf, load=name, pretrained=True)  # transformers DINOv2 (Hibou, Phikon-v2): built in timm
+        return dict(hf, load=name, pretrained=True)  # Hibou, Phikon-v2: a timm ViT, weights converted on load
     if name.startswith("local-dir:"):  # timm's own format, as g2l exports a student
         conf = Path(where) / "config.json"
         if not conf.is_file():
@@ -602,9 +602,9 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
     kw = {**info["kwargs"], **extra}
     bare = bool(weights or extra or meta)  # own weights ("random": none) or another shape: the bare architecture
     weights = "" if weights == "random" else weights
-    converted = info.get("hf") and not bare
-    if converted:  # transformers DINOv2 weights: fetched here, converted by load_weights; for a preset too, the
-        kw = dict((dinov2_spec(info["hf"]) or info)["kwargs"])  # checkpoint's own config.json decides the shape
+    converted = info.get("hf") and not bare  # transformers DINOv2 weights: fetched here, converted by load_weights
+    if converted:  # for a preset too, the checkpoint's own config.json decides the architecture
+        kw = dict((dinov2_spec(info["hf"]) or info)["kwargs"])
         weights = hf_file(info["hf"], "model.safetensors") or hf_file(info["hf"], "pytorch_model.bin")
         if not weights:
             raise SystemExit(f"error: could not get the weights of {name} ({info['hf']}: model.safetensors or "
