@@ -524,8 +524,7 @@ def swiglu(dim, ratio=4):
     return dict(mlp_ratio=(2 * hidden + 0.5) / dim, **SWIGLU)
 
 def preset(repo, arch, norm, embed="pool", hf=False, **kwargs):
-    """resolve's dict for a hub checkpoint: arch + kwargs build it offline at 224 px, every preset's native size;
-    hf: the checkpoint is in transformers' DINOv2 format (dinov2_to_timm)."""
+    """resolve's dict for a hub checkpoint, built offline at 224 px (every preset's); hf: in transformers' DINOv2."""
     return dict(load="hf-hub:" + repo, pretrained=True, hf="hf-hub:" + repo if hf else None, arch=arch,
                 kwargs=dict(img_size=224, **kwargs), embed=embed, **norm)
 
@@ -681,8 +680,7 @@ def encode(model, spec, x):
     return Features(g, tokens)
 
 def projection(kind, d_in, d_out):
-    """A projection head: linear, or a small MLP (hidden 2x d_out) that absorbs the mismatch so the backbone
-    does not have to; either way it is discarded when the student is exported."""
+    """A projection head: linear, or an MLP (hidden 2x d_out) that absorbs the mismatch so the backbone need not."""
     if kind == "linear":
         return nn.Linear(d_in, d_out)
     return nn.Sequential(nn.Linear(d_in, 2 * d_out), nn.GELU(), nn.Linear(2 * d_out, d_out))

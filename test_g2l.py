@@ -177,7 +177,7 @@ def test_transformers_dinov2_converts_with_identical_tokens(tmp_path, registers,
     assert (ours - ref.last_hidden_state).abs().max() < 1e-5  # CLS, registers and patch tokens
     assert (g - ref.pooler_output).abs().max() < 1e-5  # the embedding g2l distils: the CLS
     # another input size: timm resamples the position embeddings once at load, transformers at every call
-    big, _ = g2l.load_model(str(tmp_path / "hf"), img_size=84)
+    big, _ = g2l.load_model(f"local-dir:{tmp_path / 'hf'}", img_size=84)  # the explicit spelling too
     x = torch.randn(2, 3, 84, 84)
     with torch.no_grad():
         assert (big.eval().forward_features(x) - hf(pixel_values=x).last_hidden_state).abs().max() < 1e-5
