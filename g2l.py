@@ -507,6 +507,7 @@ BIOPTIMUS = dict(mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0
 IMAGENET = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 HIBOU = dict(mean=(0.7068, 0.5755, 0.7220), std=(0.1950, 0.2316, 0.1816))
 SWIGLU = dict(mlp_layer="swiglu_packed", act_layer="silu")
+MLP_LAYERS = {"swiglu_packed": timm.layers.SwiGLUPacked}  # a JSON-able mlp_layer (timm reads act_layer names itself)
 
 def swiglu(dim, ratio=4):
     """timm kwargs for DINOv2's SwiGLU MLP: its hidden size is 2/3 of dim*ratio rounded up to a multiple of 8, and
@@ -515,11 +516,9 @@ def swiglu(dim, ratio=4):
     return dict(mlp_ratio=(2 * hidden + 0.5) / dim, **SWIGLU)
 
 def preset(repo, arch, norm, embed="pool", hf=False, **kwargs):
-    """A preset as resolve describes it: hub name, the bare timm architecture + kwargs that build it offline (at 224
-    px, every preset's native size), normalisation, embedding; hf: in transformers' DINOv2 format (dinov2_to_timm)."""
-    load = "hf-hub:" + repo
-    return dict(load=load, pretrained=True, hf=load if hf else None, arch=arch, kwargs=dict(img_size=224, **kwargs),
-                embed=embed, **norm)
+    """resolve's dict for a hub checkpoint, built offline at 224 px (every preset's); hf: in transformers' DINOv2."""
+    return dict(load="hf-hub:" + repo, pretrained=True, hf="hf-hub:" + repo if hf else None, arch=arch,
+                kwargs=dict(img_size=224, **kwargs), embed=embed, **norm)
 
 PRESETS = {  # embed cls+mean: the CLS token and the mean patch token, concatenated (Virchow2's own embedding)
     "h-optimus-0": preset("bioptimus/H-optimus-0", "vit_giant_patch14_reg4_dinov2", BIOPTIMUS),
@@ -537,7 +536,6 @@ PRESETS = {  # embed cls+mean: the CLS token and the mean patch token, concatena
     "hibou-b": preset("histai/hibou-b", "vit_base_patch14_reg4_dinov2", HIBOU, hf=True, **swiglu(768)),
     "phikon-v2": preset("owkin/phikon-v2", "vit_large_patch14_dinov2", IMAGENET, hf=True, patch_size=16),
 }
-MLP_LAYERS = {"swiglu_packed": timm.layers.SwiGLUPacked}  # a JSON-able mlp_layer (timm reads act_layer names itself)
 
 def resolve(name):
     """What a model name tells, as a dict: load (the name timm loads it by), pretrained, arch (its bare timm
@@ -545,18 +543,16 @@ def resolve(name):
     p = Path(name)
     if (p / "student" / "config.json").is_file():  # a g2l run folder
         p = p / "student"
-    local = (p / "config.json").is_file() and not name.startswith(("hf-hub:", "local-dir:"))
-    hf = dinov2_spec(str(p) if local else name) if local or name.startswith("hf-hub:") else None
-    if hf:  # a transformers DINOv2 (Hibou, Phikon-v2, facebook/dinov2-*): built in timm, weights converted on load
-        return dict(hf, load=name, pretrained=True)
-    if local:
+    if (p / "config.json").is_file() and not name.startswith(("hf-hub:", "local-dir:")):
         name = f"local-dir:{p}"
-    if name.startswith("local-dir:"):
-        path = Path(name[len("local-dir:"):])
-        if not (path / "config.json").is_file():
-            raise SystemExit(f"error: {path} has no config.json; "
-                             "a local-dir model needs config.json + model.safetensors")
-        cfg = json.loads((path / "config.json").read_text())
+    where = name.removeprefix("local-dir:")
+    if name.startswith(("hf-hub:", "local-dir:")) and (hf := dinov2_spec(where)):
+        return dict(hf, load=name, pretrained=True)  # Hibou, Phikon-v2: a timm ViT, weights converted on load
+    if name.startswith("local-dir:"):  # timm's own format, as g2l exports a student
+        conf = Path(where) / "config.json"
+        if not conf.is_file():
+            raise SystemExit(f"error: {where} has no config.json (a local-dir needs config.json + model.safetensors)")
+        cfg = json.loads(conf.read_text())
         pc = cfg.get("pretrained_cfg", cfg)
         return dict(load=name, pretrained=True, arch=cfg["architecture"], kwargs=cfg.get("model_args", {}),
                     embed=cfg.get("g2l", {}).get("embed", "pool"), mean=pc.get("mean"), std=pc.get("std"),
@@ -572,13 +568,11 @@ def resolve(name):
 def offline_help(info):
     return (f"Offline: set HF_HUB_OFFLINE=1 (cached weights then load at once), or pass local weights for "
             f"architecture {info['arch']} (g2l.py --teacher-weights/--student-weights FILE, eval.py --model-weights "
-            "FILE) or a local-dir:PATH. "
-            "Gated model: accept its terms on huggingface.co and run `hf auth login`.")
+            "FILE) or a local-dir:PATH. Gated model: accept its terms on huggingface.co and run `hf auth login`.")
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """What a loaded model needs besides its weights; built in one place (load_model)."""
-    name: str           # as given: preset, timm name, hf-hub:, local-dir: or run folder
     arch: str           # timm architecture
     kwargs: dict        # architecture kwargs (JSON-able), as built
     source: str         # where the weights came from, in words
@@ -588,7 +582,9 @@ class Spec:
     patch: int          # patch size (0: not a ViT)
     embed: str          # global feature: pool (the pooled pre-logits output) | cls+mean (Virchow2)
     width: int          # token width (model.num_features)
-    dim: int            # global feature width (2 x width for cls+mean)
+    @property
+    def dim(self):  # global feature width
+        return self.width * (2 if self.embed == "cls+mean" else 1)
 
 def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False):
     """Build a model by the naming rules and return (model, Spec)."""
@@ -597,46 +593,42 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
     kw = {**info["kwargs"], **extra}
     bare = bool(weights or extra or meta)  # own weights ("random": none) or another shape: the bare architecture
     weights = "" if weights == "random" else weights
-    converted = info.get("hf") and not bare
-    if converted:  # transformers DINOv2 weights: fetched here, converted by load_weights
-        own = dinov2_spec(info["hf"])  # for a preset too, the checkpoint's own config.json decides the architecture
-        kw = dict(own["kwargs"]) if own else kw
+    converted = info.get("hf") and not bare  # transformers DINOv2 weights: fetched here, converted by load_weights
+    if converted:  # for a preset too, the checkpoint's own config.json decides the architecture
+        kw = dict((dinov2_spec(info["hf"]) or info)["kwargs"])
         weights = hf_file(info["hf"], "model.safetensors") or hf_file(info["hf"], "pytorch_model.bin")
         if not weights:
             raise SystemExit(f"error: could not get the weights of {name} ({info['hf']}: model.safetensors or "
                              f"pytorch_model.bin). {offline_help(info)}")
-    build = {k: MLP_LAYERS.get(v, v) if k == "mlp_layer" else v for k, v in kw.items()}
-    build.update({"img_size": img_size} if img_size else {})
     target, pretrained = (info["arch"], False) if bare or converted else (info["load"], info["pretrained"])
     source = (f"pretrained {info['hf']} (transformers DINOv2, converted to timm)" if converted else
               f"weights file {weights}" if weights else "pretrained " + target if pretrained else "random init")
-    def create(**args):
-        with torch.device("meta") if meta else contextlib.nullcontext():
-            return timm.create_model(target, pretrained=pretrained, num_classes=0, **args)
+    build = {k: MLP_LAYERS.get(v, v) if k == "mlp_layer" else v for k, v in kw.items()}
+    build.update({"img_size": img_size} if img_size else {})
+    create = functools.partial(timm.create_model, target, pretrained=pretrained, num_classes=0)
     try:
-        try:
-            model = create(**build)
-        except TypeError as e:  # a convolutional net takes any input size and no img_size argument
-            if "img_size" not in str(e):
-                raise
-            model = create(**{k: v for k, v in build.items() if k != "img_size"})
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            try:
+                model = create(**build)
+            except TypeError as e:  # a convolutional net takes any input size and no img_size argument
+                if "img_size" not in str(e):
+                    raise
+                model = create(**{k: v for k, v in build.items() if k != "img_size"})
     except (OSError, RuntimeError, ValueError, TypeError, AssertionError) as e:
-        from_hub = target.startswith("hf-hub:") or any(w in str(e).lower() for w in ("huggingface", "hub"))
-        if from_hub or isinstance(e, OSError):
+        if isinstance(e, OSError) or target.startswith("hf-hub:") or re.search("hub|huggingface", str(e), re.I):
             raise SystemExit(f"error: could not load {name} from the Hugging Face hub ({one_line(e)}). "
                              + offline_help(info))
         raise SystemExit(f"error: cannot build {name} with kwargs {kw}: {one_line(e)}")
     if weights:
         load_weights(model, weights, name)
     pc, pe = model.pretrained_cfg, getattr(model, "patch_embed", None)
-    spec = Spec(name=name, arch=pc.get("architecture") or info["arch"], kwargs=kw, source=source,
+    spec = Spec(arch=pc.get("architecture") or info["arch"], kwargs=kw, source=source,
                 mean=tuple(info.get("mean") or pc.get("mean", IMAGENET["mean"])),
                 std=tuple(info.get("std") or pc.get("std", IMAGENET["std"])),
                 # the size it was built for: a kwargs img_size beats the pretrained config (DINOv2's is 518 px)
                 size=img_size or kw.get("img_size") or info.get("size") or pc.get("input_size", (3, 224, 224))[-1],
-                patch=int(pe.patch_size[0]) if pe is not None else 0, embed=info["embed"], width=model.num_features,
-                dim=model.num_features * (2 if info["embed"] == "cls+mean" else 1))
-    return model.to(device) if not meta else model, spec
+                patch=int(pe.patch_size[0]) if pe is not None else 0, embed=info["embed"], width=model.num_features)
+    return model if meta else model.to(device), spec
 
 def load_models(cfg, device):
     """Teacher and student as named, and the teacher kwargs used: the demo falls back to a random-init teacher."""
@@ -670,8 +662,7 @@ def encode(model, spec, x):
         return Features(feats, None)
     if feats.ndim == 4:  # convolutional: [B, C, h, w]
         return Features(model.forward_head(feats, pre_logits=True), feats)
-    npt = model.num_prefix_tokens  # CLS + registers, never a hard-coded [:, 1:]
-    patches = feats[:, npt:]
+    patches = feats[:, model.num_prefix_tokens:]  # after CLS + registers, never a hard-coded [:, 1:]
     h, w = x.shape[-2] // spec.patch, x.shape[-1] // spec.patch
     tokens = patches.transpose(1, 2).reshape(feats.shape[0], -1, h, w)
     if spec.embed == "cls+mean":  # Virchow2: CLS concatenated with the mean patch token
@@ -681,8 +672,7 @@ def encode(model, spec, x):
     return Features(g, tokens)
 
 def projection(kind, d_in, d_out):
-    """A projection head: linear, or a small MLP (hidden 2x d_out) that absorbs the mismatch so the backbone
-    does not have to; either way it is discarded when the student is exported."""
+    """A projection head: linear, or an MLP (hidden 2x d_out) that absorbs the mismatch so the backbone need not."""
     if kind == "linear":
         return nn.Linear(d_in, d_out)
     return nn.Sequential(nn.Linear(d_in, 2 * d_out), nn.GELU(), nn.Linear(2 * d_out, d_out))
@@ -697,13 +687,12 @@ class Student(nn.Module):
         self.local_head = projection(head, spec.width, teacher_width) if grid else None
     def forward(self, x):
         """encode's Features with the heads applied (any other field passes through as it is)."""
-        f = encode(self.backbone, self.spec, x)
-        if self.local_head is None:
-            return f._replace(global_=self.global_head(f.global_), tokens=None)
-        B, _, h, w = f.tokens.shape
-        tokens = self.local_head(f.tokens.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(B, -1, h, w)
-        if (h, w) != self.grid:  # grids differ: resize the student's token map
-            tokens = F.interpolate(tokens, size=self.grid, mode="bilinear", align_corners=False)
+        f, tokens = encode(self.backbone, self.spec, x), None
+        if self.local_head is not None:
+            B, _, h, w = f.tokens.shape
+            tokens = self.local_head(f.tokens.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(B, -1, h, w)
+            if (h, w) != self.grid:  # grids differ: resize the student's token map
+                tokens = F.interpolate(tokens, size=self.grid, mode="bilinear", align_corners=False)
         return f._replace(global_=self.global_head(f.global_), tokens=tokens)
 
 def build_student(cfg, teacher, spec_t, backbone, spec_s, device):
@@ -722,7 +711,7 @@ def build_student(cfg, teacher, spec_t, backbone, spec_s, device):
         t = encode(teacher, spec_t, torch.rand(2, 3, cfg.img_size, cfg.img_size, device=device))
         s = student(torch.rand(2, 3, cfg.student_img_size, cfg.student_img_size, device=device))
     assert s.global_.shape == t.global_.shape, f"global shapes: {tuple(s.global_.shape)} vs {tuple(t.global_.shape)}"
-    assert tuple(t.tokens.shape[-2:]) == grid and (s.tokens is None or s.tokens.shape[-2:] == grid)
+    assert s.tokens is None or s.tokens.shape == t.tokens.shape, f"token maps: {s.tokens.shape} vs {t.tokens.shape}"
     n = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
     print0(f"teacher {cfg.teacher} ({spec_t.source}): {n(teacher):.1f}M params, {cfg.img_size}px, "
            f"grid {grid[0]}x{grid[1]}, dim {spec_t.dim}")

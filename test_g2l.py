@@ -177,7 +177,7 @@ def test_transformers_dinov2_converts_with_identical_tokens(tmp_path, registers,
     assert (ours - ref.last_hidden_state).abs().max() < 1e-5  # CLS, registers and patch tokens
     assert (g - ref.pooler_output).abs().max() < 1e-5  # the embedding g2l distils: the CLS
     # another input size: timm resamples the position embeddings once at load, transformers at every call
-    big, _ = g2l.load_model(str(tmp_path / "hf"), img_size=84)
+    big, _ = g2l.load_model(f"local-dir:{tmp_path / 'hf'}", img_size=84)  # the explicit spelling too
     x = torch.randn(2, 3, 84, 84)
     with torch.no_grad():
         assert (big.eval().forward_features(x) - hf(pixel_values=x).last_hidden_state).abs().max() < 1e-5
@@ -1151,8 +1151,8 @@ def test_hack_a_student_with_no_patch_tokens(tmp_path, tiles, monkeypatch):
         teacher, spec_t, _, _, teacher_kwargs = load_models(cfg, device)
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 8, 8), torch.nn.GELU(), torch.nn.AdaptiveAvgPool2d(1),
                                   torch.nn.Flatten())
-        spec_s = g2l.Spec(name="convnet", arch="convnet", kwargs={}, source="random init", mean=g2l.IMAGENET["mean"],
-                          std=g2l.IMAGENET["std"], size=0, patch=0, embed="pool", width=16, dim=16)
+        spec_s = g2l.Spec(arch="convnet", kwargs={}, source="random init", mean=g2l.IMAGENET["mean"],
+                          std=g2l.IMAGENET["std"], size=0, patch=0, embed="pool", width=16)
         return teacher, spec_t, GlobalOnly(net, 16).to(device), spec_s, teacher_kwargs
     monkeypatch.setattr(g2l, "load_models", global_only)
     run(tmp_path, tiles, "--w-local", "0", steps=2)
