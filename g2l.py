@@ -1116,32 +1116,26 @@ def index_folder(folder):
     return Tiles(dirs, tiles.slide, tiles.names)
 
 # ----------------------------------------------------------------------------- weight files and the DINOv2 conversion
-HF_DINOV2 = [  # transformers DINOv2 key -> timm VisionTransformer key (legacy names as on the hub, and newer ones)
+HF_DINOV2 = [  # transformers DINOv2 key -> timm ViT key (legacy names as on the hub, and newer ones); mask_token and
+    # register_tokens keep the original DINOv2 names, which timm's own converter handles (see dinov2_to_timm)
     (r"^(dinov2|model)\.", ""), (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-    (r"^embeddings\.cls_token", "cls_token"), (r"^embeddings\.register_tokens", "reg_token"),
-    (r"^embeddings\.position_embeddings", "pos_embed"), (r"^encoder\.layer\.", "blocks."),
+    (r"^embeddings\.position_embeddings", "pos_embed"), (r"^embeddings\.", ""), (r"^encoder\.layer\.", "blocks."),
     (r"attention\.attention\.query|attention\.q_proj", "attn.query"),
     (r"attention\.attention\.key|attention\.k_proj", "attn.key"),
     (r"attention\.attention\.value|attention\.v_proj", "attn.value"),
     (r"attention\.output\.dense|attention\.o_proj", "attn.proj"), (r"layer_scale(\d)\.lambda1", r"ls\1.gamma"),
     (r"mlp\.weights_in", "mlp.fc1"), (r"mlp\.weights_out|mlp\.down_proj", "mlp.fc2"), (r"^layernorm\.", "norm."),
+    (r"^classifier\.", "head."),  # a task head: dropped with timm's
 ]
 
-def dinov2_to_timm(sd, model):
-    """transformers DINOv2 (with or without registers) state dict -> timm ViT's."""
-    out = {}
-    for k, v in sd.items():
-        for pattern, new in HF_DINOV2:
-            k = re.sub(pattern, new, k)
-        if "mask_token" not in k and not k.startswith("classifier."):  # masked pre-training / a task head: unused
-            out[k] = v
+def dinov2_to_timm(sd):
+    """transformers DINOv2 state dict -> timm ViT's, less what timm's checkpoint_filter_fn then converts from the
+    original DINOv2 layout (it drops mask_token and, with registers, folds the CLS position into the CLS token)."""
+    out = {functools.reduce(lambda k, rule: re.sub(*rule, k), HF_DINOV2, k): v for k, v in sd.items()}  # rules in turn
     for k in [k for k in out if re.search(r"attn\.query\.(weight|bias)$", k)]:  # timm packs q, k, v in one Linear
         out[k.replace("query", "qkv")] = torch.cat([out.pop(k.replace("query", x)) for x in ("query", "key", "value")])
     for k in [k for k in out if re.search(r"mlp\.gate_proj\.(weight|bias)$", k)]:  # SwiGLU, newer transformers
         out[k.replace("gate_proj", "fc1")] = torch.cat([out.pop(k), out.pop(k.replace("gate_proj", "up_proj"))])
-    if getattr(model, "no_embed_class", False) and "pos_embed" in out:  # registers: timm's CLS carries no position
-        out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]   # so fold it in (as timm's own DINOv2 converter)
-        out["pos_embed"] = out["pos_embed"][:, 1:]
     return out
 
 def load_weights(model, path, name):
@@ -1156,8 +1150,8 @@ def load_weights(model, path, name):
                          "expected .safetensors, .pth or .bin holding a state dict (re-download it if it is truncated)")
     how = {}
     if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in sd):  # transformers DINOv2 format
-        sd = dinov2_to_timm(sd, model)
-        how = dict(antialias="reg_token" in sd)  # resample positions as transformers does (antialias: registers)
+        sd = dinov2_to_timm(sd)
+        how = dict(antialias="register_tokens" in sd)  # resample positions as transformers does (antialias: registers)
     try:
         if isinstance(model, VisionTransformer):  # timm's ViT converter: resamples position embeddings, legacy keys
             sd = checkpoint_filter_fn(sd, model, **how)
@@ -1191,7 +1185,7 @@ def dinov2_spec(where):
     kw = dict(img_size=one(c.get("image_size", 224)), patch_size=one(c.get("patch_size", 14)), embed_dim=dim,
               depth=c["num_hidden_layers"], num_heads=c["num_attention_heads"], mlp_ratio=ratio,
               init_values=c.get("layerscale_value", 1.0), qkv_bias=c.get("qkv_bias", True),
-              reg_tokens=reg, no_embed_class=reg > 0)  # registers: positions for the patches only (see dinov2_to_timm)
+              reg_tokens=reg, no_embed_class=reg > 0)  # registers: positions for the patches only (as timm's DINOv2)
     if c.get("use_swiglu_ffn"):
         kw.update(swiglu(dim, ratio))
     pre = hf_file(where, "preprocessor_config.json")  # the checkpoint's own normalisation
