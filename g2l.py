@@ -1165,10 +1165,8 @@ def hf_file(where, fname):
     if not where.startswith("hf-hub:"):
         return str(Path(where) / fname) if (Path(where) / fname).is_file() else None
     from huggingface_hub import hf_hub_download
-    try:
-        return hf_hub_download(where[len("hf-hub:"):], fname)
-    except Exception:  # missing, offline, gated: the caller says what to do
-        return None
+    with contextlib.suppress(Exception):  # missing, offline, gated: None, and the caller says what to do
+        return hf_hub_download(where.removeprefix("hf-hub:"), fname)
 
 def dinov2_spec(where):
     """A transformers-format DINOv2 checkpoint (local folder or hf-hub:ORG/NAME) -> the spec of the matching timm
@@ -1351,9 +1349,8 @@ def catch_stop_signals():
 
 @contextlib.contextmanager
 def run_lock(cfg):
-    """One run per --out at a time (rank 0 holds an flock; the kernel releases it when the process dies, so a killed
-    run never blocks the next one): two runs in one folder would mix checkpoints, config and metrics. A folder it
-    made is removed again when the run wrote nothing else (it failed before it started)."""
+    """One run per --out at a time, or checkpoints, config and metrics would mix: rank 0 holds an flock, which dies
+    with the process (a killed run blocks no one). A folder it made and nothing wrote to (a failed start) goes again."""
     if int(os.environ.get("RANK", 0)) != 0:
         yield
         return
@@ -1374,8 +1371,7 @@ def run_lock(cfg):
                 shutil.rmtree(out, ignore_errors=True)
 
 # ----------------------------------------------------------------------------- speed accounting
-# dense TFLOPS (bf16/fp16 tensor cores, TF32) of the SXM parts, from NVIDIA's datasheets; keys are whole words of
-# the device name
+# dense TFLOPS (bf16/fp16 tensor cores, TF32) of the SXM parts, from NVIDIA's datasheets
 PEAK_TFLOPS = {"H200": (989, 494), "H100": (989, 494), "B200": (2250, 1100), "A100": (312, 156), "L40S": (362, 183),
                "A6000": (155, 77)}
 
