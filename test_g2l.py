@@ -1374,7 +1374,7 @@ def test_forward_flops_formula_matches_torch_flop_counter():
         model.forward_features(torch.rand(1, 3, 56, 56))
     assert g2l.forward_flops(model, 56) == counter.get_total_flops()
 
-def test_gpu_peak_matches_whole_names_and_cpu_has_no_mfu(monkeypatch):
+def test_peak_flops_matches_whole_gpu_names_and_cpu_has_no_mfu(monkeypatch):
     def tf(name):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
         return g2l.peak_flops(torch.device("cuda"), "bf16") / 1e12
