@@ -18,7 +18,7 @@ The student lands in OUT/student/ as a timm local-dir:
     timm.create_model("local-dir:runs/NAME/student", pretrained=True)
 Exit status: 0 done, 1 a failure, 2 an argument error, 128+n stopped by signal n (after saving; SIGTERM: 143).
 """
-import argparse, contextlib, csv, dataclasses, errno, fcntl, functools, gc, hashlib, inspect, json, math, os
+import argparse, contextlib, csv, dataclasses, fcntl, functools, gc, hashlib, inspect, json, math, os
 import re, resource, shlex, shutil, signal, sys, time, warnings
 from collections import deque
 from pathlib import Path
@@ -991,7 +991,7 @@ def main(argv=None):
         if rank_world()[0] == 0:
             metrics.close()
             if not cfg.synthetic:
-                export(student, spec_s, cfg, Path(cfg.out))
+                export(student, cfg, cfg.out)
         for s, h in handlers.items():  # only now: a signal during the last save or export must not cut it short
             signal.signal(s, h)
         if dist.is_initialized():
@@ -1020,12 +1020,10 @@ CACHE_MIN = 50_000      # a walked folder with at least this many tiles keeps it
 
 def group_tiles(pairs):
     """Tiles from (folder, file name) pairs, in their order: one slide per folder."""
-    dirs, slide, names = {}, [], []
-    for d, n in pairs:
-        slide.append(dirs.setdefault(d, len(dirs)))
-        names.append(os.fsencode(n))
-    return Tiles(np.array([os.fsencode(d) for d in dirs], dtype="S"), np.array(slide, dtype=np.int32),
-                 np.array(names, dtype="S"))
+    dirs, pairs = {}, list(pairs)
+    slide = np.array([dirs.setdefault(d, len(dirs)) for d, _ in pairs], dtype=np.int32)
+    names = np.array([os.fsencode(n) for _, n in pairs], dtype="S")
+    return Tiles(np.array([os.fsencode(d) for d in dirs], dtype="S"), slide, names)
 
 def tiles_from_paths(paths):
     """Tiles from a list of paths, in the given order (eval.py's labels follow it)."""
@@ -1037,9 +1035,9 @@ def concat_tiles(parts):
                  np.concatenate([t.names for t in parts]))
 
 def walk_images(folder):
-    """([(folder, image name)], [(folder, mtime_ns)] of every folder entered), relative to `folder`.
-    Follows symlinks but enters each real folder once (no loops, no tile counted twice); skips .hidden
-    entries and the masks/ folder at the top (prep_tiles.py's QC pictures)."""
+    """([(folder, image name)], [(folder, mtime_ns)] of every folder entered), relative to `folder`. Follows
+    symlinks but enters each real folder once (no loops, no tile counted twice); skips .hidden entries and the
+    masks/ folder at the top (prep_tiles.py's QC pictures)."""
     pairs, stamps, seen = [], [], set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         st = os.stat(top)
@@ -1067,8 +1065,8 @@ def read_manifest(path):
 def walk_cached(folder):
     """Tiles relative to `folder`: the cached listing while no folder in the tree changed (entries added or
     removed change a folder's mtime), else a walk, cached when large (small trees walk in milliseconds)."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    cache = Path(root) / "g2l" / f"tiles-{hashlib.sha1(os.fsencode(os.path.realpath(folder))).hexdigest()[:16]}.npz"
+    key = hashlib.sha1(os.fsencode(os.path.realpath(folder))).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "g2l" / f"tiles-{key}.npz"
     with contextlib.suppress(Exception):  # no cache, a stale one or an unreadable one: walk
         z = np.load(cache)
         stamp = lambda d: os.stat(os.path.join(folder, os.fsdecode(d))).st_mtime_ns
@@ -1099,32 +1097,26 @@ def index_folder(folder):
     return Tiles(dirs, tiles.slide, tiles.names)
 
 # ----------------------------------------------------------------------------- weight files and the DINOv2 conversion
-HF_DINOV2 = [  # transformers DINOv2 key -> timm VisionTransformer key (legacy names as on the hub, and newer ones)
+HF_DINOV2 = [  # transformers DINOv2 key -> timm ViT key (legacy names as on the hub, and newer ones); mask_token and
+    # register_tokens keep the original DINOv2 names, which timm's own converter handles (see dinov2_to_timm)
     (r"^(dinov2|model)\.", ""), (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-    (r"^embeddings\.cls_token", "cls_token"), (r"^embeddings\.register_tokens", "reg_token"),
-    (r"^embeddings\.position_embeddings", "pos_embed"), (r"^encoder\.layer\.", "blocks."),
+    (r"^embeddings\.position_embeddings", "pos_embed"), (r"^embeddings\.", ""), (r"^encoder\.layer\.", "blocks."),
     (r"attention\.attention\.query|attention\.q_proj", "attn.query"),
     (r"attention\.attention\.key|attention\.k_proj", "attn.key"),
     (r"attention\.attention\.value|attention\.v_proj", "attn.value"),
     (r"attention\.output\.dense|attention\.o_proj", "attn.proj"), (r"layer_scale(\d)\.lambda1", r"ls\1.gamma"),
     (r"mlp\.weights_in", "mlp.fc1"), (r"mlp\.weights_out|mlp\.down_proj", "mlp.fc2"), (r"^layernorm\.", "norm."),
+    (r"^classifier\.", "head."),  # a task head: dropped with timm's
 ]
 
-def dinov2_to_timm(sd, model):
-    """transformers DINOv2 (with or without registers) state dict -> timm ViT's."""
-    out = {}
-    for k, v in sd.items():
-        for pattern, new in HF_DINOV2:
-            k = re.sub(pattern, new, k)
-        if "mask_token" not in k and not k.startswith("classifier."):  # masked pre-training / a task head: unused
-            out[k] = v
+def dinov2_to_timm(sd):
+    """transformers DINOv2 state dict -> timm ViT's, less what timm's checkpoint_filter_fn then converts from the
+    original DINOv2 layout (it drops mask_token and, with registers, folds the CLS position into the CLS token)."""
+    out = {functools.reduce(lambda k, rule: re.sub(*rule, k), HF_DINOV2, k): v for k, v in sd.items()}  # rules in turn
     for k in [k for k in out if re.search(r"attn\.query\.(weight|bias)$", k)]:  # timm packs q, k, v in one Linear
         out[k.replace("query", "qkv")] = torch.cat([out.pop(k.replace("query", x)) for x in ("query", "key", "value")])
     for k in [k for k in out if re.search(r"mlp\.gate_proj\.(weight|bias)$", k)]:  # SwiGLU, newer transformers
         out[k.replace("gate_proj", "fc1")] = torch.cat([out.pop(k), out.pop(k.replace("gate_proj", "up_proj"))])
-    if getattr(model, "no_embed_class", False) and "pos_embed" in out:  # registers: timm's CLS carries no position
-        out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]   # so fold it in (as timm's own DINOv2 converter)
-        out["pos_embed"] = out["pos_embed"][:, 1:]
     return out
 
 def load_weights(model, path, name):
@@ -1139,8 +1131,8 @@ def load_weights(model, path, name):
                          "expected .safetensors, .pth or .bin holding a state dict (re-download it if it is truncated)")
     how = {}
     if any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in sd):  # transformers DINOv2 format
-        sd = dinov2_to_timm(sd, model)
-        how = dict(antialias="reg_token" in sd)  # resample positions as transformers does (antialias: registers)
+        sd = dinov2_to_timm(sd)
+        how = dict(antialias="register_tokens" in sd)  # resample positions as transformers does (antialias: registers)
     try:
         if isinstance(model, VisionTransformer):  # timm's ViT converter: resamples position embeddings, legacy keys
             sd = checkpoint_filter_fn(sd, model, **how)
@@ -1154,10 +1146,8 @@ def hf_file(where, fname):
     if not where.startswith("hf-hub:"):
         return str(Path(where) / fname) if (Path(where) / fname).is_file() else None
     from huggingface_hub import hf_hub_download
-    try:
-        return hf_hub_download(where[len("hf-hub:"):], fname)
-    except Exception:  # missing, offline, gated: the caller says what to do
-        return None
+    with contextlib.suppress(Exception):  # missing, offline, gated: None, and the caller says what to do
+        return hf_hub_download(where.removeprefix("hf-hub:"), fname)
 
 def dinov2_spec(where):
     """A transformers-format DINOv2 checkpoint (local folder or hf-hub:ORG/NAME) -> the spec of the matching timm
@@ -1174,7 +1164,7 @@ def dinov2_spec(where):
     kw = dict(img_size=one(c.get("image_size", 224)), patch_size=one(c.get("patch_size", 14)), embed_dim=dim,
               depth=c["num_hidden_layers"], num_heads=c["num_attention_heads"], mlp_ratio=ratio,
               init_values=c.get("layerscale_value", 1.0), qkv_bias=c.get("qkv_bias", True),
-              reg_tokens=reg, no_embed_class=reg > 0)  # registers: positions for the patches only (see dinov2_to_timm)
+              reg_tokens=reg, no_embed_class=reg > 0)  # registers: positions for the patches only (as timm's DINOv2)
     if c.get("use_swiglu_ffn"):
         kw.update(swiglu(dim, ratio))
     pre = hf_file(where, "preprocessor_config.json")  # the checkpoint's own normalisation
@@ -1265,10 +1255,10 @@ def start_run_folder(cfg, spec_t, spec_s, n_train, n_val, step):
     if rank_world()[0] != 0:
         return None
     out = Path(cfg.out)  # made by run_lock
+    for name in ("config.json.new", "metrics.jsonl.new"):  # left by an --overwrite run stopped before its checkpoint
+        (out / name).unlink(missing_ok=True)
     # over an earlier run (--overwrite), its config and metrics stay until the first checkpoint renames these over them
     new = ".new" if not step and holds_run(out) else ""
-    for name in ("config.json.new", "metrics.jsonl.new") if not new else ():  # an --overwrite run stopped early
-        (out / name).unlink(missing_ok=True)
     conf = dict(dataclasses.asdict(cfg), world_size=rank_world()[1], torch=torch.__version__, timm=timm.__version__,
                 teacher_source=spec_t.source, student_source=spec_s.source, n_train=n_train, n_val=n_val)
     with atomic_open(out / f"config.json{new}") as f:
@@ -1292,32 +1282,31 @@ def timm_args(model, spec):
         qkv_bias=b.attn.qkv.bias is not None, class_token=model.cls_token is not None,
         reg_tokens=model.num_reg_tokens, no_embed_class=model.no_embed_class, global_pool=model.global_pool)
 
-def export(student, spec, cfg, out):
-    """student/ as a timm local-dir (config.json + model.safetensors) and heads.safetensors, atomically: a full
-    disk or a read-only folder gives one line, and the last good export is kept."""
+def export(student, cfg, out):
+    """student/ as a timm local-dir (config.json + model.safetensors) and heads.safetensors in the folder out,
+    atomically: a full disk or a read-only folder gives one line, and the last good export is kept."""
     from safetensors.torch import save
-    out, tmp = Path(out), Path(out) / "student.tmp"
-    sd = {k: v.detach().float().cpu().contiguous() for k, v in student.backbone.state_dict().items()}
+    spec, out, size = student.spec, Path(out), cfg.student_img_size
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in student.state_dict().items()}
     arch, args = timm_args(student.backbone, spec)
     conf = dict(architecture=arch, num_classes=0, num_features=spec.width,
-                model_args={**args, **({"img_size": cfg.student_img_size} if spec.patch else {})},
-                pretrained_cfg=dict(mean=list(spec.mean), std=list(spec.std), num_classes=0,
-                                    input_size=[3, cfg.student_img_size, cfg.student_img_size], crop_pct=1.0,
-                                    interpolation="bilinear"),
+                model_args={**args, **({"img_size": size} if spec.patch else {})},
+                pretrained_cfg=dict(mean=list(spec.mean), std=list(spec.std), num_classes=0, input_size=[3, size, size],
+                                    crop_pct=1.0, interpolation="bilinear"),
                 g2l=dict(embed=spec.embed, teacher=cfg.teacher, student=cfg.student,
                          licence="a distilled student inherits its teacher's licence terms"))
-    heads = {k: v.detach().float().cpu().contiguous() for k, v in student.state_dict().items()
-             if not k.startswith("backbone.")}
+    tmp = out / "student.tmp"
     try:
         tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / "model.safetensors").write_bytes(save(sd))  # not save_file: it writes mode 600, ignoring the umask
+        backbone = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
+        (tmp / "model.safetensors").write_bytes(save(backbone))  # not save_file: it writes mode 600, ignoring the umask
         (tmp / "config.json").write_text(json.dumps(conf, indent=2))
         if (out / "student").exists():
             os.replace(out / "student", out / "student.old")
         os.replace(tmp, out / "student")
         shutil.rmtree(out / "student.old", ignore_errors=True)
         with atomic_open(out / "heads.safetensors", "wb") as f:
-            f.write(save(heads))
+            f.write(save({k: v for k, v in sd.items() if not k.startswith("backbone.")}))
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SystemExit(f"error: cannot write {out / 'student'} ({one_line(e)}); free space or fix the folder's "
@@ -1341,54 +1330,38 @@ def catch_stop_signals():
 
 @contextlib.contextmanager
 def run_lock(cfg):
-    """One run per --out at a time (rank 0 holds an flock; the kernel releases it when the process dies, so a killed
-    run never blocks the next one): two runs in one folder would mix checkpoints, config and metrics. A folder it
-    made is removed again when the run wrote nothing else (it failed before it started)."""
+    """One run per --out at a time, or checkpoints, config and metrics would mix: rank 0 holds an flock, which dies
+    with the process (a killed run blocks no one). A folder it made and nothing wrote to (a failed start) goes again."""
     if int(os.environ.get("RANK", 0)) != 0:
         yield
         return
     out, made = Path(cfg.out), not Path(cfg.out).exists()
     out.mkdir(parents=True, exist_ok=True)
-    fh = open(out / ".lock", "a")  # not "w": a refused run must not blank the holder's pid
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-            fh.close()
+    with open(out / ".lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             raise SystemExit(f"error: --out {cfg.out} is in use by another running g2l.py; wait for it, stop it, "
                              "or give another --out")
-        print(f"note: cannot lock {cfg.out} ({e.strerror}); make sure no other run uses this --out", flush=True)
-    else:
-        fh.truncate(0)
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
-    try:
-        yield
-    finally:
-        fh.close()
-        if made and [p.name for p in out.iterdir()] == [".lock"]:
-            shutil.rmtree(out, ignore_errors=True)
+        except OSError as e:  # a file system without flock (Lustre mounted without it): the run goes on unlocked
+            print(f"note: cannot lock {cfg.out} ({e.strerror}); make sure no other run uses this --out", flush=True)
+        try:
+            yield
+        finally:
+            if made and [p.name for p in out.iterdir()] == [".lock"]:
+                shutil.rmtree(out, ignore_errors=True)
 
 # ----------------------------------------------------------------------------- speed accounting
-# dense TFLOPS (bf16/fp16 tensor cores, TF32) from NVIDIA's datasheets; keys are whole words of the device name
+# dense TFLOPS (bf16/fp16 tensor cores, TF32) of the SXM parts, from NVIDIA's datasheets
 PEAK_TFLOPS = {"H200": (989, 494), "H100": (989, 494), "B200": (2250, 1100), "A100": (312, 156), "L40S": (362, 183),
                "A6000": (155, 77)}
 
-def gpu_peak(name, precision):
-    """Peak FLOP/s of a GPU by name: a table key that is a whole word of the name ("NVIDIA L40" is no L40S);
-    NaN for a GPU not in the table, and for the slower PCIe / NVL parts (no MFU rather than a wrong one)."""
-    words = re.split(r"[^a-z0-9]+", name.lower())
-    peaks = [v for k, v in PEAK_TFLOPS.items() if k.lower() in words and not {"pcie", "nvl"} & set(words)]
-    return peaks[0][precision not in ("bf16", "fp16")] * 1e12 if peaks else float("nan")
-
 def peak_flops(device, precision):
-    """Peak of the device, or NaN (MFU n/a): on CPU there is no honest peak to divide by."""
-    return gpu_peak(torch.cuda.get_device_name(device), precision) if device.type == "cuda" else float("nan")
-
-def mfu(flops_per_s, peak):
-    """Model FLOPs utilisation in %, or None (JSON null) when the peak or the FLOP count is unknown."""
-    v = 100 * flops_per_s / peak
-    return round(v, 2) if math.isfinite(v) else None
+    """Peak FLOP/s of the device; NaN (MFU n/a, rather than a wrong one) on CPU, for a GPU not in the table, and
+    for the slower PCIe / NVL parts. A key must be a whole word of the name: an "NVIDIA L40" is no L40S."""
+    words = set(re.split(r"[^A-Z0-9]+", torch.cuda.get_device_name(device).upper())) if device.type == "cuda" else set()
+    peak = [PEAK_TFLOPS[w] for w in words & PEAK_TFLOPS.keys() if not {"PCIE", "NVL"} & words]
+    return peak[0][precision not in ("bf16", "fp16")] * 1e12 if peak else float("nan")
 
 def peak_memory_gb(device):
     """Peak memory of this process: allocated on the GPU, or the peak RSS on CPU (ru_maxrss is in KB on Linux)."""
@@ -1400,14 +1373,15 @@ def pct(v):
     return "n/a" if v is None else f"{v:.1f}%"
 
 def forward_flops(model, img):
-    """Forward FLOPs per image at img px: 2 x tokens x (linear weights) + attention (QK^T and AV)."""
-    tokens = (img // model.patch_embed.patch_size[0]) ** 2 + getattr(model, "num_prefix_tokens", 0) \
-        if hasattr(model, "patch_embed") else 0
-    if not tokens:
+    """Forward FLOPs per image at img px: 2 x tokens x (linear weights) + attention (QK^T and AV) + the patch
+    embedding; NaN for a model without patch tokens."""
+    if not hasattr(model, "patch_embed"):
         return float("nan")
+    patches = (img // model.patch_embed.patch_size[0]) ** 2
+    tokens = patches + model.num_prefix_tokens
     lin = sum(m.weight.numel() for m in model.blocks.modules() if isinstance(m, nn.Linear))
-    embed = model.patch_embed.proj.weight.numel() * (tokens - model.num_prefix_tokens)
-    return 2 * tokens * lin + 4 * len(model.blocks) * tokens ** 2 * model.embed_dim + 2 * embed
+    attn = 4 * len(model.blocks) * tokens ** 2 * model.embed_dim
+    return 2 * tokens * lin + attn + 2 * model.patch_embed.proj.weight.numel() * patches
 
 class Speed:
     """Images/s, MFU and peak memory over the steps since the last restart()."""
@@ -1425,8 +1399,9 @@ class Speed:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - self.t0
-        return dict(img_per_s=round(self.steps * self.tiles_per_step / dt, 2), mfu=mfu(self.flops * self.steps / dt,
-                    self.peak), mem_gb=round(peak_memory_gb(self.device), 2))
+        mfu = 100 * (self.flops * self.steps / dt) / self.peak  # NaN: the peak or the FLOP count is unknown
+        return dict(img_per_s=round(self.steps * self.tiles_per_step / dt, 2),
+                    mfu=round(mfu, 2) if math.isfinite(mfu) else None, mem_gb=round(peak_memory_gb(self.device), 2))
 
 class Unbroken:
     """stdout/stderr whose writes never fail: once the reader is gone (a `tee` killed with the job), the stream is

@@ -1374,13 +1374,20 @@ def test_forward_flops_formula_matches_torch_flop_counter():
         model.forward_features(torch.rand(1, 3, 56, 56))
     assert g2l.forward_flops(model, 56) == counter.get_total_flops()
 
-def test_gpu_peak_matches_whole_names_and_cpu_has_no_mfu():
-    tf = lambda name: g2l.gpu_peak(name, "bf16") / 1e12
+def test_peak_flops_matches_whole_gpu_names_and_cpu_has_no_mfu(monkeypatch):
+    def tf(name):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+        return g2l.peak_flops(torch.device("cuda"), "bf16") / 1e12
     assert tf("NVIDIA L40S") == 362 and math.isnan(tf("NVIDIA L40")) and tf("NVIDIA RTX A6000") == 155
     assert tf("NVIDIA H100 80GB HBM3") == 989 and math.isnan(tf("NVIDIA H100 PCIe")) and tf("NVIDIA H200") == 989
     assert tf("NVIDIA A100-SXM4-80GB") == 312 and tf("NVIDIA B200") == 2250
     assert math.isnan(tf("NVIDIA A10G")) and math.isnan(tf("NVIDIA H100 NVL"))  # no MFU rather than a wrong one
-    assert math.isnan(g2l.peak_flops(torch.device("cpu"), "fp32")) and g2l.mfu(1e9, float("nan")) is None
+    assert math.isnan(g2l.peak_flops(torch.device("cpu"), "fp32"))
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1, img_size=32)
+    tr = types.SimpleNamespace(teacher=vit, student=types.SimpleNamespace(backbone=vit), device=torch.device("cpu"))
+    speed = g2l.Speed(types.SimpleNamespace(img_size=32, student_img_size=32, precision="fp32"), tr, 8)
+    speed.steps = 1
+    assert speed.measure()["mfu"] is None and g2l.pct(None) == "n/a"  # a CPU run logs "mfu n/a"
 
 # =============================================================================== prep_tiles.py
 def test_prep_tiles_unwritable_out_is_an_argument_error(tmp_path, capsys):
@@ -1903,7 +1910,7 @@ def test_agree_self_is_one_other_lower_and_heads(pcam, tmp_path):
     student, spec = g2l.load_model("vit_tiny_patch16_224", kwargs=KW_S, img_size=32)
     cfg = types.SimpleNamespace(student_img_size=32, teacher="vit_small_patch14_dinov2", student="vit_tiny_patch16_224")
     for head in ("linear", "mlp"):  # --head: eval.py rebuilds either kind of head from heads.safetensors
-        g2l.export(g2l.Student(student, spec, 64, 64, head=head), spec, cfg, tmp_path / head)
+        g2l.export(g2l.Student(student, spec, 64, 64, head=head), cfg, tmp_path / head)
     argv = ["agree", "--teacher", "vit_small_patch14_dinov2", "--teacher-kwargs", KW_T, "--teacher-img-size", "42",
             "--student", "vit_small_patch14_dinov2", "--student-kwargs", KW_T, "--student-img-size", "42",
             "--student", "vit_tiny_patch16_224", "--student-kwargs", KW_S, "--student-img-size", "32",
@@ -1979,7 +1986,7 @@ def test_feature_cache_follows_the_rewritten_weights_of_a_model_folder(pcam, tmp
     for seed in (0, 1):  # the same local-dir, exported twice with other weights: the cache must not answer for both
         torch.manual_seed(seed)
         student, spec = g2l.load_model("vit_tiny_patch16_224", kwargs=KW_S, img_size=32)
-        g2l.export(g2l.Student(student, spec, 64, 64), spec, cfg, tmp_path / "run")
+        g2l.export(g2l.Student(student, spec, 64, 64), cfg, tmp_path / "run")
         os.utime(folder / "model.safetensors", (1e9 + seed, 1e9 + seed))
         feats.append(ev.features(dict(name=f"local-dir:{folder}", weights="", kwargs="", size=0), rows, a))
     assert not torch.equal(*feats)
