@@ -1099,7 +1099,7 @@ def index_folder(folder):
 # ----------------------------------------------------------------------------- weight files and the DINOv2 conversion
 HF_DINOV2 = [  # transformers DINOv2 key -> timm ViT key (legacy names as on the hub, and newer ones); mask_token and
     # register_tokens keep the original DINOv2 names, which timm's own converter handles (see dinov2_to_timm)
-    (r"^(dinov2|model)\.", ""), (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^(dinov2\w*|model)\.", ""), (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
     (r"^embeddings\.position_embeddings", "pos_embed"), (r"^embeddings\.", ""), (r"^encoder\.layer\.", "blocks."),
     (r"attention\.attention\.query|attention\.q_proj", "attn.query"),
     (r"attention\.attention\.key|attention\.k_proj", "attn.key"),

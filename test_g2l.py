@@ -184,7 +184,8 @@ def test_transformers_dinov2_converts_with_identical_tokens(tmp_path, registers,
 
 def test_transformers_dinov2_with_the_newer_key_names_converts(tmp_path):
     """Newer transformers name SwiGLU's halves gate_proj/up_proj (down_proj out) and attention q/k/v/o_proj;
-    save_pretrained here still writes the older names, so the checkpoint is renamed as a newer one would be."""
+    save_pretrained here still writes the older names, so the checkpoint is renamed as a newer one would be, and
+    saved as Dinov2WithRegistersForImageClassification saves it (its prefix, a classifier)."""
     from safetensors.torch import load_file, save_file
     hf = tiny_hf_dinov2(tmp_path / "hf", registers=True, swiglu=True)
     old, new = load_file(str(tmp_path / "hf" / "model.safetensors")), {}
@@ -198,6 +199,8 @@ def test_transformers_dinov2_with_the_newer_key_names_converts(tmp_path):
         for a, b in names.items():
             k = k.replace(a, b)
         new[k] = v
+    new = {"dinov2_with_registers." + k: v for k, v in new.items()}
+    new["classifier.weight"], new["classifier.bias"] = torch.zeros(3, 64), torch.zeros(3)  # CLS + mean patch -> 3
     assert not any("weights_in" in k or "attention.attention" in k for k in new)
     save_file(new, str(tmp_path / "hf" / "model.safetensors"))
     model, _ = g2l.load_model(str(tmp_path / "hf"))
