@@ -17,6 +17,7 @@ Exit status: 0 done, 1 a failure during the work, 2 an argument error (found bef
 stopped by signal n (SIGTERM: 143; features extracted so far stay cached).
 """
 import argparse, csv, hashlib, itertools, json, math, multiprocessing as mp, os, random, signal, sys, time
+from collections import Counter
 from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from pathlib import Path
 
@@ -69,17 +70,13 @@ def group_split(rows, idx, seed, frac):
     group = lambda i: rows[i].get("slide") or rows[i]["path"]
     groups = sorted({group(i) for i in idx})
     random.Random(seed).shuffle(groups)
-    held, n = set(), 0
-    for g in groups[:-1]:  # always keep one group on the other side
-        if n >= frac * len(idx):
-            break
-        held.add(g)
-        n += sum(group(i) == g for i in idx)
+    size = Counter(map(group, idx))
+    before = itertools.accumulate([size[g] for g in groups[:-1]], initial=0)  # always keep one group on the other side
+    held = {g for g, n in zip(groups[:-1], before) if n < frac * len(idx)}
     return [i for i in idx if group(i) not in held], [i for i in idx if group(i) in held]
 
 def split_rows(rows, seed, val=0.15, test=0.25):
-    """train/val/test indices from the data's own split column (when it has >= 2 values; 'valid' alone is the test set
-    when there is no test split), else a seeded split grouped by slide: no slide is ever in two splits."""
+    """train/val/test indices: the data's own split column if it has >= 2 values, else seeded, grouped by slide."""
     names = {r.get("split", "").lower() for r in rows}
     if len(names) >= 2:
         if unknown := names - set(SPLITS):
@@ -100,8 +97,7 @@ def split_rows(rows, seed, val=0.15, test=0.25):
 
 # ----------------------------------------------------------------------------- models and features
 def model_list(names, weights, kwargs, sizes, flag="--model"):
-    """[{name, weights, kwargs, size}]: an option given once applies to every model, else once per model, in order;
-    a weights file fits one model, so with several models --model-weights is given once per model."""
+    """[{name, weights, kwargs, size}]: each option given once per model, in order, or (not weights) once for all."""
     for name in names:
         try:
             resolve(name)  # an unknown name fails here, before any work
@@ -128,8 +124,7 @@ def open_model(m, device):
     return model.eval(), spec
 
 def features(m, rows, a):
-    """[N, D] frozen features: cls = the model's global feature (g2l.encode), mean = mean patch token, or both.
-    Cached in OUT/features/ by model, weights (and their date), kwargs, data, size and pooling; NaN/inf refused."""
+    """[N, D] frozen features, cached in OUT/features/ by model, weights (and their date), data, size and pooling."""
     folder = Path(m["name"].removeprefix("local-dir:"))  # a local-dir, a transformers folder or a g2l run folder
     files = [f for f in (m["weights"], folder / "model.safetensors", folder / "pytorch_model.bin",
                          folder / "student" / "model.safetensors") if f and os.path.isfile(f)]
@@ -139,16 +134,19 @@ def features(m, rows, a):
     cache = Path(a.out) / "features" / f"{safe}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
     paths = [r["path"] for r in rows]
     got = torch.load(cache, weights_only=True) if cache.is_file() else {}
-    got = got if got.get("paths") == paths and "source" in got else extract(m, paths, a, cache)
+    if got.get("paths") != paths or "source" not in got:
+        got = extract(m, paths, a)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(cache, "wb") as f:
+            torch.save(got, f)
     feats, m["source"], m["px"] = got["feats"], got["source"], got["size"]
     describe(m["name"], m["source"], m["px"])
-    bad = (~torch.isfinite(feats).all(1)).nonzero().flatten()
-    if len(bad):
+    if len(bad := (~torch.isfinite(feats).all(1)).nonzero().flatten()):
         raise SystemExit(f"error: {len(bad)} of {len(feats)} feature vectors of {m['name']} are NaN/inf (e.g. "
                          f"{paths[int(bad[0])]}); check its weights or precision (try --device cpu), delete {cache}")
     return feats
 
-def extract(m, paths, a, cache):
+def extract(m, paths, a):
     model, spec = open_model(m, a.device)
     dl = torch.utils.data.DataLoader(TileDataset(paths, m["size"] or spec.size), batch_size=a.batch_size,
                                      num_workers=a.workers, worker_init_fn=quiet_worker)  # main decides on a signal
@@ -162,11 +160,7 @@ def extract(m, paths, a, cache):
     if skipped.any():  # TileDataset swaps in the next tile: a wrong label here, so stop instead
         raise SystemExit(f"error: {paths[int(skipped.nonzero()[0])]} cannot be read; fix it or drop its row "
                          f"from {a.data}")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    got = dict(feats=feats, paths=paths, source=spec.source, size=m["size"] or spec.size)
-    with atomic_open(cache, "wb") as f:
-        torch.save(got, f)
-    return got
+    return dict(feats=feats, paths=paths, source=spec.source, size=m["size"] or spec.size)
 
 def load_heads(run):
     """The global projection head of a g2l run, frozen: its student's features in the teacher's space."""
@@ -214,8 +208,7 @@ def logreg(x, y, C, init, iters=200):
     return W.detach(), b.detach()
 
 def linear_probe(f, y, sp, K, Cs):
-    """UNI: standardise with train statistics; pick C on val by balanced accuracy; score the test split.
-    Cs run from strong to weak regularisation, each fit starting from the last one's solution (a warm start)."""
+    """UNI: standardise by train statistics, pick C on val by balanced accuracy (fits warm-started), score test."""
     mu, sd = f[sp["train"]].mean(0), f[sp["train"]].std(0) + 1e-6
     z = lambda i: ((f[i] - mu) / sd).double()
     best, wb = None, (torch.zeros(f.shape[1], K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64))
@@ -278,8 +271,7 @@ def robustness_index(feats, labels, centres, slides=None, ks=(3, 5, 10, 20), n_b
 SPREAD = 0.2  # bench: timings of one model spread wider than this around their median mean a busy machine
 
 def timed(step, n, warmup, device, desc=None, runs=1):
-    """Seconds per call of step() in each of `runs` runs of n calls, after `warmup` untimed calls; on a GPU, queued
-    work is waited for."""
+    """Seconds per call of step() in each of `runs` runs of n calls, after `warmup` untimed calls."""
     sync, times = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None), []
     for _ in range(warmup):
         step()
@@ -293,8 +285,7 @@ def timed(step, n, warmup, device, desc=None, runs=1):
     return times
 
 def bench_one(m, a):
-    """One model, run in a fresh process so that peak memory (max RSS on CPU, max allocated on GPU) is its own.
-    Batch sizes run in increasing order: the CPU high-water mark after each is its peak (minus the baseline)."""
+    """One model, in a fresh process so that its peak memory is its own; batch sizes ascending: CPU RSS only grows."""
     dev = torch.device(a.device)
     base = 0 if dev.type == "cuda" else peak_memory_gb(dev)  # CPU: this process's baseline RSS before the model
     weights = "random" if a.random_init else m["weights"]  # random: g2l builds the bare architecture
@@ -368,8 +359,7 @@ def cmd_probe(a):
                              "no training rows; add training samples of them or drop them")
     res = []
     for m in model_list(a.model, a.model_weights, a.model_kwargs, a.img_size):
-        f = features(m, rows, a)
-        per, Cs = [], []  # per seed: the metrics, the C picked on val
+        f, per, Cs = features(m, rows, a), [], []  # per seed: the metrics, the C picked on val
         for sp in splits:
             lin, C = linear_probe(f, y, sp, len(classes), a.C)
             kn = metrics(y[sp["test"]], knn(f[sp["train"]], y[sp["train"]], f[sp["test"]], len(classes), a.k))
@@ -378,15 +368,13 @@ def cmd_probe(a):
         row = dict(model=m["name"], source=m["source"], img_size=m["px"], task=task_name(a), pooling=a.pooling,
                    n_train=len(splits[0]["train"]), n_test=len(splits[0]["test"]), seeds=a.seeds,
                    C=float(np.median(Cs)))
-        for k in per[0]:
-            row[k], row[k + "_std"] = float(np.mean([p[k] for p in per])), float(np.std([p[k] for p in per]))
+        row |= {k + s: float(agg([p[k] for p in per])) for k in per[0] for s, agg in (("", np.mean), ("_std", np.std))}
         res.append(row)
     save_and_print(a, f"probe_{task_name(a)}", res, ["model", "task", "n_train", "n_test", "linear_bacc",
                    "linear_auroc", "linear_f1_macro", "knn_bacc", "knn_auroc", "knn_f1_macro", "C"])
 
 def cmd_agree(a):
-    """Teacher vs each student on the same tiles; a g2l run folder is also compared through its heads (give the teacher
-    the input size it had in training, --teacher-img-size)."""
+    """Teacher vs each student on the same tiles; a g2l run folder is also compared through its heads."""
     rows = read_labelled(a.data, need=("path",))
     t = model_list([a.teacher], [a.teacher_weights], [a.teacher_kwargs], [a.teacher_img_size], "--teacher")[0]
     ft = features(t, rows, a)
@@ -425,15 +413,15 @@ def cmd_robustness(a):
         raise UsageError(f"error: {a.data}: {e}")
     save_and_print(a, f"robustness_{task_name(a)}", res, ["model", "task", "n", "k", "ri", "dejong"])
 
-def run_isolated(m, a):
-    try:  # in a fresh process; a SystemExit there (unknown model, ...) is re-raised here
-        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
-            return ex.submit(bench_one, m, a).result()
-    except BrokenProcessPool:
-        raise SystemExit(f"error: benchmarking {m['name']} killed its process (out of memory?); lower --batch-sizes")
-
 def cmd_bench(a):
-    res = [r for m in model_list(a.model, a.model_weights, a.model_kwargs, []) for r in run_isolated(m, a)]
+    res = []
+    for m in model_list(a.model, a.model_weights, a.model_kwargs, []):
+        try:  # in a fresh process; a SystemExit there (unknown model, ...) is re-raised here
+            with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+                res += ex.submit(bench_one, m, a).result()
+        except BrokenProcessPool:
+            raise SystemExit(f"error: benchmarking {m['name']} killed its process (out of memory?); lower "
+                             "--batch-sizes")
     for r in res:  # the first --model (the teacher) is the reference
         ref = next(x for x in res if x["batch"] == r["batch"])
         r.update(speedup=r["img_per_s"] / ref["img_per_s"], param_ratio=ref["params_m"] / r["params_m"],
@@ -454,8 +442,7 @@ class CpuAugmented(TileDataset):
         return self.tf(x), skipped
 
 def cmd_bench_data(a):
-    """Loader throughput on real tiles: decode only (g2l: augmentation batched on the device) vs decode + the same
-    augmentations in the workers, then what the batched augmentation costs on the device."""
+    """Tiles/s: decode only (g2l augments on the device) vs decode + CPU augmentation, then the device's share."""
     load = a.load_size or a.img_size
     cfg = Config(img_size=a.img_size, load_size=load, batch_size=a.batch_size)  # g2l's augmentation settings
     tiles, dev, res = index_tiles(a.data), torch.device(a.device), []

@@ -159,8 +159,7 @@ def save_qc(thumb, mask, tiles, footprint0, dims, dest):
 # ---------------------------------------------------------------------------------------------- one slide -> one folder
 def plan_slide(path, out, slide_id, mpp=0.5, tile_size=224, overlap=0, mpp_tolerance=0.05, min_tissue=0.5,
                max_tiles=0, seed=0, mpp_override=None):
-    """Open one slide, choose its level, find its tissue tiles, save the QC picture, make its temp folder.
-    Returns (row fields, tiles, how to cut them: cut_tiles' arguments), so that workers can share the tiles."""
+    """Choose one slide's level, find its tissue tiles, save its QC picture: (row fields, tiles, cut_tiles' args)."""
     tmp = out / f".tmp_{slide_id}"
     shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed run
     try:
@@ -236,10 +235,9 @@ def run_here(fn, *args, **kw):
     return fut
 
 def run_slides(todo, out, workers, plan_opts, cut_opts, record):
-    """Slides in this process one after another (workers=1: simplest to debug, a per-tile progress bar), or over
-    worker processes: one plans a slide (level, mask, QC) while the others cut planned slides' tiles, CHUNK a job,
-    planned slides first, so slides finish one after another and one large slide never leaves a core idle.
-    record(row) returns True to stop (--fail-fast): started slides finish, new ones never start."""
+    """Slides here one after another (workers=1: simplest to debug, a per-tile progress bar), or over processes: one
+    plans a slide while the others cut planned slides' tiles, CHUNK a job, planned slides first, so one large slide
+    never leaves a core idle. record(row) returns True to stop (--fail-fast): new slides never start."""
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     submit, cap = (pool.submit, 2 * workers) if pool else (run_here, 1)
     pending, chunks, running, slides, stop = deque(todo), deque(), {}, {}, False
@@ -288,9 +286,9 @@ def atomic_open(path, mode="w", **kw):
     finally:
         Path(f"{path}.tmp").unlink(missing_ok=True)  # a failed write leaves no temp file behind
 
-def write_csv(path, rows):
+def write_csv(path, rows, columns=COLUMNS):
     with atomic_open(path, newline="") as f:
-        w = csv.DictWriter(f, COLUMNS, extrasaction="ignore", lineterminator="\n")  # csv's default is \r\n
+        w = csv.DictWriter(f, columns, extrasaction="ignore", lineterminator="\n")  # csv's default is \r\n
         w.writeheader(), w.writerows(rows)
 
 def finished_slides(out):
@@ -298,15 +296,10 @@ def finished_slides(out):
     return sorted(e.name for e in os.scandir(out) if e.is_dir() and e.name[0] != "." and e.name != "masks")
 
 def write_manifest(out):
-    """tiles.csv: path (relative to out), slide_id, x, y of every tile of out/'s finished slides: g2l.py reads it
-    instead of walking millions of files. main removes it first and writes it last, so it is never stale."""
-    with atomic_open(out / "tiles.csv", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["path", "slide_id", "x", "y"])
-        for sid in finished_slides(out):
-            for name in sorted(os.listdir(out / sid)):
-                if m := TILE_NAME.search(name):
-                    w.writerow([f"{sid}/{name}", sid, m[1], m[2]])
+    """tiles.csv, every tile of out/'s finished slides: g2l.py reads it instead of walking millions of files."""
+    tiles = (dict(path=f"{sid}/{name}", slide_id=sid, x=m[1], y=m[2]) for sid in finished_slides(out)
+             for name in sorted(os.listdir(out / sid)) if (m := TILE_NAME.search(name)))  # streamed, not held
+    write_csv(out / "tiles.csv", tiles, ["path", "slide_id", "x", "y"])
 
 def check_settings(out, opts, resuming):
     """The problem as one line if out/ holds slides cut with other settings (out/prep_tiles.json), else writes it."""
