@@ -335,10 +335,6 @@ def save_and_print(a, name, rows, cols):
         print("  ".join(s.ljust(w) for s, w in zip(x, widths)).rstrip())
     print(f"wrote {out / name}.json and .csv")
 
-def task_name(a):
-    p = Path(a.data)
-    return a.task or (p.parent.name if p.is_file() else p.name)
-
 def cmd_probe(a):
     rows = read_labelled(a.data)
     classes = sorted({r["label"] for r in rows})
@@ -365,12 +361,12 @@ def cmd_probe(a):
             kn = metrics(y[sp["test"]], knn(f[sp["train"]], y[sp["train"]], f[sp["test"]], len(classes), a.k))
             per.append({**{f"linear_{k}": v for k, v in lin.items()}, **{f"knn_{k}": v for k, v in kn.items()}})
             Cs.append(C)
-        row = dict(model=m["name"], source=m["source"], img_size=m["px"], task=task_name(a), pooling=a.pooling,
+        row = dict(model=m["name"], source=m["source"], img_size=m["px"], task=a.task, pooling=a.pooling,
                    n_train=len(splits[0]["train"]), n_test=len(splits[0]["test"]), seeds=a.seeds,
                    C=float(np.median(Cs)))
         row |= {k + s: float(agg([p[k] for p in per])) for k in per[0] for s, agg in (("", np.mean), ("_std", np.std))}
         res.append(row)
-    save_and_print(a, f"probe_{task_name(a)}", res, ["model", "task", "n_train", "n_test", "linear_bacc",
+    save_and_print(a, f"probe_{a.task}", res, ["model", "task", "n_train", "n_test", "linear_bacc",
                    "linear_auroc", "linear_f1_macro", "knn_bacc", "knn_auroc", "knn_f1_macro", "C"])
 
 def cmd_agree(a):
@@ -396,7 +392,7 @@ def cmd_agree(a):
                 print(f"note: the heads of {s['name']} map to {z.shape[1]} dims, not the teacher's {ft.shape[1]}; "
                       "skipped")
         res.append(r)
-    save_and_print(a, f"agree_{task_name(a)}", res, ["teacher", "student", "n", "cka", "cos_centred", "cos_raw",
+    save_and_print(a, f"agree_{a.task}", res, ["teacher", "student", "n", "cka", "cos_centred", "cos_raw",
                    "heads_cka", "heads_cos_centred", "heads_cos_raw"])
 
 def cmd_robustness(a):
@@ -407,11 +403,11 @@ def cmd_robustness(a):
         check_design(labels, centres, slides, a.ks)  # before any model is built
         for m in model_list(a.model, a.model_weights, a.model_kwargs, a.img_size):
             ri = robustness_index(features(m, rows, a), labels, centres, slides, a.ks, a.boot)
-            res += [dict(model=m["name"], source=m["source"], img_size=m["px"], task=task_name(a), n=len(rows), **r)
+            res += [dict(model=m["name"], source=m["source"], img_size=m["px"], task=a.task, n=len(rows), **r)
                     for r in ri]
     except ValueError as e:
         raise UsageError(f"error: {a.data}: {e}")
-    save_and_print(a, f"robustness_{task_name(a)}", res, ["model", "task", "n", "k", "ri", "dejong"])
+    save_and_print(a, f"robustness_{a.task}", res, ["model", "task", "n", "k", "ri", "dejong"])
 
 def cmd_bench(a):
     res = []
@@ -575,6 +571,8 @@ def main(argv=None):
     if getattr(a, "runs", 3) < 3:
         p.error(f"--runs {a.runs}: give >= 3, or no spread can be told from one slow run")
     check_out(a.out)
+    if getattr(a, "task", None) == "":  # the results' name: the data folder's
+        a.task = Path(a.data).parent.name if Path(a.data).is_file() else Path(a.data).name
     default = signal.signal(signal.SIGTERM, interrupt)
     try:
         return globals()[f"cmd_{a.cmd.replace('-', '_')}"](a)
