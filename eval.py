@@ -313,11 +313,10 @@ def bench_one(m, a):
 
 # ----------------------------------------------------------------------------- commands
 def fmt(r, c):
-    v = r.get(c, "")
-    if isinstance(v, float):
-        s = f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"  # NaN prints as nan
-        return s + (f"±{r[c + '_std']:.3f}" if isinstance(r.get(c + "_std"), float) else "")
-    return str(v)
+    v, sd = r.get(c, ""), r.get(c + "_std")
+    if not isinstance(v, float):
+        return str(v)
+    return (f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}") + (f"±{sd:.3f}" if isinstance(sd, float) else "")
 
 def save_and_print(a, name, rows, cols):
     """OUT/name.json + OUT/name.csv (atomic), then one aligned table."""

@@ -186,9 +186,8 @@ def plan_slide(path, out, slide_id, mpp=0.5, tile_size=224, overlap=0, mpp_toler
              f"{out_mpp:.3g} µm/px; use a smaller --tile-size or a coarser --mpp")
     row = dict(status="ok" if tiles else "no_tissue", error="" if tiles else empty, n_tiles=len(tiles),
                mpp_level0=f"{mpp0:.4f}", mpp_source=source, read_level=level, read_mpp=f"{out_mpp:.4f}")
-    read_px = round(tile_size * out_mpp / lmpp)  # tile side at the read level (= tile_size without resize)
-    return row, tiles, dict(path=path, out=out, slide_id=slide_id, level=level, read_px=read_px,
-                            tile_size=tile_size, resize=resize)
+    return row, tiles, dict(path=path, out=out, slide_id=slide_id, level=level, tile_size=tile_size, resize=resize,
+                            read_px=round(tile_size * out_mpp / lmpp))  # tile side at the read level
 
 def cut_tiles(tiles, path, out, slide_id, level, read_px, tile_size, resize, fmt="jpg", quality=90, progress=False):
     """Read and save tiles (a slide's, or one worker's share) into the slide's temp folder, one read_region a tile."""
@@ -301,14 +300,14 @@ def write_manifest(out):
              for name in sorted(os.listdir(out / sid)) if (m := TILE_NAME.search(name)))  # streamed, not held
     write_csv(out / "tiles.csv", tiles, ["path", "slide_id", "x", "y"])
 
-def check_settings(out, opts, resuming):
-    """The problem as one line if out/ holds slides cut with other settings (out/prep_tiles.json), else writes it."""
+def check_settings(ap, out, opts, resuming):
+    """An argument error if out/ holds slides cut with other settings (out/prep_tiles.json), else writes them."""
     path = out / "prep_tiles.json"
     old = json.loads(path.read_text()) if resuming and path.exists() else opts
     if diff := [f"--{k.replace('_', '-').replace('fmt', 'format')} {old.get(k)} (now {opts.get(k)})"
                 for k in sorted(set(old) | set(opts)) if old.get(k) != opts.get(k)]:
-        return (f"{out} holds slides tiled with other settings: {', '.join(diff)}; rerun with those settings to "
-                "resume, add --overwrite to redo every slide, or choose another --out")
+        ap.error(f"{out} holds slides tiled with other settings: {', '.join(diff)}; rerun with those settings to "
+                 "resume, add --overwrite to redo every slide, or choose another --out")
     with atomic_open(path) as f:
         json.dump(opts, f, indent=1)
 
@@ -367,8 +366,7 @@ def main(argv=None):
     plan_opts = dict(mpp=a.mpp, tile_size=a.tile_size, overlap=a.overlap, mpp_tolerance=a.mpp_tolerance,
                      seed=a.seed, min_tissue=a.min_tissue, max_tiles=a.max_tiles, mpp_override=a.mpp_override)
     cut_opts = dict(fmt=a.format, quality=a.quality)
-    if problem := check_settings(out, plan_opts | cut_opts, bool(finished_slides(out)) and not a.overwrite):
-        ap.error(problem)
+    check_settings(ap, out, plan_opts | cut_opts, bool(finished_slides(out)) and not a.overwrite)
     old = (out / "slides.csv").read_text().splitlines() if (out / "slides.csv").exists() else []
     old = {r["slide_id"]: r for r in csv.DictReader(old)}  # a skipped slide's row keeps its mpp details
     rows = {sid: old.get(sid, {}) | dict(slide_id=sid, path=str(p), status="skipped", error="", seconds="0.00",
