@@ -249,12 +249,8 @@ def robustness_index(feats, labels, centres, slides=None, ks=(3, 5, 10, 20), n_b
     and the de Jong ratio sum(SS + SO) / sum(SS + OS) (> 1: biology dominates), with bootstrap std over queries."""
     labels, centres, slides, ks = check_design(labels, centres, slides, ks)
     x, sl = F.normalize(torch.as_tensor(np.asarray(feats), dtype=torch.float32), dim=1), torch.as_tensor(slides)
-    idx = []
-    for s in range(0, len(x), 1024):
-        sim = x[s:s + 1024] @ x.T
-        sim[sl[s:s + 1024, None] == sl[None]] = -math.inf  # neither itself nor its own slide
-        idx.append(sim.topk(max(ks), dim=1).indices)
-    idx = torch.cat(idx).numpy()
+    idx = torch.cat([(x[s:s + 1024] @ x.T).masked_fill(sl[s:s + 1024, None] == sl[None], -math.inf)  # not its slide
+                     .topk(max(ks), dim=1).indices for s in range(0, len(x), 1024)]).numpy()
     same_l, same_c = labels[idx] == labels[:, None], centres[idx] == centres[:, None]
     boots = np.random.default_rng(seed).integers(0, len(labels), (n_boot, len(labels)))
     out = []
@@ -372,8 +368,7 @@ def cmd_agree(a):
     """Teacher vs each student on the same tiles; a g2l run folder is also compared through its heads."""
     rows = read_labelled(a.data, need=("path",))
     t = model_list([a.teacher], [a.teacher_weights], [a.teacher_kwargs], [a.teacher_img_size], "--teacher")[0]
-    ft = features(t, rows, a)
-    res = []
+    ft, res = features(t, rows, a), []
     for s in model_list(a.student, a.student_weights, a.student_kwargs, a.student_img_size, "--student"):
         fs = features(s, rows, a)
         r = dict(teacher=t["name"], student=s["name"], teacher_source=t["source"], student_source=s["source"],
