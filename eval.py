@@ -76,7 +76,7 @@ def group_split(rows, idx, seed, frac):
     return [i for i in idx if group(i) not in held], [i for i in idx if group(i) in held]
 
 def split_rows(rows, seed, val=0.15, test=0.25):
-    """train/val/test indices: the data's own split column if it has >= 2 values, else seeded, grouped by slide."""
+    """train/val/test indices: the data's split column if it has >= 2 values (val tests if no test), else by slide."""
     names = {r.get("split", "").lower() for r in rows}
     if len(names) >= 2:
         if unknown := names - set(SPLITS):
@@ -124,7 +124,7 @@ def open_model(m, device):
     return model.eval(), spec
 
 def features(m, rows, a):
-    """[N, D] frozen features, cached in OUT/features/ by model, weights (and their date), data, size and pooling."""
+    """[N, D] frozen features, cached in OUT/features/ by model, weights (and date), kwargs, data, size, pooling."""
     folder = Path(m["name"].removeprefix("local-dir:"))  # a local-dir, a transformers folder or a g2l run folder
     files = [f for f in (m["weights"], folder / "model.safetensors", folder / "pytorch_model.bin",
                          folder / "student" / "model.safetensors") if f and os.path.isfile(f)]
@@ -249,8 +249,8 @@ def robustness_index(feats, labels, centres, slides=None, ks=(3, 5, 10, 20), n_b
     and the de Jong ratio sum(SS + SO) / sum(SS + OS) (> 1: biology dominates), with bootstrap std over queries."""
     labels, centres, slides, ks = check_design(labels, centres, slides, ks)
     x, sl = F.normalize(torch.as_tensor(np.asarray(feats), dtype=torch.float32), dim=1), torch.as_tensor(slides)
-    idx = torch.cat([(x[s:s + 1024] @ x.T).masked_fill(sl[s:s + 1024, None] == sl[None], -math.inf)  # not its slide
-                     .topk(max(ks), dim=1).indices for s in range(0, len(x), 1024)]).numpy()
+    idx = torch.cat([(x[s:s + 1024] @ x.T).masked_fill(sl[s:s + 1024, None] == sl[None], -math.inf)
+                     .topk(max(ks), dim=1).indices for s in range(0, len(x), 1024)]).numpy()  # never its own slide
     same_l, same_c = labels[idx] == labels[:, None], centres[idx] == centres[:, None]
     boots = np.random.default_rng(seed).integers(0, len(labels), (n_boot, len(labels)))
     out = []
@@ -267,7 +267,7 @@ def robustness_index(feats, labels, centres, slides=None, ks=(3, 5, 10, 20), n_b
 SPREAD = 0.2  # bench: timings of one model spread wider than this around their median mean a busy machine
 
 def timed(step, n, warmup, device, desc=None, runs=1):
-    """Seconds per call of step() in each of `runs` runs of n calls, after `warmup` untimed calls."""
+    """Seconds per call of step() in each of `runs` runs of n calls, after `warmup` untimed calls; GPU work awaited."""
     sync, times = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None), []
     for _ in range(warmup):
         step()
