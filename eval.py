@@ -403,15 +403,15 @@ def cmd_robustness(a):
         raise UsageError(f"error: {a.data}: {e}")
     save_and_print(a, f"robustness_{a.task}", res, ["model", "task", "n", "k", "ri", "dejong"])
 
+def run_isolated(m, a):
+    try:  # in a fresh process; a SystemExit there (unknown model, ...) is re-raised here
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+            return ex.submit(bench_one, m, a).result()
+    except BrokenProcessPool:
+        raise SystemExit(f"error: benchmarking {m['name']} killed its process (out of memory?); lower --batch-sizes")
+
 def cmd_bench(a):
-    res = []
-    for m in model_list(a.model, a.model_weights, a.model_kwargs, []):
-        try:  # in a fresh process; a SystemExit there (unknown model, ...) is re-raised here
-            with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
-                res += ex.submit(bench_one, m, a).result()
-        except BrokenProcessPool:
-            raise SystemExit(f"error: benchmarking {m['name']} killed its process (out of memory?); lower "
-                             "--batch-sizes")
+    res = [r for m in model_list(a.model, a.model_weights, a.model_kwargs, []) for r in run_isolated(m, a)]
     for r in res:  # the first --model (the teacher) is the reference
         ref = next(x for x in res if x["batch"] == r["batch"])
         r.update(speedup=r["img_per_s"] / ref["img_per_s"], param_ratio=ref["params_m"] / r["params_m"],
