@@ -17,6 +17,7 @@ Exit status: 0 done, 1 a failure during the work, 2 an argument error (found bef
 stopped by signal n (SIGTERM: 143; features extracted so far stay cached).
 """
 import argparse, csv, hashlib, itertools, json, math, multiprocessing as mp, os, random, signal, sys, time
+from collections import Counter
 from concurrent.futures.process import BrokenProcessPool, ProcessPoolExecutor
 from pathlib import Path
 
@@ -69,17 +70,13 @@ def group_split(rows, idx, seed, frac):
     group = lambda i: rows[i].get("slide") or rows[i]["path"]
     groups = sorted({group(i) for i in idx})
     random.Random(seed).shuffle(groups)
-    held, n = set(), 0
-    for g in groups[:-1]:  # always keep one group on the other side
-        if n >= frac * len(idx):
-            break
-        held.add(g)
-        n += sum(group(i) == g for i in idx)
+    size = Counter(map(group, idx))
+    before = itertools.accumulate([size[g] for g in groups[:-1]], initial=0)  # always keep one group on the other side
+    held = {g for g, n in zip(groups[:-1], before) if n < frac * len(idx)}
     return [i for i in idx if group(i) not in held], [i for i in idx if group(i) in held]
 
 def split_rows(rows, seed, val=0.15, test=0.25):
-    """train/val/test indices from the data's own split column (when it has >= 2 values; 'valid' alone is the test set
-    when there is no test split), else a seeded split grouped by slide: no slide is ever in two splits."""
+    """train/val/test indices: the data's split column if it has >= 2 values (val tests if no test), else by slide."""
     names = {r.get("split", "").lower() for r in rows}
     if len(names) >= 2:
         if unknown := names - set(SPLITS):
@@ -100,8 +97,7 @@ def split_rows(rows, seed, val=0.15, test=0.25):
 
 # ----------------------------------------------------------------------------- models and features
 def model_list(names, weights, kwargs, sizes, flag="--model"):
-    """[{name, weights, kwargs, size}]: an option given once applies to every model, else once per model, in order;
-    a weights file fits one model, so with several models --model-weights is given once per model."""
+    """[{name, weights, kwargs, size}]: each option given once per model, in order, or (not weights) once for all."""
     for name in names:
         try:
             resolve(name)  # an unknown name fails here, before any work
@@ -128,8 +124,7 @@ def open_model(m, device):
     return model.eval(), spec
 
 def features(m, rows, a):
-    """[N, D] frozen features: cls = the model's global feature (g2l.encode), mean = mean patch token, or both.
-    Cached in OUT/features/ by model, weights (and their date), kwargs, data, size and pooling; NaN/inf refused."""
+    """[N, D] frozen features, cached in OUT/features/ by model, weights (and date), kwargs, data, size, pooling."""
     folder = Path(m["name"].removeprefix("local-dir:"))  # a local-dir, a transformers folder or a g2l run folder
     files = [f for f in (m["weights"], folder / "model.safetensors", folder / "pytorch_model.bin",
                          folder / "student" / "model.safetensors") if f and os.path.isfile(f)]
@@ -139,16 +134,19 @@ def features(m, rows, a):
     cache = Path(a.out) / "features" / f"{safe}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
     paths = [r["path"] for r in rows]
     got = torch.load(cache, weights_only=True) if cache.is_file() else {}
-    got = got if got.get("paths") == paths and "source" in got else extract(m, paths, a, cache)
+    if got.get("paths") != paths or "source" not in got:
+        got = extract(m, paths, a)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(cache, "wb") as f:
+            torch.save(got, f)
     feats, m["source"], m["px"] = got["feats"], got["source"], got["size"]
     describe(m["name"], m["source"], m["px"])
-    bad = (~torch.isfinite(feats).all(1)).nonzero().flatten()
-    if len(bad):
+    if len(bad := (~torch.isfinite(feats).all(1)).nonzero().flatten()):
         raise SystemExit(f"error: {len(bad)} of {len(feats)} feature vectors of {m['name']} are NaN/inf (e.g. "
                          f"{paths[int(bad[0])]}); check its weights or precision (try --device cpu), delete {cache}")
     return feats
 
-def extract(m, paths, a, cache):
+def extract(m, paths, a):
     model, spec = open_model(m, a.device)
     dl = torch.utils.data.DataLoader(TileDataset(paths, m["size"] or spec.size), batch_size=a.batch_size,
                                      num_workers=a.workers, worker_init_fn=quiet_worker)  # main decides on a signal
@@ -162,11 +160,7 @@ def extract(m, paths, a, cache):
     if skipped.any():  # TileDataset swaps in the next tile: a wrong label here, so stop instead
         raise SystemExit(f"error: {paths[int(skipped.nonzero()[0])]} cannot be read; fix it or drop its row "
                          f"from {a.data}")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    got = dict(feats=feats, paths=paths, source=spec.source, size=m["size"] or spec.size)
-    with atomic_open(cache, "wb") as f:
-        torch.save(got, f)
-    return got
+    return dict(feats=feats, paths=paths, source=spec.source, size=m["size"] or spec.size)
 
 def load_heads(run):
     """The global projection head of a g2l run, frozen: its student's features in the teacher's space."""
@@ -214,8 +208,7 @@ def logreg(x, y, C, init, iters=200):
     return W.detach(), b.detach()
 
 def linear_probe(f, y, sp, K, Cs):
-    """UNI: standardise with train statistics; pick C on val by balanced accuracy; score the test split.
-    Cs run from strong to weak regularisation, each fit starting from the last one's solution (a warm start)."""
+    """UNI: standardise by train statistics, pick C on val by balanced accuracy (fits warm-started), score test."""
     mu, sd = f[sp["train"]].mean(0), f[sp["train"]].std(0) + 1e-6
     z = lambda i: ((f[i] - mu) / sd).double()
     best, wb = None, (torch.zeros(f.shape[1], K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64))
@@ -256,12 +249,8 @@ def robustness_index(feats, labels, centres, slides=None, ks=(3, 5, 10, 20), n_b
     and the de Jong ratio sum(SS + SO) / sum(SS + OS) (> 1: biology dominates), with bootstrap std over queries."""
     labels, centres, slides, ks = check_design(labels, centres, slides, ks)
     x, sl = F.normalize(torch.as_tensor(np.asarray(feats), dtype=torch.float32), dim=1), torch.as_tensor(slides)
-    idx = []
-    for s in range(0, len(x), 1024):
-        sim = x[s:s + 1024] @ x.T
-        sim[sl[s:s + 1024, None] == sl[None]] = -math.inf  # neither itself nor its own slide
-        idx.append(sim.topk(max(ks), dim=1).indices)
-    idx = torch.cat(idx).numpy()
+    idx = torch.cat([(x[s:s + 1024] @ x.T).masked_fill(sl[s:s + 1024, None] == sl[None], -math.inf)
+                     .topk(max(ks), dim=1).indices for s in range(0, len(x), 1024)]).numpy()  # never its own slide
     same_l, same_c = labels[idx] == labels[:, None], centres[idx] == centres[:, None]
     boots = np.random.default_rng(seed).integers(0, len(labels), (n_boot, len(labels)))
     out = []
@@ -278,8 +267,7 @@ def robustness_index(feats, labels, centres, slides=None, ks=(3, 5, 10, 20), n_b
 SPREAD = 0.2  # bench: timings of one model spread wider than this around their median mean a busy machine
 
 def timed(step, n, warmup, device, desc=None, runs=1):
-    """Seconds per call of step() in each of `runs` runs of n calls, after `warmup` untimed calls; on a GPU, queued
-    work is waited for."""
+    """Seconds per call of step() in each of `runs` runs of n calls, after `warmup` untimed calls; GPU work awaited."""
     sync, times = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None), []
     for _ in range(warmup):
         step()
@@ -293,8 +281,7 @@ def timed(step, n, warmup, device, desc=None, runs=1):
     return times
 
 def bench_one(m, a):
-    """One model, run in a fresh process so that peak memory (max RSS on CPU, max allocated on GPU) is its own.
-    Batch sizes run in increasing order: the CPU high-water mark after each is its peak (minus the baseline)."""
+    """One model, in a fresh process so that its peak memory is its own; batch sizes ascending: CPU RSS only grows."""
     dev = torch.device(a.device)
     base = 0 if dev.type == "cuda" else peak_memory_gb(dev)  # CPU: this process's baseline RSS before the model
     weights = "random" if a.random_init else m["weights"]  # random: g2l builds the bare architecture
@@ -322,11 +309,10 @@ def bench_one(m, a):
 
 # ----------------------------------------------------------------------------- commands
 def fmt(r, c):
-    v = r.get(c, "")
-    if isinstance(v, float):
-        s = f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"  # NaN prints as nan
-        return s + (f"±{r[c + '_std']:.3f}" if isinstance(r.get(c + "_std"), float) else "")
-    return str(v)
+    v, sd = r.get(c, ""), r.get(c + "_std")
+    if not isinstance(v, float):
+        return str(v)
+    return (f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}") + (f"±{sd:.3f}" if isinstance(sd, float) else "")
 
 def save_and_print(a, name, rows, cols):
     """OUT/name.json + OUT/name.csv (atomic), then one aligned table."""
@@ -343,10 +329,6 @@ def save_and_print(a, name, rows, cols):
     for x in cells:
         print("  ".join(s.ljust(w) for s, w in zip(x, widths)).rstrip())
     print(f"wrote {out / name}.json and .csv")
-
-def task_name(a):
-    p = Path(a.data)
-    return a.task or (p.parent.name if p.is_file() else p.name)
 
 def cmd_probe(a):
     rows = read_labelled(a.data)
@@ -368,29 +350,25 @@ def cmd_probe(a):
                              "no training rows; add training samples of them or drop them")
     res = []
     for m in model_list(a.model, a.model_weights, a.model_kwargs, a.img_size):
-        f = features(m, rows, a)
-        per, Cs = [], []  # per seed: the metrics, the C picked on val
+        f, per, Cs = features(m, rows, a), [], []  # per seed: the metrics, the C picked on val
         for sp in splits:
             lin, C = linear_probe(f, y, sp, len(classes), a.C)
             kn = metrics(y[sp["test"]], knn(f[sp["train"]], y[sp["train"]], f[sp["test"]], len(classes), a.k))
             per.append({**{f"linear_{k}": v for k, v in lin.items()}, **{f"knn_{k}": v for k, v in kn.items()}})
             Cs.append(C)
-        row = dict(model=m["name"], source=m["source"], img_size=m["px"], task=task_name(a), pooling=a.pooling,
+        row = dict(model=m["name"], source=m["source"], img_size=m["px"], task=a.task, pooling=a.pooling,
                    n_train=len(splits[0]["train"]), n_test=len(splits[0]["test"]), seeds=a.seeds,
                    C=float(np.median(Cs)))
-        for k in per[0]:
-            row[k], row[k + "_std"] = float(np.mean([p[k] for p in per])), float(np.std([p[k] for p in per]))
+        row |= {k + s: float(agg([p[k] for p in per])) for k in per[0] for s, agg in (("", np.mean), ("_std", np.std))}
         res.append(row)
-    save_and_print(a, f"probe_{task_name(a)}", res, ["model", "task", "n_train", "n_test", "linear_bacc",
+    save_and_print(a, f"probe_{a.task}", res, ["model", "task", "n_train", "n_test", "linear_bacc",
                    "linear_auroc", "linear_f1_macro", "knn_bacc", "knn_auroc", "knn_f1_macro", "C"])
 
 def cmd_agree(a):
-    """Teacher vs each student on the same tiles; a g2l run folder is also compared through its heads (give the teacher
-    the input size it had in training, --teacher-img-size)."""
+    """Teacher vs each student on the same tiles; a g2l run folder is also compared through its heads."""
     rows = read_labelled(a.data, need=("path",))
     t = model_list([a.teacher], [a.teacher_weights], [a.teacher_kwargs], [a.teacher_img_size], "--teacher")[0]
-    ft = features(t, rows, a)
-    res = []
+    ft, res = features(t, rows, a), []
     for s in model_list(a.student, a.student_weights, a.student_kwargs, a.student_img_size, "--student"):
         fs = features(s, rows, a)
         r = dict(teacher=t["name"], student=s["name"], teacher_source=t["source"], student_source=s["source"],
@@ -408,7 +386,7 @@ def cmd_agree(a):
                 print(f"note: the heads of {s['name']} map to {z.shape[1]} dims, not the teacher's {ft.shape[1]}; "
                       "skipped")
         res.append(r)
-    save_and_print(a, f"agree_{task_name(a)}", res, ["teacher", "student", "n", "cka", "cos_centred", "cos_raw",
+    save_and_print(a, f"agree_{a.task}", res, ["teacher", "student", "n", "cka", "cos_centred", "cos_raw",
                    "heads_cka", "heads_cos_centred", "heads_cos_raw"])
 
 def cmd_robustness(a):
@@ -419,11 +397,11 @@ def cmd_robustness(a):
         check_design(labels, centres, slides, a.ks)  # before any model is built
         for m in model_list(a.model, a.model_weights, a.model_kwargs, a.img_size):
             ri = robustness_index(features(m, rows, a), labels, centres, slides, a.ks, a.boot)
-            res += [dict(model=m["name"], source=m["source"], img_size=m["px"], task=task_name(a), n=len(rows), **r)
+            res += [dict(model=m["name"], source=m["source"], img_size=m["px"], task=a.task, n=len(rows), **r)
                     for r in ri]
     except ValueError as e:
         raise UsageError(f"error: {a.data}: {e}")
-    save_and_print(a, f"robustness_{task_name(a)}", res, ["model", "task", "n", "k", "ri", "dejong"])
+    save_and_print(a, f"robustness_{a.task}", res, ["model", "task", "n", "k", "ri", "dejong"])
 
 def run_isolated(m, a):
     try:  # in a fresh process; a SystemExit there (unknown model, ...) is re-raised here
@@ -454,8 +432,7 @@ class CpuAugmented(TileDataset):
         return self.tf(x), skipped
 
 def cmd_bench_data(a):
-    """Loader throughput on real tiles: decode only (g2l: augmentation batched on the device) vs decode + the same
-    augmentations in the workers, then what the batched augmentation costs on the device."""
+    """Tiles/s: decode only (g2l augments on the device) vs decode + CPU augmentation, then the device's share."""
     load = a.load_size or a.img_size
     cfg = Config(img_size=a.img_size, load_size=load, batch_size=a.batch_size)  # g2l's augmentation settings
     tiles, dev, res = index_tiles(a.data), torch.device(a.device), []
@@ -588,6 +565,8 @@ def main(argv=None):
     if getattr(a, "runs", 3) < 3:
         p.error(f"--runs {a.runs}: give >= 3, or no spread can be told from one slow run")
     check_out(a.out)
+    if getattr(a, "task", None) == "":  # the results' name: the data folder's
+        a.task = Path(a.data).parent.name if Path(a.data).is_file() else Path(a.data).name
     default = signal.signal(signal.SIGTERM, interrupt)
     try:
         return globals()[f"cmd_{a.cmd.replace('-', '_')}"](a)

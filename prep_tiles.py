@@ -159,8 +159,7 @@ def save_qc(thumb, mask, tiles, footprint0, dims, dest):
 # ---------------------------------------------------------------------------------------------- one slide -> one folder
 def plan_slide(path, out, slide_id, mpp=0.5, tile_size=224, overlap=0, mpp_tolerance=0.05, min_tissue=0.5,
                max_tiles=0, seed=0, mpp_override=None):
-    """Open one slide, choose its level, find its tissue tiles, save the QC picture, make its temp folder.
-    Returns (row fields, tiles, how to cut them: cut_tiles' arguments), so that workers can share the tiles."""
+    """Choose one slide's level, find its tissue tiles, save its QC picture: (row fields, tiles, cut_tiles' args)."""
     tmp = out / f".tmp_{slide_id}"
     shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed run
     try:
@@ -187,9 +186,8 @@ def plan_slide(path, out, slide_id, mpp=0.5, tile_size=224, overlap=0, mpp_toler
              f"{out_mpp:.3g} µm/px; use a smaller --tile-size or a coarser --mpp")
     row = dict(status="ok" if tiles else "no_tissue", error="" if tiles else empty, n_tiles=len(tiles),
                mpp_level0=f"{mpp0:.4f}", mpp_source=source, read_level=level, read_mpp=f"{out_mpp:.4f}")
-    read_px = round(tile_size * out_mpp / lmpp)  # tile side at the read level (= tile_size without resize)
-    return row, tiles, dict(path=path, out=out, slide_id=slide_id, level=level, read_px=read_px,
-                            tile_size=tile_size, resize=resize)
+    return row, tiles, dict(path=path, out=out, slide_id=slide_id, level=level, tile_size=tile_size, resize=resize,
+                            read_px=round(tile_size * out_mpp / lmpp))  # tile side at the read level
 
 def cut_tiles(tiles, path, out, slide_id, level, read_px, tile_size, resize, fmt="jpg", quality=90, progress=False):
     """Read and save tiles (a slide's, or one worker's share) into the slide's temp folder, one read_region a tile."""
@@ -236,10 +234,9 @@ def run_here(fn, *args, **kw):
     return fut
 
 def run_slides(todo, out, workers, plan_opts, cut_opts, record):
-    """Slides in this process one after another (workers=1: simplest to debug, a per-tile progress bar), or over
-    worker processes: one plans a slide (level, mask, QC) while the others cut planned slides' tiles, CHUNK a job,
-    planned slides first, so slides finish one after another and one large slide never leaves a core idle.
-    record(row) returns True to stop (--fail-fast): started slides finish, new ones never start."""
+    """Slides here one after another (workers=1: simplest to debug, a per-tile progress bar), or over processes: one
+    plans a slide while the others cut planned slides' tiles, CHUNK a job, planned slides first, so one large slide
+    never leaves a core idle. record(row) returns True to stop (--fail-fast): new slides never start."""
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
     submit, cap = (pool.submit, 2 * workers) if pool else (run_here, 1)
     pending, chunks, running, slides, stop = deque(todo), deque(), {}, {}, False
@@ -288,9 +285,9 @@ def atomic_open(path, mode="w", **kw):
     finally:
         Path(f"{path}.tmp").unlink(missing_ok=True)  # a failed write leaves no temp file behind
 
-def write_csv(path, rows):
+def write_csv(path, rows, columns=COLUMNS):
     with atomic_open(path, newline="") as f:
-        w = csv.DictWriter(f, COLUMNS, extrasaction="ignore", lineterminator="\n")  # csv's default is \r\n
+        w = csv.DictWriter(f, columns, extrasaction="ignore", lineterminator="\n")  # csv's default is \r\n
         w.writeheader(), w.writerows(rows)
 
 def finished_slides(out):
@@ -298,24 +295,19 @@ def finished_slides(out):
     return sorted(e.name for e in os.scandir(out) if e.is_dir() and e.name[0] != "." and e.name != "masks")
 
 def write_manifest(out):
-    """tiles.csv: path (relative to out), slide_id, x, y of every tile of out/'s finished slides: g2l.py reads it
-    instead of walking millions of files. main removes it first and writes it last, so it is never stale."""
-    with atomic_open(out / "tiles.csv", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["path", "slide_id", "x", "y"])
-        for sid in finished_slides(out):
-            for name in sorted(os.listdir(out / sid)):
-                if m := TILE_NAME.search(name):
-                    w.writerow([f"{sid}/{name}", sid, m[1], m[2]])
+    """tiles.csv, every tile of out/'s finished slides: g2l.py reads it instead of walking millions of files."""
+    tiles = (dict(path=f"{sid}/{name}", slide_id=sid, x=m[1], y=m[2]) for sid in finished_slides(out)
+             for name in sorted(os.listdir(out / sid)) if (m := TILE_NAME.search(name)))  # streamed, not held
+    write_csv(out / "tiles.csv", tiles, ["path", "slide_id", "x", "y"])
 
-def check_settings(out, opts, resuming):
-    """The problem as one line if out/ holds slides cut with other settings (out/prep_tiles.json), else writes it."""
+def check_settings(ap, out, opts, resuming):
+    """An argument error if out/ holds slides cut with other settings (out/prep_tiles.json), else writes them."""
     path = out / "prep_tiles.json"
     old = json.loads(path.read_text()) if resuming and path.exists() else opts
     if diff := [f"--{k.replace('_', '-').replace('fmt', 'format')} {old.get(k)} (now {opts.get(k)})"
                 for k in sorted(set(old) | set(opts)) if old.get(k) != opts.get(k)]:
-        return (f"{out} holds slides tiled with other settings: {', '.join(diff)}; rerun with those settings to "
-                "resume, add --overwrite to redo every slide, or choose another --out")
+        ap.error(f"{out} holds slides tiled with other settings: {', '.join(diff)}; rerun with those settings to "
+                 "resume, add --overwrite to redo every slide, or choose another --out")
     with atomic_open(path) as f:
         json.dump(opts, f, indent=1)
 
@@ -374,15 +366,13 @@ def main(argv=None):
     plan_opts = dict(mpp=a.mpp, tile_size=a.tile_size, overlap=a.overlap, mpp_tolerance=a.mpp_tolerance,
                      seed=a.seed, min_tissue=a.min_tissue, max_tiles=a.max_tiles, mpp_override=a.mpp_override)
     cut_opts = dict(fmt=a.format, quality=a.quality)
-    if problem := check_settings(out, plan_opts | cut_opts, bool(finished_slides(out)) and not a.overwrite):
-        ap.error(problem)
+    check_settings(ap, out, plan_opts | cut_opts, bool(finished_slides(out)) and not a.overwrite)
     old = (out / "slides.csv").read_text().splitlines() if (out / "slides.csv").exists() else []
     old = {r["slide_id"]: r for r in csv.DictReader(old)}  # a skipped slide's row keeps its mpp details
     rows = {sid: old.get(sid, {}) | dict(slide_id=sid, path=str(p), status="skipped", error="", seconds="0.00",
                                          n_tiles=len(os.listdir(out / sid)))
             for sid, p in slides if (out / sid).is_dir() and not a.overwrite}  # whole: renamed into place when done
     todo = [(sid, p) for sid, p in slides if sid not in rows]
-
     def record(row):  # rewrite slides.csv after every slide, so a killed run keeps what it finished
         bar.update()
         rows[row["slide_id"]] = row
@@ -390,7 +380,6 @@ def main(argv=None):
             tqdm.write(f"{row['status']}: {row['path']}: {row['error']}", file=sys.stderr)
         write_csv(out / "slides.csv", [rows[sid] for sid, _ in slides if sid in rows])
         return a.fail_fast and row["status"] == "failed"
-
     write_csv(out / "slides.csv", [rows[sid] for sid, _ in slides if sid in rows])  # even when all are skipped
     (out / "tiles.csv").unlink(missing_ok=True)  # rewritten at the end: never stale while tiles change
     t0, default = time.time(), signal.signal(signal.SIGTERM, interrupt)
