@@ -76,7 +76,8 @@ def group_split(rows, idx, seed, frac):
     return [i for i in idx if group(i) not in held], [i for i in idx if group(i) in held]
 
 def split_rows(rows, seed, val=0.15, test=0.25):
-    """train/val/test indices: the data's split column if it has >= 2 values (val tests if no test), else by slide."""
+    """train/val/test indices: the data's split column if it has >= 2 values (val is the test set when there is no
+    test split), else a seeded split by slide: no slide is ever in two splits."""
     names = {r.get("split", "").lower() for r in rows}
     if len(names) >= 2:
         if unknown := names - set(SPLITS):
@@ -365,7 +366,8 @@ def cmd_probe(a):
                    "linear_auroc", "linear_f1_macro", "knn_bacc", "knn_auroc", "knn_f1_macro", "C"])
 
 def cmd_agree(a):
-    """Teacher vs each student on the same tiles; a g2l run folder is also compared through its heads."""
+    """Teacher vs each student on the same tiles; a g2l run folder is also compared through its heads (give the
+    teacher the input size it had in training: --teacher-img-size)."""
     rows = read_labelled(a.data, need=("path",))
     t = model_list([a.teacher], [a.teacher_weights], [a.teacher_kwargs], [a.teacher_img_size], "--teacher")[0]
     ft, res = features(t, rows, a), []

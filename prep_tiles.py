@@ -373,6 +373,7 @@ def main(argv=None):
                                          n_tiles=len(os.listdir(out / sid)))
             for sid, p in slides if (out / sid).is_dir() and not a.overwrite}  # whole: renamed into place when done
     todo = [(sid, p) for sid, p in slides if sid not in rows]
+
     def record(row):  # rewrite slides.csv after every slide, so a killed run keeps what it finished
         bar.update()
         rows[row["slide_id"]] = row
@@ -380,6 +381,7 @@ def main(argv=None):
             tqdm.write(f"{row['status']}: {row['path']}: {row['error']}", file=sys.stderr)
         write_csv(out / "slides.csv", [rows[sid] for sid, _ in slides if sid in rows])
         return a.fail_fast and row["status"] == "failed"
+
     write_csv(out / "slides.csv", [rows[sid] for sid, _ in slides if sid in rows])  # even when all are skipped
     (out / "tiles.csv").unlink(missing_ok=True)  # rewritten at the end: never stale while tiles change
     t0, default = time.time(), signal.signal(signal.SIGTERM, interrupt)
