@@ -18,7 +18,7 @@ and prints one markdown table. Sections (each guarded: a failure is one row, and
 Whatever needs two GPUs is skipped with one line on one. On a machine without CUDA the same script runs at toy
 size (tiny models, in one process) so the test suite keeps it working: its figures mean nothing there.
 """
-import argparse, contextlib, gc, io, json, math, os, shutil, signal, subprocess, sys, threading, time
+import argparse, contextlib, functools, gc, io, json, math, os, shutil, signal, subprocess, sys, threading, time
 from pathlib import Path
 
 import torch
@@ -367,7 +367,7 @@ def split_worker(s, path, end):
     x = torch.rand(bs, 3, px, px, device=dev)
     t_only, s_only, whole = step_fns(teacher, st, student, opt, x, amp, cuda)
     gt = t_only()
-    tt, ts, tw = timed(t_only, it, sync), timed(lambda: s_only(gt), it, sync), timed(whole, it, sync)
+    tt, ts, tw = timed(t_only, it, sync), timed(functools.partial(s_only, gt), it, sync), timed(whole, it, sync)
     emit(path, f"step split, bs {bs}{', compiled' if cuda else ''}", None,
          f"teacher fwd {tt * 1e3:.1f} ms ({100 * tt / tw:.0f}%) + student fwd/bwd/AdamW {ts * 1e3:.1f} ms "
          f"({100 * ts / tw:.0f}%) = {tw * 1e3:.1f} ms; " + fmt_speed(dict(img_per_s=bs / tw, mfu=mfu(bs / tw))),
