@@ -27,7 +27,6 @@ from typing import Literal, NamedTuple, Optional, get_args
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -724,8 +723,8 @@ def build_student(cfg, teacher, spec_t, backbone, spec_s, device):
 # non-finite one skips the update on every rank alike, and with DDP's gradient averaging each step gets exactly the
 # gradient of the global-batch loss, as one process would. A new term must end in all_sum too.
 def all_sum(x):
-    """Sum over ranks, differentiable: torch's autograd all_reduce sums the gradients in backward too."""
-    return dist_nn.all_reduce(x) if rank_world()[1] > 1 else x
+    """Sum over ranks, differentiable: AllSum (plumbing) sums the gradients in backward too."""
+    return AllSum.apply(x) if rank_world()[1] > 1 else x
 
 def batchnorm(z, eps=1e-5):
     """BatchNorm1d(affine=False) in training mode over the global batch (synchronised across ranks)."""
@@ -1312,6 +1311,20 @@ def export(student, cfg, out):
         raise SystemExit(f"error: cannot write {out / 'student'} ({one_line(e)}); free space or fix the folder's "
                          "permissions, then --resume auto (the last good copy is kept)")
 
+# ----------------------------------------------------------------------------- collectives
+class AllSum(torch.autograd.Function):
+    """all_sum's sum over ranks: every rank's loss holds every rank's x, so x's gradient is the sum of theirs."""
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
 # ----------------------------------------------------------------------------- the run lock and signals
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
@@ -1423,7 +1436,9 @@ class Unbroken:
 
 if __name__ == "__main__":
     sys.stdout, sys.stderr = Unbroken(sys.stdout), Unbroken(sys.stderr)
-    warnings.showwarning = lambda *a, **k: tqdm.write(warnings.formatwarning(*a, **k).rstrip(), file=sys.stderr)
+    # warnings go above the progress bar (showwarning's file argument is stderr's anyway; its 6th, line, is the text)
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: tqdm.write(
+        warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=sys.stderr)
     try:
         main()
     except UsageError as e:  # the one line without a traceback, and argparse's exit status

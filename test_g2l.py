@@ -1244,37 +1244,6 @@ def _free_port():
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-def test_two_process_ddp_matches_one_process_and_resumes(tmp_path, tiles, monkeypatch, request):
-    import torch.multiprocessing as mp
-    common = [*TINY_T, *TINY_S, "--data", str(tiles / "train"), "--val-data", str(tiles / "val"), "--img-size", "28",
-              "--steps", "4", "--warmup-steps", "1", "--workers", "1", "--log-every", "1", "--eval-every", "1000",
-              "--lr", "1e-4", "--ckpt-every", "2"]  # small: Adam's ~lr steps made of rounding barely move a loss
-    request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))  # for later tests
-    torch.set_num_threads(1)  # the same thread count as each of the two processes
-    hook = save_first_gradients(tmp_path / "grads1")
-    g2l.main(common + ["--batch-size", "8", "--out", str(tmp_path / "one")])
-    hook.remove()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), common + ["--batch-size", "4", "--out", str(tmp_path / "two")],
-                                str(tmp_path / "grads2")), nprocs=2)
-    same_gradients(tmp_path / "grads1", tmp_path / "grads2")
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert len(one) == len(two) == 4
-    for a, b in zip(one, two):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
-    # two processes resumed from the step-2 checkpoint of the one-process run reach the same end
-    keep_checkpoints(monkeypatch)
-    g2l.main(common + ["--batch-size", "8", "--out", str(tmp_path / "again")])
-    os.makedirs(tmp_path / "res")
-    shutil.copy(tmp_path / "again" / "ckpt.pt.2", tmp_path / "res" / "ckpt.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), common + ["--batch-size", "4", "--out", str(tmp_path / "res"),
-                                                            "--resume", "auto"], None), nprocs=2)
-    res = metrics(tmp_path / "res")
-    assert [r["step"] for r in res] == [3, 4]
-    for a, b in zip(one[2:], res):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
-
 def _start_ranks(rank, cfg, folders, barrier, failures):
     """One rank of a torchrun start: the --out checks of every fresh folder, all ranks released at once."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
@@ -1340,6 +1309,97 @@ def test_ddp_with_grad_accum_matches_one_process(tmp_path, tiles, request):
     for a, b in zip(one, two):  # Adam hides a wrongly scaled gradient; the logged gradient norm does not
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+# ----------------------------------------------------------------------------- g2l.py as users launch it
+# an in-process g2l.main() skips __main__, and pytest catches warnings: these runs are subprocesses, strict about
+# deprecations (as -W error::DeprecationWarning -W error::FutureWarning; the variable reaches torchrun's ranks too)
+STRICT = dict(os.environ, PYTHONWARNINGS="error::DeprecationWarning,error::FutureWarning", HF_HUB_OFFLINE="1")
+
+def launch(*argv, torchrun=False, **kw):
+    """A Popen of `python g2l.py ARGV`, or of torchrun with 2 CPU ranks, in its own process group."""
+    cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else []
+    return subprocess.Popen([sys.executable, *cmd, g2l.__file__, *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=STRICT, start_new_session=True, **kw)
+
+def finished(p, code=0):
+    """Its output, once it exited with `code` and printed no traceback."""
+    said = p.communicate(timeout=300)[0]
+    assert p.returncode == code and "Traceback" not in said, said
+    return said
+
+def stop_after_first_row(p, out):
+    """SIGTERM to the whole process group once a step is logged (what Slurm, `timeout` and systemd do)."""
+    import signal, time
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and not ((out / "metrics.jsonl").is_file() and metrics(out)):
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGTERM)
+
+def strict_argv(tiles, out, *extra):
+    return [*TINY_T, *TINY_S, "--data", tiles / "train", "--val-data", tiles / "val", "--img-size", "28",
+            "--log-every", "1", "--eval-every", "100000", "--out", out, *extra]
+
+@pytest.fixture(scope="module")
+def launched(tiles, tmp_path_factory):
+    """`python g2l.py` on tiles of which one slide is palette PNGs: PIL warns converting them (a real UserWarning,
+    raised in the main process when the tiles are checked and in the DataLoader worker)."""
+    tmp = tmp_path_factory.mktemp("launched")
+    shutil.copytree(tiles / "train", tmp / "data")
+    for f in (tmp / "data" / "slide0").glob("*.jpg"):
+        Image.open(f).convert("P").save(f.with_suffix(".png"), transparency=bytes(8))
+        f.unlink()
+    argv = strict_argv(tiles, tmp / "run", "--data", tmp / "data", "--steps", "3", "--warmup-steps", "1",
+                       "--batch-size", "8", "--workers", "1")
+    return types.SimpleNamespace(said=finished(launch(*argv)), out=tmp / "run", argv=argv)
+
+def test_python_g2l_prints_warnings_and_finishes(launched):
+    assert "UserWarning: Palette images with Transparency" in launched.said, launched.said
+    assert [r["step"] for r in metrics(launched.out)] == [1, 2, 3]
+    assert torch.load(launched.out / "ckpt.pt", weights_only=False)["step"] == 3
+    timm.create_model(f"local-dir:{launched.out / 'student'}", pretrained=True)
+    assert (launched.out / "heads.safetensors").is_file() and (launched.out / "config.json").is_file()
+
+@pytest.fixture(scope="module")
+def ranks(tiles, tmp_path_factory):
+    """torchrun with 2 gloo ranks x batch 4 x 2 micro-steps: stopped by SIGTERM to its group, resumed; an
+    uninterrupted run; and one process x batch 8 x 2 micro-steps in-process (the reference)."""
+    tmp = tmp_path_factory.mktemp("ranks")
+    # the learning rate is still warming up at every step these runs reach, so runs of different --steps agree
+    common = ["--warmup-steps", "100000", "--lr", "10", "--ckpt-every", "100000", "--seed", "2", "--grad-accum", "2"]
+    p = launch(*strict_argv(tiles, tmp / "killed", *common, "--batch-size", "4", "--workers", "1", "--steps",
+                            "100000"), torchrun=True)
+    stop_after_first_row(p, tmp / "killed")
+    # torchrun's own agent reports the SIGTERM it got as a traceback (SignalException), once its ranks have stopped
+    said = {"killed": re.sub(r"Traceback.*SignalException: Process \d+ got signal: 15\n", "",
+                             p.communicate(timeout=300)[0], flags=re.S), "code": p.returncode}
+    k = torch.load(tmp / "killed" / "ckpt.pt", weights_only=False)["step"]
+    for name, extra in (("killed", ["--resume", "auto"]), ("whole", [])):
+        said[name + "+"] = finished(launch(*strict_argv(tiles, tmp / name, *common, "--batch-size", "4", "--workers",
+                                                        "1", "--steps", k + 2, *extra), torchrun=True))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same thread count as each of the two processes
+    try:
+        g2l.main(list(map(str, strict_argv(tiles, tmp / "one", *common, "--batch-size", "8", "--workers", "0",
+                                           "--steps", k + 2))))
+    finally:
+        torch.set_num_threads(threads)
+    return types.SimpleNamespace(tmp=tmp, said=said, k=k)
+
+def test_torchrun_stopped_by_sigterm_resumes_exactly(ranks):
+    said = ranks.said["killed"]
+    assert "stopped by SIGTERM" in said and "Traceback" not in said, said
+    assert (ranks.tmp / "killed" / "student" / "model.safetensors").is_file() and ranks.k >= 1
+    killed, whole = metrics(ranks.tmp / "killed"), metrics(ranks.tmp / "whole")
+    assert [r["step"] for r in killed] == [r["step"] for r in whole] == list(range(1, ranks.k + 3))
+    assert [r["loss"] for r in killed] == [r["loss"] for r in whole]
+    assert [r["grad_norm"] for r in killed] == [r["grad_norm"] for r in whole]
+
+def test_torchrun_two_ranks_match_one_process(ranks):
+    one, two = metrics(ranks.tmp / "one"), metrics(ranks.tmp / "whole")
+    assert len(one) == len(two) == ranks.k + 2
+    for a, b in zip(one, two):  # Adam hides a wrongly scaled gradient; the logged gradient norm does not
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
 
 # ---------------------------------------------------------------------- speed and memory: FLOPs, MFU, compile, chunking
 def test_memory_options_keep_the_maths(tmp_path, tiles):
