@@ -1294,20 +1294,17 @@ def export(student, cfg, out):
                                     crop_pct=1.0, interpolation="bilinear"),
                 g2l=dict(embed=spec.embed, teacher=cfg.teacher, student=cfg.student,
                          licence="a distilled student inherits its teacher's licence terms"))
-    tmp = out / "student.tmp"
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
+        new = export_folder(out)
         backbone = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
-        (tmp / "model.safetensors").write_bytes(save(backbone))  # not save_file: it writes mode 600, ignoring the umask
-        (tmp / "config.json").write_text(json.dumps(conf, indent=2))
-        if (out / "student").exists():
-            os.replace(out / "student", out / "student.old")
-        os.replace(tmp, out / "student")
-        shutil.rmtree(out / "student.old", ignore_errors=True)
+        (new / "model.safetensors").write_bytes(save(backbone))  # not save_file: it writes mode 600, ignoring the umask
+        (new / "config.json").write_text(json.dumps(conf, indent=2))
+        (out / "student.tmp").symlink_to(new.name)
+        os.replace(out / "student.tmp", out / "student")  # the switch, in one step: a kill leaves the old or the new
+        remove_old_exports(out, keep=new.name)
         with atomic_open(out / "heads.safetensors", "wb") as f:
             f.write(save({k: v for k, v in sd.items() if not k.startswith("backbone.")}))
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise SystemExit(f"error: cannot write {out / 'student'} ({one_line(e)}); free space or fix the folder's "
                          "permissions, then --resume auto (the last good copy is kept)")
 
@@ -1324,6 +1321,24 @@ class AllSum(torch.autograd.Function):
         grad = grad.clone()
         dist.all_reduce(grad)
         return grad
+
+def export_folder(out):
+    """The empty folder an export writes: student.a or student.b, whichever the link student/ does not name (a
+    folder cannot replace another in one step; a link can). An earlier g2l's student/ folder becomes student.b."""
+    student = out / "student"
+    if student.is_dir() and not student.is_symlink():
+        os.replace(student, out / "student.b")
+    old = os.readlink(student) if student.is_symlink() else "student.b"
+    remove_old_exports(out, keep=old)
+    new = out / ("student.a" if old == "student.b" else "student.b")
+    new.mkdir(parents=True)
+    return new
+
+def remove_old_exports(out, keep):
+    """student.* but keep: the copy before last, and whatever a killed export left."""
+    for p in out.glob("student.*"):
+        if p.name != keep:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 # ----------------------------------------------------------------------------- the run lock and signals
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}

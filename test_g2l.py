@@ -892,6 +892,52 @@ def test_truncated_or_foreign_checkpoints_are_refused_and_exports_kept(tmp_path,
             steps=4)
     assert (out / "heads.safetensors").read_bytes() == good["heads.safetensors"]
 
+def test_an_export_killed_after_any_of_its_steps_leaves_a_whole_student(tmp_path, tiles, monkeypatch):
+    """Killed after each of its file-system steps in turn, an export leaves student/ loading (the old copy or the
+    new), and every later export and resume succeeds; the first export over an earlier g2l's real folder too."""
+    run(tmp_path, tiles, steps=1)
+    out = tmp_path / "run"
+    legacy = out / "student"
+    if legacy.is_symlink():  # the layout of earlier g2l versions: a folder
+        os.replace(out / os.readlink(legacy), tmp_path / "legacy")
+        legacy.unlink()
+        os.replace(tmp_path / "legacy", legacy)
+    cfg = dataclasses.replace(g2l.Config(), student_img_size=32)
+    backbone, spec = g2l.load_model("vit_tiny_patch16_224", "", TINY_S[3], 32)
+    student = g2l.Student(backbone, spec, 64, 64)
+    calls, steps = [0], [(os, "replace"), (os, "symlink"), (shutil, "rmtree"), (Path, "unlink"), (Path, "mkdir"),
+                         (Path, "write_bytes"), (Path, "write_text")]
+    def killing(real, k):
+        def step(*a, **kw):
+            calls[0] += 1
+            if calls[0] == k:
+                raise KeyboardInterrupt  # a kill: no except clause of the export sees it
+            return real(*a, **kw)
+        return step
+    loads = lambda: timm.create_model(f"local-dir:{out / 'student'}", pretrained=True).cls_token.flatten()[0].item()
+    values, k = {loads()}, 0
+    while True:
+        k += 1
+        calls[0] = 0
+        with torch.no_grad():
+            backbone.cls_token.fill_(k)  # each export's student is told apart by its CLS token
+        with monkeypatch.context() as m:
+            for owner, name in steps:
+                m.setattr(owner, name, killing(getattr(owner, name), k))
+            try:
+                g2l.export(student, cfg, out)
+                break  # k is past its last step: it ran whole
+            except KeyboardInterrupt:
+                pass
+        assert loads() in values | {k}, k  # the old copy or the new, never none
+        g2l.export(student, cfg, out)  # the next export cleans up what the kill left
+        assert loads() == k and sorted(p.name for p in out.glob("student*")) in (
+            ["student", "student.a"], ["student", "student.b"]), sorted(out.iterdir())
+        values = {k}
+    assert k > 6 and loads() == k  # every step was interrupted once
+    run(tmp_path, tiles, "--resume", "auto", steps=2)
+    assert timm.create_model(f"local-dir:{out / 'student'}", pretrained=True)
+
 def test_disk_full_while_saving_keeps_the_last_good_checkpoint(tmp_path, tiles, monkeypatch):
     run(tmp_path, tiles, "--ckpt-every", "2", steps=2)
     out, real = tmp_path / "run", torch.save
