@@ -168,8 +168,7 @@ def check_args(cfg):
     if not (cfg.resume or cfg.overwrite or cfg.out == DEMO["out"] and cfg.demo) and holds_run(cfg.out):
         raise UsageError(f"error: --out {cfg.out} holds a run (ckpt.pt or student/); add --resume auto to continue "
                          "it, or --overwrite to start over (it is replaced at the first checkpoint)")
-    if cfg.resume not in ("", "auto") and not os.path.isfile(cfg.resume):
-        raise UsageError(f"error: --resume {cfg.resume}: no such checkpoint; pass a ckpt.pt, auto, or nothing")
+    check_resume(cfg)  # --resume PATH exists; its checkpoint was made with the models named
 
 def check_out(out):
     """--out refused before any data is read or model built: a file, or a place this user cannot write."""
@@ -963,14 +962,14 @@ def main(argv=None):
     """config -> data -> models -> optimizer -> resume -> loop -> checkpoint and export."""
     cfg = parse_args(argv)
     check_args(cfg)
-    with run_lock(cfg), contextlib.ExitStack() as cleanup:
+    with run_lock(cfg) as end, contextlib.ExitStack() as cleanup:
         device = set_up(cfg)
         tiles, val_tiles = load_data(cfg)  # a bad --data fails before any model
         teacher, spec_t, backbone, spec_s, teacher_kwargs = load_models(cfg, device)
         cfg = final_config(cfg, device, spec_t, spec_s, len(tiles), teacher_kwargs)  # never changed after
         student = build_student(cfg, teacher, spec_t, backbone, spec_s, device)
         opt, scaler = make_optimizer(cfg, student, device)
-        at = resume(cfg, student, opt, scaler, device)
+        at = end["at"] = resume(cfg, student, opt, scaler, device)
         metrics = start_run_folder(cfg, spec_t, spec_s, len(tiles), len(val_tiles), at.step)
         wrapped = student
         if rank_world()[1] > 1:
@@ -997,9 +996,7 @@ def main(argv=None):
             dist.barrier()
             cleanup.callback(dist.destroy_process_group)  # after the summary: print0 asks torch.distributed its rank
         summary(cfg, reason, at.first, last, Path(cfg.out))
-        if code:  # the job was not done: a scheduler or script must see it (after saving and exporting)
-            raise SystemExit(code)
-        return last
+        return finish(cfg, end, reason, code, last)  # status.json; a run not done exits non-zero (after saving)
 
 def set_up(cfg):
     """One process, or one per GPU under torchrun (NCCL on GPU, gloo on CPU), and seeds: the device."""
@@ -1220,6 +1217,7 @@ def resume(cfg, student, opt, scaler, device):
         raise SystemExit(f"error: checkpoint {path} cannot be read ({one_line(e)}); {fix}")
     if not isinstance(ck, dict) or "student" not in ck:
         raise SystemExit(f"error: {path} is not a g2l checkpoint (no student state); {fix}")
+    check_same_run(cfg, ck.get("config", {}), SAME_RUN, path, ck["step"])
     try:
         student.load_state_dict(ck["student"])
         opt.load_state_dict(ck["optimizer"])
@@ -1232,6 +1230,38 @@ def resume(cfg, student, opt, scaler, device):
         torch.cuda.set_rng_state(ck["rng"]["cuda"])
     print0(f"resumed from {path} at step {ck['step']}")
     return Progress(step=ck["step"], samples=ck["samples"], first=ck["first"])
+
+SAME_RUN = ("teacher", "student", "teacher_weights", "student_weights", "teacher_kwargs", "student_kwargs",
+            "img_size", "student_img_size", "load_size")  # what a resume may not change: the run would be another
+
+def check_resume(cfg):
+    """--resume before any work: the checkpoint exists and was made with the models named (as given: the derived
+    kwargs and sizes are compared in resume, and a checkpoint that cannot be read is reported there)."""
+    path = Path(cfg.out) / "ckpt.pt" if cfg.resume == "auto" else Path(cfg.resume)
+    if cfg.resume not in ("", "auto") and not path.is_file():
+        raise UsageError(f"error: --resume {cfg.resume}: no such checkpoint; pass a ckpt.pt, auto, or nothing")
+    with contextlib.suppress(Exception):  # no checkpoint (yet), or one that cannot be read: resume says so
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["config"]
+        check_same_run(cfg, saved, SAME_RUN[:4] + SAME_RUN[5:6], path)
+
+def check_same_run(cfg, saved, names, path, step=None):
+    """A resume continues the run its checkpoint holds: other models or input sizes are refused, a finished run is
+    left as it is, and a changed setting is said in one line, with what follows from it."""
+    for k in (k for k in names if k in saved and saved[k] != getattr(cfg, k)):
+        raise UsageError(f"error: --{k.replace('_', '-')} {getattr(cfg, k)!r}, but {path} was made with "
+                         f"{saved[k]!r}: resume with that, or start over with --overwrite (or another --out)")
+    if step is None:
+        return
+    if step >= cfg.steps:
+        print0(f"{cfg.out}: the run is finished (step {step} of {cfg.steps}); nothing to do (a larger --steps "
+               "trains on)")
+        raise SystemExit(0)
+    old = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k in Config.__dataclass_fields__})
+    changed = [f"{k} {getattr(old, k)} -> {getattr(cfg, k)}" for k in Config.__dataclass_fields__
+               if getattr(old, k) != getattr(cfg, k) and k not in ("resume", "overwrite", "out")]
+    if changed:
+        print0(f"note: resuming with {', '.join(changed)}: the schedule now ends at step {cfg.steps}, and the lr "
+               f"at step {step} is {cfg.lr * lr_factor(step, cfg):.2g} (was {old.lr * lr_factor(step, old):.2g})")
 
 def open_metrics(path, step):
     """metrics.jsonl for appending; a resumed run keeps the rows up to its checkpoint, rewritten atomically
@@ -1343,6 +1373,24 @@ def remove_old_exports(out, keep):
 # ----------------------------------------------------------------------------- the run lock and signals
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
+def write_status(out, reason, step, code):
+    """OUT/status.json, how the run ended: the reason, the step, the exit status and the command to continue."""
+    a, world = sys.argv[1:], rank_world()[1]  # the command as launched, less --resume and --overwrite
+    a = [x for i, x in enumerate(a) if not x.startswith(("--resume", "--overwrite")) and a[i - 1:i] != ["--resume"]]
+    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}"
+    again = f"{launcher} {shlex.join([sys.argv[0], *a, '--resume', 'auto'])}" if code else None
+    held = (Path(out) / "config.json.new").exists()  # an --overwrite run before its first checkpoint: the old run's
+    with atomic_open(Path(out) / f"status.json{'.new' * held}") as f:
+        f.write(json.dumps(dict(reason=reason, step=step, exit_status=code, continue_with=again), indent=2) + "\n")
+    return True
+
+def finish(cfg, end, reason, code, last):
+    """main's end: how the run ended in status.json (rank 0), and a run not done exits non-zero."""
+    end["written"] = rank_world()[0] != 0 or write_status(cfg.out, reason, end["at"].step, code)
+    if code:
+        raise SystemExit(code)
+    return last
+
 def quiet_worker(_):
     """DataLoader workers ignore SIGINT/SIGTERM: a scheduler signals the whole process group, and the main process,
     not its workers, decides when to stop (after saving)."""
@@ -1360,8 +1408,9 @@ def catch_stop_signals():
 def run_lock(cfg):
     """One run per --out at a time, or checkpoints, config and metrics would mix: rank 0 holds an flock, which dies
     with the process (a killed run blocks no one). A folder it made and nothing wrote to (a failed start) goes again."""
+    end = {}  # main's: the Progress once the run started, and whether finish wrote status.json
     if int(os.environ.get("RANK", 0)) != 0:
-        yield
+        yield end
         return
     out, made = Path(cfg.out), not Path(cfg.out).exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -1374,7 +1423,13 @@ def run_lock(cfg):
         except OSError as e:  # a file system without flock (Lustre mounted without it): the run goes on unlocked
             print(f"note: cannot lock {cfg.out} ({e.strerror}); make sure no other run uses this --out", flush=True)
         try:
-            yield
+            yield end
+        except BaseException as e:  # a failure once the run started: status.json says so too
+            if "at" in end and not end.get("written"):
+                said = getattr(e, "code", None)  # SystemExit's message or exit status
+                write_status(out, said if isinstance(said, str) else one_line(e), end["at"].step,
+                             said if isinstance(said, int) else 130 if isinstance(e, KeyboardInterrupt) else 1)
+            raise
         finally:
             if made and [p.name for p in out.iterdir()] == [".lock"]:
                 shutil.rmtree(out, ignore_errors=True)

@@ -23,7 +23,7 @@ Sections (search for the title):
 
     pytest -q
 """
-import csv, dataclasses, json, math, os, re, shutil, socket, subprocess, sys, types
+import csv, dataclasses, json, math, os, re, shlex, shutil, socket, subprocess, sys, types
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -77,6 +77,10 @@ def run(tmp, tiles, *extra, steps=6, name="run"):
 
 def metrics(path):
     return [json.loads(l) for l in (Path(path) / "metrics.jsonl").read_text().splitlines()]
+
+def status(path):
+    """OUT/status.json: how the run ended (reason, step, exit status, the command to continue)."""
+    return json.loads((Path(path) / "status.json").read_text())
 
 # =============================================================================== g2l.py
 # ----------------------------------------------------------------------------- losses
@@ -816,6 +820,8 @@ def test_non_finite_losses_stop_the_run_with_finite_weights(tmp_path, tiles, mon
     ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     assert ck["step"] == 0 and all(torch.isfinite(v).all() for v in ck["student"].values())
     assert not metrics(tmp_path / "run")  # nothing was logged: no step completed
+    assert status(tmp_path / "run")["reason"].startswith("stopped: 3 non-finite losses in a row")
+    assert (status(tmp_path / "run")["step"], status(tmp_path / "run")["exit_status"]) == (0, 1)
 
 def test_early_stop_rule(tmp_path, tiles, monkeypatch, capsys):
     """G2L: stop when the loss exceeds the mean of the last 100 steps more than 10 times in a row."""
@@ -827,6 +833,8 @@ def test_early_stop_rule(tmp_path, tiles, monkeypatch, capsys):
     run(tmp_path, tiles, "--early-stop", "--w-local", "0", "--log-every", "1000", steps=300)
     assert "early stop at step 111" in capsys.readouterr().out  # 100 steps to fill the window, then 11 above it
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 111
+    assert status(tmp_path / "run") == dict(reason=status(tmp_path / "run")["reason"], step=111, exit_status=0,
+                                            continue_with=None) and "early stop" in status(tmp_path / "run")["reason"]
 
 # --------------------------------------- a cluster run's safety: signals, damaged or full disks, locks, argument checks
 def test_fp16_skipped_step_goes_on_and_resumes_at_the_right_tiles(tmp_path, tiles, monkeypatch, capsys):
@@ -876,6 +884,34 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_resumes_exactly(tmp
     a, b = (torch.load(tmp_path / n / "ckpt.pt", weights_only=False)["student"] for n in ("killed", "whole"))
     assert all(torch.equal(a[key], b[key]) for key in a)
 
+def test_a_resume_refuses_other_models_says_what_changed_and_leaves_a_finished_run(tmp_path, tiles, monkeypatch,
+                                                                                     capsys):
+    run(tmp_path, tiles, steps=2)
+    out, said = tmp_path / "run", capsys.readouterr()
+    before = snapshot(out)
+    other_t = ["--teacher", "vit_small_patch14_reg4_dinov2"]  # the same width: the weights would load
+    with monkeypatch.context() as m:
+        m.setattr(g2l, "load_model", lambda *a, **k: pytest.fail("a model was built before the names were compared"))
+        for argv in (other_t, ["--student-weights", "random"]):
+            with pytest.raises(SystemExit) as e:
+                run(tmp_path, tiles, "--resume", "auto", *argv, steps=4)
+            assert e.value.code == 2 and argv[1] in str(e.value) and "--overwrite" in str(e.value), str(e.value)
+    deeper = json.dumps({**json.loads(TINY_T[3]), "depth": 1})  # the same teacher, another depth: its kwargs
+    for argv, was in ((["--teacher-kwargs", deeper], TINY_T[3]), (["--img-size", "42"], "28")):
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, tiles, "--resume", "auto", *argv, steps=4)
+        said = str(e.value)
+        assert e.value.code == 2 and argv[1] in said and was in said and "--overwrite" in said, said
+        assert "\n" not in said
+    with pytest.raises(SystemExit) as e:  # finished: said, nothing written, exit 0
+        run(tmp_path, tiles, "--resume", "auto", steps=2)
+    assert e.value.code == 0 and "the run is finished (step 2 of 2)" in capsys.readouterr().out
+    assert snapshot(out) == before
+    run(tmp_path, tiles, "--resume", "auto", "--lr", "2e-4", steps=3)  # longer, another lr: allowed, and said
+    said = [l for l in capsys.readouterr().out.splitlines() if l.startswith("note: resuming with")]
+    assert len(said) == 1 and "steps 2 -> 3, lr 0.0001 -> 0.0002" in said[0], said
+    assert "the schedule now ends at step 3" in said[0] and "the lr at step 2 is" in said[0], said
+
 def test_truncated_or_foreign_checkpoints_are_refused_and_exports_kept(tmp_path, tiles, capsys):
     run(tmp_path, tiles, steps=2)
     out = tmp_path / "run"
@@ -886,10 +922,9 @@ def test_truncated_or_foreign_checkpoints_are_refused_and_exports_kept(tmp_path,
     said = str(e.value)
     assert said.startswith(f"error: checkpoint {out / 'ckpt.pt'} cannot be read") and "\n" not in said, said
     assert all((out / f).read_bytes() == b for f, b in good.items() if f != "ckpt.pt")
-    (out / "ckpt.pt").write_bytes(good["ckpt.pt"])  # intact, but made for another student
+    (out / "ckpt.pt").write_bytes(good["ckpt.pt"])  # intact, but made with other heads
     with pytest.raises(SystemExit, match="does not fit this run's models"):
-        run(tmp_path, tiles, "--resume", "auto", "--student-kwargs", '{"depth": 2, "embed_dim": 48, "num_heads": 2}',
-            steps=4)
+        run(tmp_path, tiles, "--resume", "auto", "--head", "mlp", steps=4)
     assert (out / "heads.safetensors").read_bytes() == good["heads.safetensors"]
 
 def test_an_export_killed_after_any_of_its_steps_leaves_a_whole_student(tmp_path, tiles, monkeypatch):
@@ -950,6 +985,7 @@ def test_disk_full_while_saving_keeps_the_last_good_checkpoint(tmp_path, tiles, 
     with pytest.raises(SystemExit) as e:
         run(tmp_path, tiles, "--ckpt-every", "2", "--resume", "auto", steps=4)
     assert "cannot write" in str(e.value) and "No space left" in str(e.value), str(e.value)
+    assert status(out)["reason"] == str(e.value) and (status(out)["step"], status(out)["exit_status"]) == (4, 1)
     assert not (out / "ckpt.pt.tmp").exists()
     assert ((out / "ckpt.pt").read_bytes(), (out / "heads.safetensors").read_bytes()) == good
 
@@ -1143,6 +1179,9 @@ def test_too_many_unreadable_tiles_exit_non_zero(tmp_path, tiles, capsys):
         g2l.main([*TINY_T, *TINY_S, "--data", str(data), "--val-data", str(tiles / "val"), "--img-size", "28",
                   "--batch-size", "8", "--steps", "12", "--workers", "0", "--out", str(tmp_path / "r")])
     assert e.value.code == 1 and "tiles were unreadable (over --max-bad-frac)" in capsys.readouterr().out
+    ended = status(tmp_path / "r")
+    assert "over --max-bad-frac" in ended["reason"] and ended["exit_status"] == 1 and "--resume auto" in ended[
+        "continue_with"]
 
 def test_evaluation_follows_eval_every_whatever_log_every(tmp_path, tiles):
     run(tmp_path, tiles, "--log-every", "4", "--eval-every", "3", steps=6)
@@ -1404,6 +1443,7 @@ def test_python_g2l_prints_warnings_and_finishes(launched):
     assert torch.load(launched.out / "ckpt.pt", weights_only=False)["step"] == 3
     timm.create_model(f"local-dir:{launched.out / 'student'}", pretrained=True)
     assert (launched.out / "heads.safetensors").is_file() and (launched.out / "config.json").is_file()
+    assert status(launched.out) == dict(reason="done", step=3, exit_status=0, continue_with=None)
 
 @pytest.fixture(scope="module")
 def ranks(tiles, tmp_path_factory):
@@ -1418,7 +1458,7 @@ def ranks(tiles, tmp_path_factory):
     # torchrun's own agent reports the SIGTERM it got as a traceback (SignalException), once its ranks have stopped
     said = {"killed": re.sub(r"Traceback.*SignalException: Process \d+ got signal: 15\n", "",
                              p.communicate(timeout=300)[0], flags=re.S), "code": p.returncode}
-    k = torch.load(tmp / "killed" / "ckpt.pt", weights_only=False)["step"]
+    k, said["status"] = torch.load(tmp / "killed" / "ckpt.pt", weights_only=False)["step"], status(tmp / "killed")
     for name, extra in (("killed", ["--resume", "auto"]), ("whole", [])):
         said[name + "+"] = finished(launch(*strict_argv(tiles, tmp / name, *common, "--batch-size", "4", "--workers",
                                                         "1", "--steps", k + 2, *extra), torchrun=True))
@@ -1435,6 +1475,11 @@ def test_torchrun_stopped_by_sigterm_resumes_exactly(ranks):
     said = ranks.said["killed"]
     assert "stopped by SIGTERM" in said and "Traceback" not in said, said
     assert (ranks.tmp / "killed" / "student" / "model.safetensors").is_file() and ranks.k >= 1
+    ended = ranks.said["status"]  # as the stop left it; the resumed run then ended "done"
+    assert ended["reason"].startswith(f"stopped by SIGTERM at step {ranks.k}") and ended["exit_status"] == 143
+    again = shlex.split(ended["continue_with"])  # the command as launched, with --resume auto
+    assert again[:3] == ["torchrun", "--nproc_per_node=2", g2l.__file__] and again[-2:] == ["--resume", "auto"]
+    assert status(ranks.tmp / "killed")["reason"] == "done" and f"steps 100000 -> {ranks.k + 2}" in said["killed+"]
     killed, whole = metrics(ranks.tmp / "killed"), metrics(ranks.tmp / "whole")
     assert [r["step"] for r in killed] == [r["step"] for r in whole] == list(range(1, ranks.k + 3))
     assert [r["loss"] for r in killed] == [r["loss"] for r in whole]
