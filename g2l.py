@@ -1284,8 +1284,8 @@ def start_run_folder(cfg, spec_t, spec_s, n_train, n_val, step):
     if rank_world()[0] != 0:
         return None
     out = Path(cfg.out)  # made by run_lock
-    for name in ("config.json.new", "metrics.jsonl.new"):  # left by an --overwrite run stopped before its checkpoint
-        (out / name).unlink(missing_ok=True)
+    for name in ("config.json.new", "metrics.jsonl.new", "status.json.new"):  # left by an --overwrite run stopped
+        (out / name).unlink(missing_ok=True)  # before its first checkpoint
     # over an earlier run (--overwrite), its config and metrics stay until the first checkpoint renames these over them
     new = ".new" if not step and holds_run(out) else ""
     conf = dict(dataclasses.asdict(cfg), world_size=rank_world()[1], torch=torch.__version__, timm=timm.__version__,
