@@ -984,7 +984,7 @@ def main(argv=None):
         val = None if rank_world()[0] != 0 or not val_tiles else torch.utils.data.DataLoader(
             TileDataset(val_tiles, cfg.img_size), batch_size=cfg.batch_size, num_workers=min(cfg.workers, 2),
             worker_init_fn=quiet_worker, pin_memory=device.type == "cuda")
-        reason, code, last = train_loop(cfg, tr, at, batches, val, metrics, stop)
+        reason, code, last = end["ending"] = train_loop(cfg, tr, at, batches, val, metrics, stop)
         save_checkpoint(cfg, tr, at)
         if rank_world()[0] == 0:
             metrics.close()
@@ -996,7 +996,9 @@ def main(argv=None):
             dist.barrier()
             cleanup.callback(dist.destroy_process_group)  # after the summary: print0 asks torch.distributed its rank
         summary(cfg, reason, at.first, last, Path(cfg.out))
-        return finish(cfg, end, reason, code, last)  # status.json; a run not done exits non-zero (after saving)
+        if code:  # the job was not done: a scheduler or script must see it (after saving and exporting)
+            raise SystemExit(code)
+        return last
 
 def set_up(cfg):
     """One process, or one per GPU under torchrun (NCCL on GPU, gloo on CPU), and seeds: the device."""
@@ -1217,7 +1219,7 @@ def resume(cfg, student, opt, scaler, device):
         raise SystemExit(f"error: checkpoint {path} cannot be read ({one_line(e)}); {fix}")
     if not isinstance(ck, dict) or "student" not in ck:
         raise SystemExit(f"error: {path} is not a g2l checkpoint (no student state); {fix}")
-    check_same_run(cfg, ck.get("config", {}), SAME_RUN, path, ck["step"])
+    check_same_run(cfg, ck.get("config", {}), path, ck["step"])
     try:
         student.load_state_dict(ck["student"])
         opt.load_state_dict(ck["optimizer"])
@@ -1231,35 +1233,33 @@ def resume(cfg, student, opt, scaler, device):
     print0(f"resumed from {path} at step {ck['step']}")
     return Progress(step=ck["step"], samples=ck["samples"], first=ck["first"])
 
-SAME_RUN = ("teacher", "student", "teacher_weights", "student_weights", "teacher_kwargs", "student_kwargs",
-            "img_size", "student_img_size", "load_size")  # what a resume may not change: the run would be another
+# what a resume may not change, or it would be another run (the first five as given, the others derived)
+SAME_RUN = "teacher student teacher_weights student_weights student_kwargs teacher_kwargs img_size student_img_size " \
+           "load_size"
 
 def check_resume(cfg):
-    """--resume before any work: the checkpoint exists and was made with the models named (as given: the derived
-    kwargs and sizes are compared in resume, and a checkpoint that cannot be read is reported there)."""
+    """--resume PATH exists, and its checkpoint names the models given (one that cannot be read: resume says so)."""
     path = Path(cfg.out) / "ckpt.pt" if cfg.resume == "auto" else Path(cfg.resume)
     if cfg.resume not in ("", "auto") and not path.is_file():
         raise UsageError(f"error: --resume {cfg.resume}: no such checkpoint; pass a ckpt.pt, auto, or nothing")
-    with contextlib.suppress(Exception):  # no checkpoint (yet), or one that cannot be read: resume says so
-        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["config"]
-        check_same_run(cfg, saved, SAME_RUN[:4] + SAME_RUN[5:6], path)
+    with contextlib.suppress(Exception):  # cheap: mmap reads no tensor
+        check_same_run(cfg, torch.load(path, map_location="cpu", weights_only=False, mmap=True)["config"], path)
 
-def check_same_run(cfg, saved, names, path, step=None):
-    """A resume continues the run its checkpoint holds: other models or input sizes are refused, a finished run is
-    left as it is, and a changed setting is said in one line, with what follows from it."""
-    for k in (k for k in names if k in saved and saved[k] != getattr(cfg, k)):
-        raise UsageError(f"error: --{k.replace('_', '-')} {getattr(cfg, k)!r}, but {path} was made with "
-                         f"{saved[k]!r}: resume with that, or start over with --overwrite (or another --out)")
-    if step is None:
-        return
-    if step >= cfg.steps:
-        print0(f"{cfg.out}: the run is finished (step {step} of {cfg.steps}); nothing to do (a larger --steps "
-               "trains on)")
+def check_same_run(cfg, saved, path, step=None):
+    """A resume continues the run of its checkpoint (saved: its config): other models or input sizes are refused
+    (step None, before any model is built: the names as given), a finished run is left as it is, and a changed
+    setting is said in one line with what follows from it."""
+    bad = [k for k in SAME_RUN.split()[:5 if step is None else None] if k in saved and saved[k] != getattr(cfg, k)]
+    if bad:
+        raise UsageError(f"error: --{bad[0].replace('_', '-')} {getattr(cfg, bad[0])!r}, but {path} was made with "
+                         f"{saved[bad[0]]!r}: resume with that, or start over with --overwrite (or another --out)")
+    if step is not None and step >= cfg.steps:
+        print0(f"{cfg.out}: the run is finished (step {step} of {cfg.steps}); nothing to do (--steps N trains on)")
         raise SystemExit(0)
     old = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k in Config.__dataclass_fields__})
-    changed = [f"{k} {getattr(old, k)} -> {getattr(cfg, k)}" for k in Config.__dataclass_fields__
-               if getattr(old, k) != getattr(cfg, k) and k not in ("resume", "overwrite", "out")]
-    if changed:
+    changed = [f"{k} {getattr(old, k)} -> {v}" for k, v in vars(cfg).items() if v != getattr(old, k) and k not in
+               ("resume", "overwrite", "out")]
+    if step is not None and changed:
         print0(f"note: resuming with {', '.join(changed)}: the schedule now ends at step {cfg.steps}, and the lr "
                f"at step {step} is {cfg.lr * lr_factor(step, cfg):.2g} (was {old.lr * lr_factor(step, old):.2g})")
 
@@ -1324,14 +1324,21 @@ def export(student, cfg, out):
                                     crop_pct=1.0, interpolation="bilinear"),
                 g2l=dict(embed=spec.embed, teacher=cfg.teacher, student=cfg.student,
                          licence="a distilled student inherits its teacher's licence terms"))
+    student = out / "student"  # a link to student.a or student.b: one rename switches it, where a folder takes two
     try:
-        new = export_folder(out)
+        if student.is_dir() and not student.is_symlink():  # an earlier g2l's folder: one of the two copies now
+            os.replace(student, out / "student.b")
+        new = out / ("student.b" if student.is_symlink() and os.readlink(student) == "student.a" else "student.a")
+        new.mkdir(parents=True, exist_ok=True)  # what a killed export left there is overwritten
         backbone = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
         (new / "model.safetensors").write_bytes(save(backbone))  # not save_file: it writes mode 600, ignoring the umask
         (new / "config.json").write_text(json.dumps(conf, indent=2))
-        (out / "student.tmp").symlink_to(new.name)
-        os.replace(out / "student.tmp", out / "student")  # the switch, in one step: a kill leaves the old or the new
-        remove_old_exports(out, keep=new.name)
+        (out / "student.next").unlink(missing_ok=True)
+        (out / "student.next").symlink_to(new.name)
+        os.replace(out / "student.next", student)  # a kill at any instant leaves the old copy or the new
+        for p in out.glob("student.*"):  # the copy before, and what a killed export left
+            if p != new:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         with atomic_open(out / "heads.safetensors", "wb") as f:
             f.write(save({k: v for k, v in sd.items() if not k.startswith("backbone.")}))
     except OSError as e:
@@ -1339,57 +1346,32 @@ def export(student, cfg, out):
                          "permissions, then --resume auto (the last good copy is kept)")
 
 # ----------------------------------------------------------------------------- collectives
-class AllSum(torch.autograd.Function):
-    """all_sum's sum over ranks: every rank's loss holds every rank's x, so x's gradient is the sum of theirs."""
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+def summed(x):
+    """x summed over ranks, in a copy (autograd's inputs and gradients are never changed in place)."""
+    x = x.clone()
+    dist.all_reduce(x)
+    return x
 
-def export_folder(out):
-    """The empty folder an export writes: student.a or student.b, whichever the link student/ does not name (a
-    folder cannot replace another in one step; a link can). An earlier g2l's student/ folder becomes student.b."""
-    student = out / "student"
-    if student.is_dir() and not student.is_symlink():
-        os.replace(student, out / "student.b")
-    old = os.readlink(student) if student.is_symlink() else "student.b"
-    remove_old_exports(out, keep=old)
-    new = out / ("student.a" if old == "student.b" else "student.b")
-    new.mkdir(parents=True)
-    return new
-
-def remove_old_exports(out, keep):
-    """student.* but keep: the copy before last, and whatever a killed export left."""
-    for p in out.glob("student.*"):
-        if p.name != keep:
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+class AllSum(torch.autograd.Function):  # all_sum: every rank's loss holds every rank's x, so x's gradient is their sum
+    forward, backward = staticmethod(lambda ctx, x: summed(x)), staticmethod(lambda ctx, grad: summed(grad))
 
 # ----------------------------------------------------------------------------- the run lock and signals
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
-def write_status(out, reason, step, code):
-    """OUT/status.json, how the run ended: the reason, the step, the exit status and the command to continue."""
-    a, world = sys.argv[1:], rank_world()[1]  # the command as launched, less --resume and --overwrite
-    a = [x for i, x in enumerate(a) if not x.startswith(("--resume", "--overwrite")) and a[i - 1:i] != ["--resume"]]
-    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}"
-    again = f"{launcher} {shlex.join([sys.argv[0], *a, '--resume', 'auto'])}" if code else None
-    held = (Path(out) / "config.json.new").exists()  # an --overwrite run before its first checkpoint: the old run's
-    with atomic_open(Path(out) / f"status.json{'.new' * held}") as f:
-        f.write(json.dumps(dict(reason=reason, step=step, exit_status=code, continue_with=again), indent=2) + "\n")
-    return True
-
-def finish(cfg, end, reason, code, last):
-    """main's end: how the run ended in status.json (rank 0), and a run not done exits non-zero."""
-    end["written"] = rank_world()[0] != 0 or write_status(cfg.out, reason, end["at"].step, code)
-    if code:
-        raise SystemExit(code)
-    return last
+def write_status(out, end):
+    """OUT/status.json, how the run ended (main's ending, or the error that ended it): the reason, the step, the exit
+    status and, unless done, the command to continue: the one launched, with --resume auto."""
+    e, (reason, code, _) = end.get("error"), end.get("ending", (None, 0, None))
+    said = getattr(e, "code", None)  # SystemExit's exit status or message
+    if e is not None and said != code:  # an error, not main's own exit
+        code = said if isinstance(said, int) else 130 if isinstance(e, KeyboardInterrupt) else 1
+        reason = said if isinstance(said, str) else one_line(e)
+    world = os.environ.get("WORLD_SIZE", "1")  # (torch.distributed is closed by now) a last --resume wins
+    launcher = "python" if world == "1" else f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}"
+    again = f"{launcher} {shlex.join(sys.argv).removesuffix(' --resume auto')} --resume auto" if code else None
+    held = (out / "config.json.new").exists()  # an --overwrite run before its first checkpoint: the old run's stays
+    with atomic_open(out / f"status.json{'.new' * held}") as f:
+        f.write(json.dumps(dict(reason=reason, step=end["at"].step, exit_status=code, continue_with=again), indent=2))
 
 def quiet_worker(_):
     """DataLoader workers ignore SIGINT/SIGTERM: a scheduler signals the whole process group, and the main process,
@@ -1408,7 +1390,7 @@ def catch_stop_signals():
 def run_lock(cfg):
     """One run per --out at a time, or checkpoints, config and metrics would mix: rank 0 holds an flock, which dies
     with the process (a killed run blocks no one). A folder it made and nothing wrote to (a failed start) goes again."""
-    end = {}  # main's: the Progress once the run started, and whether finish wrote status.json
+    end = {}  # main's: the Progress once the run started, and how the loop ended
     if int(os.environ.get("RANK", 0)) != 0:
         yield end
         return
@@ -1424,13 +1406,12 @@ def run_lock(cfg):
             print(f"note: cannot lock {cfg.out} ({e.strerror}); make sure no other run uses this --out", flush=True)
         try:
             yield end
-        except BaseException as e:  # a failure once the run started: status.json says so too
-            if "at" in end and not end.get("written"):
-                said = getattr(e, "code", None)  # SystemExit's message or exit status
-                write_status(out, said if isinstance(said, str) else one_line(e), end["at"].step,
-                             said if isinstance(said, int) else 130 if isinstance(e, KeyboardInterrupt) else 1)
+        except BaseException as e:
+            end["error"] = e
             raise
         finally:
+            if "at" in end:  # the run started
+                write_status(out, end)
             if made and [p.name for p in out.iterdir()] == [".lock"]:
                 shutil.rmtree(out, ignore_errors=True)
 
@@ -1506,9 +1487,8 @@ class Unbroken:
 
 if __name__ == "__main__":
     sys.stdout, sys.stderr = Unbroken(sys.stdout), Unbroken(sys.stderr)
-    # warnings go above the progress bar (showwarning's file argument is stderr's anyway; its 6th, line, is the text)
-    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: tqdm.write(
-        warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=sys.stderr)
+    warnings.showwarning = lambda msg, kind, path, lineno, file=None, line=None: tqdm.write(  # above the progress bar
+        warnings.formatwarning(msg, kind, path, lineno, line).rstrip(), file=sys.stderr)
     try:
         main()
     except UsageError as e:  # the one line without a traceback, and argparse's exit status

@@ -1479,7 +1479,7 @@ def test_torchrun_stopped_by_sigterm_resumes_exactly(ranks):
     assert ended["reason"].startswith(f"stopped by SIGTERM at step {ranks.k}") and ended["exit_status"] == 143
     again = shlex.split(ended["continue_with"])  # the command as launched, with --resume auto
     assert again[:3] == ["torchrun", "--nproc_per_node=2", g2l.__file__] and again[-2:] == ["--resume", "auto"]
-    assert status(ranks.tmp / "killed")["reason"] == "done" and f"steps 100000 -> {ranks.k + 2}" in said["killed+"]
+    assert status(ranks.tmp / "killed")["reason"] == "done" and f"steps 100000 -> {ranks.k + 2}" in ranks.said["killed+"]
     killed, whole = metrics(ranks.tmp / "killed"), metrics(ranks.tmp / "whole")
     assert [r["step"] for r in killed] == [r["step"] for r in whole] == list(range(1, ranks.k + 3))
     assert [r["loss"] for r in killed] == [r["loss"] for r in whole]
