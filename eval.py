@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from g2l import AUG, DTYPES, Config, TileDataset, UsageError, atomic_open, centred_cosine, check_out, encode, \
-    extract_features, find_images, forward_flops, index_tiles, linear_cka, load_model, make_views, peak_memory_gb, \
-    projection, quiet_worker, resolve
+from g2l import AUG, DTYPES, Config, TileDataset, UsageError, atomic_open, centred_cosine, check_model, check_out, \
+    encode, extract_features, find_images, forward_flops, index_tiles, linear_cka, load_model, make_views, number, \
+    peak_memory_gb, projection, quiet_worker
 
 # ----------------------------------------------------------------------------- data
 DATA = "a labels CSV (path,label[,split,center,slide]; paths relative to it) or an ImageFolder root/<split>/<class>/*"
@@ -99,11 +99,6 @@ def split_rows(rows, seed, val=0.15, test=0.25):
 # ----------------------------------------------------------------------------- models and features
 def model_list(names, weights, kwargs, sizes, flag="--model"):
     """[{name, weights, kwargs, size}]: each option given once per model, in order, or (not weights) once for all."""
-    for name in names:
-        try:
-            resolve(name)  # an unknown name fails here, before any work
-        except SystemExit as e:
-            raise UsageError(e.code) from None
     cols, n, size_flag = [names], len(names), "--img-size" if flag == "--model" else flag + "-img-size"
     for values, opt, default in [(weights, flag + "-weights", ""), (kwargs, flag + "-kwargs", ""),
                                  (sizes, size_flag, 0)]:
@@ -112,6 +107,8 @@ def model_list(names, weights, kwargs, sizes, flag="--model"):
             raise UsageError(f"error: {opt} given {len(values)} times for {n} models; give it once per model, in "
                              "order ('' for none)" + ", or once for all" * once)
         cols.append(values if len(values) > 1 else [values[0] if values else default] * n)
+    for name, weights in zip(cols[0], cols[1]):  # every model's name and weights file, before any work
+        check_model(name, weights, flag + "-weights")
     return [dict(name=a, weights=b, kwargs=c, size=d) for a, b, c, d in zip(*cols)]
 
 def describe(name, source, px):
@@ -370,8 +367,9 @@ def cmd_agree(a):
     teacher the input size it had in training: --teacher-img-size)."""
     rows = read_labelled(a.data, need=("path",))
     t = model_list([a.teacher], [a.teacher_weights], [a.teacher_kwargs], [a.teacher_img_size], "--teacher")[0]
+    students = model_list(a.student, a.student_weights, a.student_kwargs, a.student_img_size, "--student")
     ft, res = features(t, rows, a), []
-    for s in model_list(a.student, a.student_weights, a.student_kwargs, a.student_img_size, "--student"):
+    for s in students:
         fs = features(s, rows, a)
         r = dict(teacher=t["name"], student=s["name"], teacher_source=t["source"], student_source=s["source"],
                  teacher_img_size=t["px"], student_img_size=s["px"], n=len(rows), pooling=a.pooling,
@@ -504,6 +502,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if empty else super()._get_help_string(action)
 
 def parser():
+    whole0, whole1 = number(int), number(int, 1)  # g2l's range types: 0 or more, 1 or more
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub, par = p.add_subparsers(dest="cmd", required=True), lambda: argparse.ArgumentParser(add_help=False)
     cmd = lambda name, parents, text: sub.add_parser(name, parents=parents, help=text, description=text,
@@ -520,34 +519,34 @@ def parser():
         g.add_argument(f"--{r}-kwargs", **(many or dict(default="")),
                        help="JSON architecture kwargs, e.g. '{\"depth\": 2}' (default: none)")
         if r != "model":  # --model's is --img-size, below: bench has another
-            g.add_argument(f"--{r}-img-size", type=int, **(many or dict(default=0)),
+            g.add_argument(f"--{r}-img-size", type=whole0, **(many or dict(default=0)),
                            help="input px; 0 = as built or trained" + " (default: 0)" * bool(many))
     data.add_argument("--data", required=True, help="labels CSV (path,label[,split,center,slide]) or ImageFolder root")
     data.add_argument("--task", default="", help="name in the results (default: the data folder's name)")
     data.add_argument("--pooling", default="cls", choices=["cls", "mean", "cls+mean"],
                       help="the model's global output (cls), the mean patch token, or both concatenated")
-    data.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass")
-    data.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding tiles (0 = in-process)")
+    data.add_argument("--batch-size", type=whole1, default=64, help="tiles per forward pass")
+    data.add_argument("--workers", type=whole0, default=2, help="DataLoader processes decoding tiles (0 = in-process)")
     pr = cmd("probe", [out, dev, group["model"], data], "linear probe and kNN on frozen features, per model")
-    pr.add_argument("--seeds", type=int, default=3, help="seeded splits (own split column: seeded val carve-outs)")
-    pr.add_argument("--k", type=int, default=20, help="neighbours for the kNN vote")
-    pr.add_argument("--C", type=float, nargs="+", default=[1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0],
+    pr.add_argument("--seeds", type=whole1, default=3, help="seeded splits (own split column: seeded val carve-outs)")
+    pr.add_argument("--k", type=whole1, default=20, help="neighbours for the kNN vote")
+    pr.add_argument("--C", type=number(float, 0, ends="()"), nargs="+", default=[1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0],
                     help="inverse L2 strengths tried on val; one value = fixed")
     cmd("agree", [out, dev, group["teacher"], group["student"], data],
         "teacher-student agreement: linear CKA, and centred cosine through a run's heads")
     ro = cmd("robustness", [out, dev, group["model"], data],
              "PathoROB robustness index and de Jong ratio (needs center and slide columns)")
-    ro.add_argument("--ks", type=int, nargs="+", default=[3, 5, 10, 20], help="neighbour counts to report")
-    ro.add_argument("--boot", type=int, default=200, help="bootstrap resamples for the std")
+    ro.add_argument("--ks", type=whole1, nargs="+", default=[3, 5, 10, 20], help="neighbour counts to report")
+    ro.add_argument("--boot", type=whole1, default=200, help="bootstrap resamples for the std")
     for s in (pr, ro):
-        s.add_argument("--img-size", type=int, action="append", default=[],
+        s.add_argument("--img-size", type=whole0, action="append", default=[],
                        help="input px, once for all or once per --model; 0 = as built or trained (default: 0)")
     be = cmd("bench", [out, dev, group["model"]], "inference speed and memory per model, in a fresh process each")
-    be.add_argument("--img-size", type=int, default=224, help="the same input size for every model")
-    be.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to time")
-    be.add_argument("--iters", type=int, default=5, help="timed forward passes per batch size")
-    be.add_argument("--warmup", type=int, default=2, help="untimed passes first")
-    be.add_argument("--runs", type=int, default=3,
+    be.add_argument("--img-size", type=whole1, default=224, help="the same input size for every model")
+    be.add_argument("--batch-sizes", type=whole1, nargs="+", default=[1, 8], help="batch sizes to time")
+    be.add_argument("--iters", type=whole1, default=5, help="timed forward passes per batch size")
+    be.add_argument("--warmup", type=whole0, default=2, help="untimed passes first")
+    be.add_argument("--runs", type=number(int, 3), default=3,  # fewer: no spread can be told from one slow run
                     help=f"timed runs of --iters passes: median reported, a spread over {SPREAD * 100:.0f}%% flagged")
     be.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="auto = bf16 on GPUs that support it, else fp32")
@@ -557,15 +556,14 @@ def parser():
     for flag, default, text in (("img-size", 224, "crop px (g2l.py --img-size)"), ("batch-size", 32, "tiles per batch"),
                                 ("load-size", 0, "tiles decoded at this px; 0 = --img-size"),
                                 ("workers", 2, "DataLoader processes"), ("batches", 20, "timed batches per pipeline")):
-        bd.add_argument(f"--{flag}", type=int, default=default, help=text)
+        bd.add_argument(f"--{flag}", type=whole0 if flag in ("load-size", "workers") else whole1, default=default,
+                        help=text)
     cmd("report", [out], "report.md + report.png from the results in --out")
     return p
 
 def main(argv=None):
     p = parser()
     a = p.parse_args(argv)
-    if getattr(a, "runs", 3) < 3:
-        p.error(f"--runs {a.runs}: give >= 3, or no spread can be told from one slow run")
     check_out(a.out)
     if getattr(a, "task", None) == "":  # the results' name: the data folder's
         a.task = Path(a.data).parent.name if Path(a.data).is_file() else Path(a.data).name

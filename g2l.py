@@ -168,7 +168,7 @@ def check_args(cfg):
     if not (cfg.resume or cfg.overwrite or cfg.out == DEMO["out"] and cfg.demo) and holds_run(cfg.out):
         raise UsageError(f"error: --out {cfg.out} holds a run (ckpt.pt or student/); add --resume auto to continue "
                          "it, or --overwrite to start over (it is replaced at the first checkpoint)")
-    check_resume(cfg)  # --resume PATH exists; its checkpoint was made with the models named
+    check_names(cfg)  # the models, their weight files and --resume PATH, before any data is indexed or model built
 
 def check_out(out):
     """--out refused before any data is read or model built: a file, or a place this user cannot write."""
@@ -549,7 +549,8 @@ def resolve(name):
     if name.startswith("local-dir:"):  # timm's own format, as g2l exports a student
         conf = Path(where) / "config.json"
         if not conf.is_file():
-            raise SystemExit(f"error: {where} has no config.json (a local-dir needs config.json + model.safetensors)")
+            raise UsageError(f"error: {where} {'has no config.json' if Path(where).exists() else 'does not exist'} "
+                             "(a local-dir, a g2l run folder or its student/ needs config.json + model.safetensors)")
         cfg = json.loads(conf.read_text())
         pc = cfg.get("pretrained_cfg", cfg)
         return dict(load=name, pretrained=True, arch=cfg["architecture"], kwargs=cfg.get("model_args", {}),
@@ -557,8 +558,10 @@ def resolve(name):
                     size=pc.get("input_size", [3, 0, 0])[-1])
     if name in PRESETS:
         return dict(PRESETS[name])
+    if "/" in name and not name.startswith("hf-hub:"):  # a path, not a name
+        return resolve("local-dir:" + name)  # says what is missing
     if not name.startswith("hf-hub:") and not timm.is_model(name.split(".")[0]):
-        raise SystemExit(f"error: unknown model {name!r}: use a preset ({', '.join(PRESETS)}), a timm name "
+        raise UsageError(f"error: unknown model {name!r}: use a preset ({', '.join(PRESETS)}), a timm name "
                          "(timm.list_models()), hf-hub:ORG/NAME, local-dir:PATH or a g2l run folder")
     return dict(load=name, pretrained="." in name or name.startswith("hf-hub:"), arch=name.split("hf-hub:")[-1],
                 kwargs={}, embed="pool")
@@ -1089,7 +1092,7 @@ def index_folder(folder):
     tiles = group_tiles(sorted(read_manifest(csv_file))) if os.path.isfile(csv_file) else walk_cached(folder)
     folder = os.path.dirname(csv_file)  # the tiles' paths are relative to the CSV
     if not len(tiles):
-        raise SystemExit(f"error: no images ({', '.join(IMG_EXTS)}) under {folder}; "
+        raise UsageError(f"error: no images ({', '.join(IMG_EXTS)}) under {folder}; "
                          "make tiles with: python prep_tiles.py SLIDES --out " + folder)
     dirs = np.array([os.fsencode(os.path.join(folder, os.fsdecode(d))) for d in tiles.dirs], dtype="S")
     return Tiles(dirs, tiles.slide, tiles.names)
@@ -1237,8 +1240,17 @@ def resume(cfg, student, opt, scaler, device):
 SAME_RUN = "teacher student teacher_weights student_weights student_kwargs teacher_kwargs img_size student_img_size " \
            "load_size"
 
-def check_resume(cfg):
-    """--resume PATH exists, and its checkpoint names the models given (one that cannot be read: resume says so)."""
+def check_model(name, weights, flag):
+    """A model name that resolves and a weights file that exists, or an argument error (no model is built)."""
+    resolve(name)
+    if weights not in ("", "random") and not os.path.isfile(weights):
+        raise UsageError(f"error: {flag} {weights} does not exist; pass a .safetensors/.pth/.bin file of {name}")
+
+def check_names(cfg):
+    """The models and weight files named, and --resume: PATH exists, its checkpoint names the same models (one that
+    cannot be read: resume says so)."""
+    for role in ("teacher", "student"):
+        check_model(getattr(cfg, role), getattr(cfg, role + "_weights"), f"--{role}-weights")
     path = Path(cfg.out) / "ckpt.pt" if cfg.resume == "auto" else Path(cfg.resume)
     if cfg.resume not in ("", "auto") and not path.is_file():
         raise UsageError(f"error: --resume {cfg.resume}: no such checkpoint; pass a ckpt.pt, auto, or nothing")

@@ -1170,6 +1170,25 @@ def test_bad_arguments_fail_before_any_model_is_built(tmp_path, tiles, argv, mes
         run(tmp_path, tiles, *argv, steps=2)
     assert str(e.value).startswith("error: ") and message in str(e.value), str(e.value)
 
+def test_model_names_weight_files_and_data_are_argument_errors_before_any_work(tmp_path, tiles, monkeypatch):
+    """A mistyped name, a missing path or weights file: exit 2 in one line before the data is indexed; an empty
+    --data folder: exit 2 before any model is built."""
+    monkeypatch.setattr(g2l, "load_model", lambda *a, **k: pytest.fail("a model was built before the checks"))
+    real = g2l.index_tiles
+    monkeypatch.setattr(g2l, "index_tiles", lambda *a: pytest.fail("the data was indexed before the names"))
+    (tmp_path / "empty").mkdir()
+    for argv, message in [(["--student", "vit_tiny_patch16_244"], "unknown model 'vit_tiny_patch16_244'"),
+                          (["--student", "runs/nope"], "runs/nope does not exist"),
+                          (["--teacher", "local-dir:/nowhere"], "/nowhere does not exist"),
+                          (["--student-weights", "/nope.pth"], "--student-weights /nope.pth does not exist"),
+                          (["--data", str(tmp_path / "empty")], "no images")]:
+        if argv[0] == "--data":
+            monkeypatch.setattr(g2l, "index_tiles", real)
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, tiles, *argv, steps=1)
+        said = str(e.value)
+        assert e.value.code == 2 and said.startswith("error: ") and message in said and "\n" not in said, said
+
 def test_too_many_unreadable_tiles_exit_non_zero(tmp_path, tiles, capsys):
     data = tmp_path / "data"
     shutil.copytree(tiles / "train", data)
@@ -2319,6 +2338,21 @@ def test_eval_bad_inputs_give_clear_errors(pcam, tmp_path, monkeypatch, case, me
     assert message in str(e.value), str(e.value)
     assert str(e.value).startswith("error:") and "\n" not in str(e.value)
 
+
+def test_eval_argument_errors_exit_2_before_any_features(pcam, tmp_path, monkeypatch, capsys):
+    """g2l's range types; every model of the command (names, weight files) checked before any feature is made."""
+    csv_path, _ = pcam
+    monkeypatch.setattr(ev, "features", lambda *a, **k: pytest.fail("features made before every model was checked"))
+    teacher = ["--teacher", "vit_small_patch14_dinov2", "--teacher-kwargs", KW_T]
+    for argv, message in [(["probe", *TINY, "--batch-size", "0"], "argument --batch-size: 0 is not in [1, inf)"),
+                          (["probe", *TINY, "--model-weights", "/nope.pth"], "--model-weights /nope.pth does not exist"),
+                          (["agree", *teacher, "--student", "vit_tiny_patch16_244"], "unknown model"),
+                          (["agree", *teacher, "--student", "runs/nope"], "runs/nope does not exist"),
+                          (["bench", "--model", "vit_tiny_patch16_224", "--runs", "2"], "2 is not in [3, inf)")]:
+        with pytest.raises(SystemExit) as e:
+            ev.main([*argv, *(["--data", str(csv_path)] if argv[0] != "bench" else []), "--out", str(tmp_path)])
+        said = str(e.value) + capsys.readouterr().err
+        assert e.value.code == 2 and message in said, said
 
 def test_eval_refuses_a_bad_out_before_any_model_is_built(pcam, tmp_path, monkeypatch):
     csv_path, _ = pcam
