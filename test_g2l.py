@@ -1431,6 +1431,13 @@ def finished(p, code=0):
     assert p.returncode == code and "Traceback" not in said, said
     return said
 
+def script(name, *argv):
+    """`python NAME.py ARGV` as a user runs it (strict about deprecations): exit 0, no traceback; its output."""
+    r = subprocess.run([sys.executable, str(ROOT / name), *map(str, argv)], capture_output=True, text=True,
+                       env=STRICT, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    return r.stdout + r.stderr
+
 def stop_after_first_row(p, out):
     """SIGTERM to the whole process group once a step is logged (what Slurm, `timeout` and systemd do)."""
     import signal, time
@@ -1698,7 +1705,7 @@ def test_boxes_tiff_tiles_from_level2_with_override(tmp_path):
     # 300 wide -> floor(235.7/64.26)+1 = 4 cols, 250 tall -> floor(185.7/64.26)+1 = 3 rows
     args = [str(SYN / "boxes.tiff"), "--out", str(tmp_path), "--mpp-override", "0.25", "--mpp", "1.0",
             "--tile-size", "16", "--min-tissue", "0", "--format", "png"]
-    assert prep_tiles.main(args) == 0
+    script("prep_tiles.py", *args)
     r = rows(tmp_path)["boxes"]
     assert (r["status"], r["n_tiles"], r["read_level"], r["read_mpp"]) == ("ok", "12", "2", "1.0040")
     assert corners(tmp_path / "boxes") == {(x, y) for x in (0, 64, 129, 193) for y in (0, 64, 129)}
@@ -2056,8 +2063,7 @@ def test_split_grouped_by_slide_never_leaks_and_own_split_is_used():
 def test_probe_averages_its_seeded_splits_and_caches_features(pcam, tmp_path, monkeypatch):
     csv_path, _ = pcam
     out = tmp_path / "res"
-    ev.main(["probe", *TINY, "--data", str(csv_path), "--out", str(out), "--seeds", "2", "--task", "pcam",
-             "--k", "7"])
+    script("eval.py", "probe", *TINY, "--data", csv_path, "--out", out, "--seeds", "2", "--task", "pcam", "--k", "7")
     row = json.loads((out / "probe_pcam.json").read_text())[0]
     assert row["n_train"] + row["n_test"] < 200 and row["seeds"] == 2
     assert row["linear_bacc_std"] > 0  # two different seeded splits
@@ -2090,7 +2096,7 @@ def test_agree_self_is_one_other_lower_and_heads(pcam, tmp_path):
             *[a for h in ("linear", "mlp") for a in ("--student", str(tmp_path / h), "--student-kwargs", "",
                                                       "--student-img-size", "0")],
             "--data", str(csv_path), "--out", str(tmp_path / "a"), "--task", "pcam", "--workers", "0"]
-    ev.main(argv)
+    script("eval.py", *argv)
     same, other, run, run_mlp = json.loads((tmp_path / "a" / "agree_pcam.json").read_text())
     assert 0 <= run_mlp["heads_cka"] <= 1 and run_mlp["heads_cka"] != run["heads_cka"]
     assert same["cka"] == pytest.approx(1, abs=1e-6) and same["cos_centred"] == pytest.approx(1, abs=1e-5)
@@ -2223,8 +2229,8 @@ def test_robustness_command_on_real_tiles(pcam, tmp_path):
     rows = [dict(path=str(PCAM / r["path"]), label=r["label"], center="AB"[i % 2], slide=f"s{i % 8}")
             for i, r in enumerate(pick[:40] + pick[100:140])]
     data = write_csv(tmp_path / "multi.csv", rows)
-    ev.main(["robustness", *TINY, "--data", str(data), "--out", str(tmp_path / "r"), "--ks", "3", "5", "--boot", "20",
-             "--task", "multi"])
+    script("eval.py", "robustness", *TINY, "--data", data, "--out", tmp_path / "r", "--ks", "3", "5", "--boot", "20",
+           "--task", "multi")
     res = json.loads((tmp_path / "r" / "robustness_multi.json").read_text())
     assert [r["k"] for r in res] == [3, 5] and all(0 <= r["ri"] <= 1 and r["dejong"] > 0 for r in res)
 
@@ -2232,9 +2238,9 @@ def test_robustness_command_on_real_tiles(pcam, tmp_path):
 def test_bench_two_tiny_models_sizes_and_speed_ratios(tmp_path):
     small = '{"depth": 1, "embed_dim": 32, "num_heads": 2}'
     big = '{"depth": 6, "embed_dim": 192, "num_heads": 3}'
-    ev.main(["bench", "--model", "vit_tiny_patch16_224", "--model-kwargs", big, "--model", "vit_tiny_patch16_224",
-             "--model-kwargs", small, "--img-size", "64", "--batch-sizes", "8", "--iters", "5", "--warmup", "1",
-             "--out", str(tmp_path)])
+    script("eval.py", "bench", "--model", "vit_tiny_patch16_224", "--model-kwargs", big, "--model",
+           "vit_tiny_patch16_224", "--model-kwargs", small, "--img-size", "64", "--batch-sizes", "8", "--iters", "5",
+           "--warmup", "1", "--out", tmp_path)
     b, s = json.loads((tmp_path / "bench.json").read_text())
     # which is faster is a measurement, not asserted (a busy machine can reverse two millisecond timings)
     assert b["img_per_s"] > 0 and b["speedup"] == 1 and s["speedup"] == pytest.approx(s["img_per_s"] / b["img_per_s"])
@@ -2242,8 +2248,8 @@ def test_bench_two_tiny_models_sizes_and_speed_ratios(tmp_path):
     assert b["peak_mem_gb"] >= 0 and b["batch"] == 8
 
 def test_bench_data_measures_each_loader_pipeline(tmp_path):
-    ev.main(["bench-data", "--data", str(ROOT / "examples" / "tiles"), "--img-size", "32", "--batch-size", "4",
-             "--workers", "0", "--batches", "2", "--device", "cpu", "--out", str(tmp_path)])
+    script("eval.py", "bench-data", "--data", ROOT / "examples" / "tiles", "--img-size", "32", "--batch-size", "4",
+           "--workers", "1", "--batches", "2", "--device", "cpu", "--out", tmp_path)  # a worker starts, as users' do
     rows = json.loads((tmp_path / "bench-data.json").read_text())
     assert [r["pipeline"].split(" (")[0] for r in rows] == ["workers decode + CPU augment", "workers decode only",
                                                           "device augment, batched"]
@@ -2255,7 +2261,7 @@ def test_report_writes_markdown_and_chart(tmp_path):
         dict(model="runs/student", task="crc", linear_bacc=0.8, linear_bacc_std=0.02, linear_auroc=0.9, knn_bacc=0.7)]))
     (tmp_path / "bench.json").write_text(json.dumps([dict(model="teacher", batch=8, img_per_s=2.0),
                                                      dict(model="runs/student", batch=8, img_per_s=8.0)]))
-    ev.main(["report", "--out", str(tmp_path)])
+    script("eval.py", "report", "--out", tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "## probe_crc" in md and "0.900±0.010" in md and "## bench" in md and "report.png" in md
     img = np.asarray(Image.open(tmp_path / "report.png").convert("RGB"))
