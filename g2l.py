@@ -258,11 +258,6 @@ def index_tiles(folders):
         raise box[0]
     return box[0]
 
-def find_images(folders):
-    """All images under the folders (recursive), sorted; the parent folder is the slide id."""
-    tiles = index_tiles(folders)
-    return [tiles.path(i) for i in range(len(tiles))]
-
 def load_tile(path, size):
     """Decode one tile to a uint8 [3, size, size] tensor. JPEG draft mode decodes at 1/2, 1/4 or 1/8
     scale when the stored tile is much larger than needed, which is most of the decode cost."""
@@ -1123,9 +1118,7 @@ def dinov2_to_timm(sd):
 def load_weights(model, path, name):
     """Weights from .safetensors / .pth / .bin (timm unwraps state_dict/model and DDP/compile prefixes), converted
     from transformers' DINOv2 or timm's older ViT layouts, loaded strictly."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: weights file {path} does not exist")
-    try:
+    try:  # (a missing file stopped in check_model)
         sd = timm.models.load_state_dict(path)
     except Exception as e:  # a truncated or foreign file: one line, not a traceback
         raise SystemExit(f"error: cannot read weights file {path} ({one_line(e)}); "
@@ -1247,20 +1240,18 @@ def check_model(name, weights, flag):
         raise UsageError(f"error: {flag} {weights} does not exist; pass a .safetensors/.pth/.bin file of {name}")
 
 def check_names(cfg):
-    """The models and weight files named, and --resume: PATH exists, its checkpoint names the same models (one that
-    cannot be read: resume says so)."""
+    """The models and weight files named; --resume PATH exists, and its checkpoint names the same models."""
     for role in ("teacher", "student"):
         check_model(getattr(cfg, role), getattr(cfg, role + "_weights"), f"--{role}-weights")
     path = Path(cfg.out) / "ckpt.pt" if cfg.resume == "auto" else Path(cfg.resume)
     if cfg.resume not in ("", "auto") and not path.is_file():
         raise UsageError(f"error: --resume {cfg.resume}: no such checkpoint; pass a ckpt.pt, auto, or nothing")
-    with contextlib.suppress(Exception):  # cheap: mmap reads no tensor
+    with contextlib.suppress(Exception):  # cheap: mmap reads no tensor (and one that cannot be read: resume says so)
         check_same_run(cfg, torch.load(path, map_location="cpu", weights_only=False, mmap=True)["config"], path)
 
 def check_same_run(cfg, saved, path, step=None):
-    """A resume continues the run of its checkpoint (saved: its config): other models or input sizes are refused
-    (step None, before any model is built: the names as given), a finished run is left as it is, and a changed
-    setting is said in one line with what follows from it."""
+    """A resume continues its checkpoint's run (saved: its config): other models or sizes are refused (step None, before
+    any model is built: the names as given), a finished run is left as it is, a changed setting is said."""
     bad = [k for k in SAME_RUN.split()[:5 if step is None else None] if k in saved and saved[k] != getattr(cfg, k)]
     if bad:
         raise UsageError(f"error: --{bad[0].replace('_', '-')} {getattr(cfg, bad[0])!r}, but {path} was made with "
@@ -1357,22 +1348,15 @@ def export(student, cfg, out):
         raise SystemExit(f"error: cannot write {out / 'student'} ({one_line(e)}); free space or fix the folder's "
                          "permissions, then --resume auto (the last good copy is kept)")
 
-# ----------------------------------------------------------------------------- collectives
-def summed(x):
-    """x summed over ranks, in a copy (autograd's inputs and gradients are never changed in place)."""
-    x = x.clone()
-    dist.all_reduce(x)
-    return x
-
+# ----------------------------------------------------------------------------- the run lock, signals, collectives
 class AllSum(torch.autograd.Function):  # all_sum: every rank's loss holds every rank's x, so x's gradient is their sum
-    forward, backward = staticmethod(lambda ctx, x: summed(x)), staticmethod(lambda ctx, grad: summed(grad))
+    # over a copy (autograd's inputs and gradients are never changed in place); all_reduce returns None
+    forward = backward = staticmethod(lambda ctx, x: dist.all_reduce(y := x.clone()) or y)
 
-# ----------------------------------------------------------------------------- the run lock and signals
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 def write_status(out, end):
-    """OUT/status.json, how the run ended (main's ending, or the error that ended it): the reason, the step, the exit
-    status and, unless done, the command to continue: the one launched, with --resume auto."""
+    """OUT/status.json, how the run ended (main's ending, or an error): reason, step, exit status, how to go on."""
     e, (reason, code, _) = end.get("error"), end.get("ending", (None, 0, None))
     said = getattr(e, "code", None)  # SystemExit's exit status or message
     if e is not None and said != code:  # an error, not main's own exit
