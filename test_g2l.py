@@ -1943,6 +1943,27 @@ def test_prep_tiles_signal_exits_128_plus_n_in_one_line_and_the_rerun_resumes(tm
         prep_tiles.main(["--help"])
     assert re.search(r"Exit status: 0 .* 1 .* 2 .* 128\+n", " ".join(capsys.readouterr().out.split()))
 
+def test_prep_tiles_with_worker_processes_stopped_by_sigterm_to_its_group_resumes(tmp_path):
+    """What a scheduler does: SIGTERM to prep_tiles.py and its worker processes at once; one line, 143, and the rerun
+    finishes the slides."""
+    import signal, time
+    for i in range(12):  # 12 slides: still cutting when the signal comes
+        (tmp_path / "slides").mkdir(exist_ok=True)
+        (tmp_path / "slides" / f"s{i:02d}.svs").symlink_to(CMU)
+    argv = [str(ROOT / "prep_tiles.py"), str(tmp_path / "slides"), "--out", str(tmp_path / "t"), "--mpp", "1.0",
+            "--workers", "2"]
+    p = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=STRICT, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((tmp_path / "t").glob("s*/*.jpg")):
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGTERM)
+    said = p.communicate(timeout=120)[0]
+    assert p.returncode == 143 and "Traceback" not in said, said
+    assert said.strip().splitlines()[-1].startswith("stopped by SIGTERM") and not (tmp_path / "t" / "tiles.csv").exists()
+    said = script("prep_tiles.py", *argv[1:])
+    assert rows(tmp_path / "t").keys() == {f"s{i:02d}" for i in range(12)} and (tmp_path / "t" / "tiles.csv").exists()
+
 # =============================================================================== eval.py
 # ----------------------------------------------------------------------------- fixtures
 # random-init ViTs pool their patch tokens (global_pool avg): a random CLS output barely depends on the image
