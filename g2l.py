@@ -1329,7 +1329,7 @@ def export(student, cfg, out):
                          licence="a distilled student inherits its teacher's licence terms"))
     student = out / "student"  # a link to student.a or student.b: one rename switches it, where a folder takes two
     try:
-        if student.is_dir() and not student.is_symlink():  # an earlier g2l's folder: one of the two copies now
+        if student.is_dir() and not student.is_symlink():  # an earlier g2l's folder (the one rename with a gap)
             os.replace(student, out / "student.b")
         new = out / ("student.b" if student.is_symlink() and os.readlink(student) == "student.a" else "student.a")
         new.mkdir(parents=True, exist_ok=True)  # what a killed export left there is overwritten
@@ -1339,9 +1339,9 @@ def export(student, cfg, out):
         (out / "student.next").unlink(missing_ok=True)
         (out / "student.next").symlink_to(new.name)
         os.replace(out / "student.next", student)  # a kill at any instant leaves the old copy or the new
-        for p in out.glob("student.*"):  # the copy before, and what a killed export left
-            if p != new:
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        for p in map(out.joinpath, ("student.a", "student.b", "student.old", "student.tmp")):  # the copy before, and
+            if p != new and p.exists():  # what a killed export left (here, or an earlier g2l's)
+                shutil.rmtree(p)
         with atomic_open(out / "heads.safetensors", "wb") as f:
             f.write(save({k: v for k, v in sd.items() if not k.startswith("backbone.")}))
     except OSError as e:
