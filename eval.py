@@ -108,8 +108,8 @@ def model_list(names, weights, kwargs, sizes, flag="--model"):
             raise UsageError(f"error: {opt} given {len(values)} times for {n} models; give it once per model, in "
                              "order ('' for none)" + ", or once for all" * once)
         cols.append(values if len(values) > 1 else [values[0] if values else default] * n)
-    for name, weights in zip(cols[0], cols[1]):  # every model's name and weights file, before any work
-        check_model(name, weights, flag + "-weights")
+    for name, file in zip(cols[0], cols[1]):  # every model's name and weights file, before any work
+        check_model(name, file, flag + "-weights")
     return [dict(name=a, weights=b, kwargs=c, size=d) for a, b, c, d in zip(*cols)]
 
 def describe(name, source, px):

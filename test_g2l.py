@@ -1490,7 +1490,7 @@ def ranks(tiles, tmp_path_factory):
     stop_after_first_row(p, tmp / "killed")
     # torchrun's own agent reports the SIGTERM it got as a traceback (SignalException), once its ranks have stopped
     said = {"killed": re.sub(r"Traceback.*SignalException: Process \d+ got signal: 15\n", "",
-                             p.communicate(timeout=300)[0], flags=re.S), "code": p.returncode}
+                             p.communicate(timeout=300)[0], flags=re.S)}
     k, said["status"] = torch.load(tmp / "killed" / "ckpt.pt", weights_only=False)["step"], status(tmp / "killed")
     for name, extra in (("killed", ["--resume", "auto"]), ("whole", [])):
         said[name + "+"] = finished(launch(*strict_argv(tiles, tmp / name, *common, "--batch-size", "4", "--workers",
@@ -2257,9 +2257,11 @@ def test_robustness_command_on_real_tiles(pcam, tmp_path):
     _, pick = pcam
     rows = [dict(path=str(PCAM / r["path"]), label=r["label"], center="AB"[i % 2], slide=f"s{i % 8}")
             for i, r in enumerate(pick[:40] + pick[100:140])]
-    data = write_csv(tmp_path / "multi.csv", rows)
-    script("eval.py", "robustness", *TINY, "--data", data, "--out", tmp_path / "r", "--ks", "3", "5", "--boot", "20",
-           "--task", "multi")
+    Image.open(rows[0]["path"]).convert("P").save(tmp_path / "p.png", transparency=bytes(8))  # PIL warns reading it
+    data = write_csv(tmp_path / "multi.csv", [dict(rows[0], path=str(tmp_path / "p.png")), *rows[1:]])
+    said = script("eval.py", "robustness", *TINY, "--data", data, "--out", tmp_path / "r", "--ks", "3", "5", "--boot",
+                  "20", "--task", "multi")
+    assert "UserWarning: Palette images with Transparency" in said, said  # printed, and the run went on
     res = json.loads((tmp_path / "r" / "robustness_multi.json").read_text())
     assert [r["k"] for r in res] == [3, 5] and all(0 <= r["ri"] <= 1 and r["dejong"] > 0 for r in res)
 
