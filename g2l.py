@@ -1016,7 +1016,6 @@ def set_up(cfg):
 # ============================================================================= plumbing: skip on a first read
 # ----------------------------------------------------------------------------- tile listing at scale
 MANIFEST = "tiles.csv"  # prep_tiles.py lists every tile it wrote here: a folder with one is read, never walked
-CACHE_MIN = 50_000      # a walked folder with at least this many tiles keeps its listing in ~/.cache/g2l
 
 def group_tiles(pairs):
     """Tiles from (folder, file name) pairs, in their order: one slide per folder."""
@@ -1062,33 +1061,14 @@ def read_manifest(path):
         raise UsageError(f"error: --data {path} is neither a tile folder nor a CSV with a 'path' column "
                          f"({one_line(e, 80)}); give folders of tiles or such a CSV (paths relative to it)")
 
-def walk_cached(folder):
-    """Tiles relative to `folder`: the cached listing while no folder in the tree changed (entries added or
-    removed change a folder's mtime), else a walk, cached when large (small trees walk in milliseconds)."""
-    key = hashlib.sha1(os.fsencode(os.path.realpath(folder))).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "g2l" / f"tiles-{key}.npz"
-    with contextlib.suppress(Exception):  # no cache, a stale one or an unreadable one: walk
-        z = np.load(cache)
-        stamp = lambda d: os.stat(os.path.join(folder, os.fsdecode(d))).st_mtime_ns
-        if all(stamp(d) == m for d, m in zip(z["walked"], z["mtimes"])):
-            return Tiles(z["dirs"], z["slide"], z["names"])
-    pairs, stamps = walk_images(folder)
-    tiles = group_tiles(sorted(pairs))  # sorted: the same order on every file system
-    if len(tiles) >= CACHE_MIN:
-        with contextlib.suppress(OSError):  # a read-only home only means no cache
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_open(cache, "wb") as f:
-                np.savez(f, dirs=tiles.dirs, slide=tiles.slide, names=tiles.names, mtimes=[m for _, m in stamps],
-                         walked=np.array([os.fsencode(d) for d, _ in stamps], dtype="S"))
-    return tiles
-
 def index_folder(folder):
-    """One --data folder: its manifest (written by prep_tiles.py) if it has one, else a (cached) walk; or a CSV."""
+    """One --data folder: its manifest (written by prep_tiles.py) if it has one, else a walk; or a CSV."""
     if not os.path.exists(folder):
         raise UsageError(f"error: data folder {folder} does not exist; pass --data with folders of tiles "
                          "(e.g. the --out of prep_tiles.py), or add --demo to use the bundled demo tiles")
     csv_file = folder if os.path.isfile(folder) else os.path.join(folder, MANIFEST)
-    tiles = group_tiles(sorted(read_manifest(csv_file))) if os.path.isfile(csv_file) else walk_cached(folder)
+    pairs = read_manifest(csv_file) if os.path.isfile(csv_file) else walk_images(folder)[0]
+    tiles = group_tiles(sorted(pairs))  # sorted: the same order on every file system
     folder = os.path.dirname(csv_file)  # the tiles' paths are relative to the CSV
     if not len(tiles):
         raise SystemExit(f"error: no images ({', '.join(IMG_EXTS)}) under {folder}; "
