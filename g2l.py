@@ -277,7 +277,7 @@ def load_tile(path, size):
 class TileDataset(torch.utils.data.Dataset):
     """uint8 tiles, augmented later on the device; an unreadable tile is replaced by the next readable one, counted."""
     def __init__(self, tiles, size):  # tiles: Tiles, or a list of paths
-        self.tiles = tiles if isinstance(tiles, Tiles) else tiles_from_paths(list(tiles))
+        self.tiles = tiles if isinstance(tiles, Tiles) else group_tiles(map(os.path.split, tiles))  # in their order
         self.size = size
     def __len__(self):
         return len(self.tiles)
@@ -646,8 +646,7 @@ def encode(model, spec, x):
         g = model.forward_head(feats, pre_logits=True)
     return Features(global_=g, tokens=tokens)
 
-class Teacher(NamedTuple):
-    """A frozen teacher as the run uses it, made in one place (frozen_teacher): a second teacher is one more of it."""
+class Teacher(NamedTuple):  # a frozen teacher as the run uses it, set up in one place: frozen_teacher
     model: nn.Module
     spec: Spec
     encode: Callable  # x -> its Features: encode, compiled under --compile (forward_features is not `forward`)
@@ -659,7 +658,7 @@ def frozen_teacher(cfg, model, spec, device):
     model.eval().requires_grad_(False)
     if device.type == "cuda" and cfg.precision != "fp32":
         model.to(DTYPES[cfg.precision])
-    run = functools.partial(compiled(encode) if cfg.compile == "on" else encode, model, spec)
+    run = functools.partial(torch.compile(encode) if cfg.compile == "on" else encode, model, spec)
     return Teacher(model=model, spec=spec, encode=run, flops=forward_flops(model, cfg.img_size))
 
 def target(cfg, teachers, x):
@@ -674,9 +673,8 @@ def projection(kind, d_in, d_out):
     return nn.Sequential(nn.Linear(d_in, 2 * d_out), nn.GELU(), nn.Linear(2 * d_out, d_out))
 
 class Student(nn.Module):
-    """The trainable part: the student backbone (a timm model) + projection heads into the teacher's space; the only
-    module given to the optimizer, DDP and the checkpoint. A head exists where its loss weighs > 0 (the global one
-    always: evaluation uses it); tokens are resized to the teacher's grid. teacher: the teacher's Spec."""
+    """The trainable part: the student backbone (a timm model) + projection heads into the teacher's space (teacher: its
+    Spec), the one module in the optimizer, DDP and checkpoint. A head exists if its loss weighs > 0 (global: always)"""
     def __init__(self, cfg, backbone, spec, teacher):
         super().__init__()
         self.backbone, self.spec, self.grid = backbone, spec, (cfg.img_size // teacher.patch,) * 2
@@ -772,14 +770,14 @@ def lr_factor(step, cfg):
     return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 def make_optimizer(cfg, student, device):
-    """AdamW (fused on CUDA) over groups keyed by their own (lr, weight-decay) multipliers, which the schedule scales
-    each by: no weight decay on biases, norms, tokens and position embeddings."""
+    """AdamW (fused on CUDA); each group carries its own lr and weight-decay multipliers (lr_mult, wd_mult), which
+    distil_step's schedule applies: no weight decay on biases, norms, tokens and position embeddings."""
     groups = {}
     for n, p in student.named_parameters():
         groups.setdefault((1.0, float(p.ndim >= 2 and "pos_embed" not in n and "token" not in n)), []).append(p)
     opt = torch.optim.AdamW([dict(params=ps, lr_mult=lr, wd_mult=wd) for (lr, wd), ps in sorted(groups.items())[::-1]],
                             lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    return opt, torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # bf16 needs no scaler
+    return dict(opt=opt, scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"))  # bf16: none
 
 @dataclasses.dataclass
 class Progress:
@@ -974,9 +972,10 @@ def main(argv=None):
         cfg = final_config(cfg, device, spec_t, spec_s, len(tiles), teacher_kwargs)  # never changed after
         teachers = [frozen_teacher(cfg, teacher, spec_t, device)]
         student = build_student(cfg, teachers[0], backbone, spec_s, device)
-        opt, scaler = make_optimizer(cfg, student, device)
-        tr = Trainer(device=device, teachers=teachers, student=student, wrapped=wrap(cfg, student, device), opt=opt,
-                     scaler=scaler)
+        ddp = lambda m: nn.parallel.DistributedDataParallel(m, device_ids=[device] if device.type == "cuda" else None)
+        wrapped = ddp(student) if rank_world()[1] > 1 else student  # the student only: the teacher has no gradients
+        tr = Trainer(device=device, teachers=teachers, student=student, **make_optimizer(cfg, student, device),
+                     wrapped=torch.compile(wrapped) if cfg.compile == "on" else wrapped)
         resume(cfg, tr)
         metrics = start_run_folder(cfg, spec_t, spec_s, len(tiles), len(val_tiles), tr.progress.step)
         stop, handlers = catch_stop_signals()  # SIGINT / SIGTERM: finish the step, save, export, exit cleanly
@@ -1028,10 +1027,6 @@ def group_tiles(pairs):
     slide = np.array([dirs.setdefault(d, len(dirs)) for d, _ in pairs], dtype=np.int32)
     names = np.array([os.fsencode(n) for _, n in pairs], dtype="S")
     return Tiles(np.array([os.fsencode(d) for d in dirs], dtype="S"), slide, names)
-
-def tiles_from_paths(paths):
-    """Tiles from a list of paths, in the given order (eval.py's labels follow it)."""
-    return group_tiles(map(os.path.split, paths))
 
 def concat_tiles(parts):
     off = np.cumsum([0] + [len(t.dirs) for t in parts])
@@ -1171,8 +1166,7 @@ def atomic_open(path, mode="w", **kw):
             os.remove(tmp)
 
 def save_checkpoint(cfg, tr):
-    """ckpt.pt: the trainer's state and the config, written whole or not at all (temp file, fsync, rename); a
-    --synthetic run keeps nothing."""
+    """ckpt.pt: Trainer.state_dict() and the config, whole or not at all (temp file, fsync, rename); not --synthetic."""
     if rank_world()[0] != 0 or cfg.synthetic:
         return
     path = Path(cfg.out) / "ckpt.pt"
@@ -1258,13 +1252,10 @@ def timm_args(model, spec):
         reg_tokens=model.num_reg_tokens, no_embed_class=model.no_embed_class, global_pool=model.global_pool)
 
 def export(cfg, state):
-    """Each Student of Trainer.state(): student/ as a timm local-dir (config.json + model.safetensors) and
-    heads.safetensors in OUT, another (an EMA) the same in OUT/NAME (a run folder to eval.py), atomically: a full disk
-    or a read-only folder gives one line, and the last good export is kept."""
+    """Each Student of Trainer.state() as student/, a timm local-dir (config.json + model.safetensors), and its heads:
+    the student's in OUT, another's (an EMA) in OUT/NAME. Atomic: a full disk gives one line, the last good is kept."""
     from safetensors.torch import save
-    for name, student in state.items():
-        if not isinstance(student, Student):
-            continue
+    for name, student in ((n, s) for n, s in state.items() if isinstance(s, Student)):
         spec, out, size = student.spec, Path(cfg.out, "" if name == "student" else name), cfg.student_img_size
         sd = {k: v.detach().float().cpu().contiguous() for k, v in student.state_dict().items()}
         arch, args = timm_args(student.backbone, spec)
@@ -1381,16 +1372,6 @@ def to_device(p, device):
     flat = torch.cat([v.float().flatten() for v in moved.values()]).pin_memory().to(device, non_blocking=True)
     parts = flat.split([v.numel() for v in moved.values()])
     return dict({k: part.view(v.shape).to(v.dtype) for (k, v), part in zip(moved.items(), parts)}, blur=p["blur"])
-
-@functools.cache
-def compiled(fn):
-    return torch.compile(fn)
-
-def wrap(cfg, student, device):
-    """The student as the step runs it: under DDP (the student only, never the frozen teacher), compiled if asked."""
-    if rank_world()[1] > 1:
-        student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(student) if cfg.compile == "on" else student
 
 class Speed:
     """Images/s, MFU and peak memory over the steps since the last restart()."""

@@ -431,7 +431,8 @@ def test_corrupt_tile_is_skipped_and_counted(tmp_path, tiles, capsys):
 
 def test_balanced_sampling_draws_slides_equally():
     paths = [f"/t/big/{i}.jpg" for i in range(90)] + [f"/t/small/{i}.jpg" for i in range(10)]
-    sampler = g2l.InfiniteSampler(len(paths), g2l.slide_weights(g2l.tiles_from_paths(paths).slide), 10, seed=0)
+    slides = g2l.group_tiles(map(os.path.split, paths)).slide
+    sampler = g2l.InfiniteSampler(len(paths), g2l.slide_weights(slides), 10, seed=0)
     drawn = [paths[i].split("/")[2] for _, i in zip(range(4000), iter(sampler))]
     assert drawn.count("small") / len(drawn) == pytest.approx(0.5, abs=0.03)  # 10 % of the tiles, half the draws
     plain = g2l.InfiniteSampler(len(paths), None, 10, seed=0)
@@ -478,7 +479,8 @@ def test_a_manifest_is_read_and_a_folder_without_one_is_walked_each_time(tmp_pat
     (data / "tiles.csv").write_text("path,slide_id,x,y\ns1/s1_x0_y0.jpg,s1,0,0\ns2/s2_x1_y0.jpg,s2,1,0\n")
     for given in (data, data / "tiles.csv"):                            # a manifest wins: no walk at all
         tiles = g2l.index_tiles([str(given)])
-        assert [tiles.path(i) for i in range(2)] == [str(data / "s1" / "s1_x0_y0.jpg"), str(data / "s2" / "s2_x1_y0.jpg")]
+        want = [str(data / "s1" / "s1_x0_y0.jpg"), str(data / "s2" / "s2_x1_y0.jpg")]
+        assert [tiles.path(i) for i in range(2)] == want
         assert len(walks) == 2 and list(tiles.slide) == [0, 1]
 
 def test_only_rank_0_reads_the_disk(tmp_path, monkeypatch):
@@ -627,12 +629,12 @@ def test_a_third_optimizer_group_follows_warmup_and_cosine_by_its_own_multiplier
     like the others, whatever the number of groups; the log keeps the base lr."""
     make = g2l.make_optimizer
     def three_groups(cfg, student, device):
-        opt, scaler = make(cfg, student, device)
+        made = make(cfg, student, device)
         head = set(student.global_head.parameters())
-        for g in opt.param_groups:
+        for g in made["opt"].param_groups:
             g["params"] = [p for p in g["params"] if p not in head]
-        opt.add_param_group(dict(params=list(head), lr_mult=10.0, wd_mult=0.5))
-        return opt, scaler
+        made["opt"].add_param_group(dict(params=list(head), lr_mult=10.0, wd_mult=0.5))
+        return made
     monkeypatch.setattr(g2l, "make_optimizer", three_groups)
     seen = Trace(names=[])
     hook = trace_steps(seen)
@@ -1191,8 +1193,8 @@ def test_hack_a_loss_term_at_an_intermediate_block(tmp_path, tiles, monkeypatch)
     assert seen and all(r["loss"] == pytest.approx(r["l_global"] + 0.5 * r["l_mid"], abs=2e-5) for r in rows), rows
     assert all(r["l_mid"] > 0 for r in rows) and "l_local" not in rows[0]
     run(tmp_path, tiles, steps=1, name="off")  # --w-mid 0 (the default): no head, no term
-    assert "l_mid" not in metrics(tmp_path / "off")[0] and not any("mid" in k for k in
-                                                                   torch.load(tmp_path / "off" / "ckpt.pt", weights_only=False)["student"])
+    ck = torch.load(tmp_path / "off" / "ckpt.pt", weights_only=False)["student"]
+    assert "l_mid" not in metrics(tmp_path / "off")[0] and not any("mid" in k for k in ck)
 
 class GlobalOnly(torch.nn.Module):
     def __init__(self, net, dim):
@@ -1289,7 +1291,7 @@ def lr_decay_optimizer(cfg, student, device):
         groups.setdefault((cfg.lr_decay ** (depth + 1 - layer(n)), decays), []).append(p)
     opt = torch.optim.AdamW([dict(params=ps, lr_mult=lr, wd_mult=wd) for (lr, wd), ps in sorted(groups.items())[::-1]],
                             lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    return opt, torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    return dict(opt=opt, scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"))
 
 def test_hack_layer_wise_lr_decay(tmp_path, tiles, monkeypatch):
     for name, value in (("Config", LrDecayConfig), ("make_optimizer", lr_decay_optimizer)):
@@ -1511,9 +1513,9 @@ def test_peak_flops_matches_whole_gpu_names_and_cpu_has_no_mfu(monkeypatch):
     cfg, cpu = g2l.Config(img_size=32, student_img_size=32, precision="fp32", compile="off"), torch.device("cpu")
     vit, spec = g2l.load_model("vit_tiny_patch16_224", kwargs=KW_S, img_size=32)
     student = g2l.Student(cfg, vit, spec, spec)
-    opt, scaler = g2l.make_optimizer(cfg, student, cpu)
     teacher = g2l.frozen_teacher(cfg, *g2l.load_model("vit_tiny_patch16_224", kwargs=KW_S, img_size=32), cpu)
-    tr = g2l.Trainer(device=cpu, teachers=[teacher] * 2, student=student, wrapped=student, opt=opt, scaler=scaler)
+    tr = g2l.Trainer(device=cpu, teachers=[teacher] * 2, student=student, wrapped=student,
+                     **g2l.make_optimizer(cfg, student, cpu))
     speed = g2l.Speed(cfg, tr, 8)  # every teacher's forward counts: here two
     assert speed.flops == 8 * 5 * g2l.forward_flops(vit, 32) == 8 * (2 * teacher.flops + 3 * teacher.flops)
     speed.steps = 1
