@@ -338,6 +338,19 @@ def test_student_size_matches_teacher_grid_and_resize_fallback():
     ref = F.interpolate(pmap * 2 + 0.5, size=(16, 12), mode="bilinear", align_corners=False)
     assert ls.shape == (2, 48, 16, 12) and (ls - ref).abs().max() < 1e-5
 
+def test_the_target_is_the_teachers_mean_and_chunks_change_nothing():
+    """Every teacher set up by frozen_teacher enters the target (their mean Features), at any --teacher-chunk."""
+    cfg, cpu, x = g2l.Config(img_size=28, compile="off"), torch.device("cpu"), torch.rand(4, 3, 28, 28)
+    one, two = (g2l.frozen_teacher(cfg, *g2l.load_model("vit_small_patch14_dinov2", kwargs=KW_T, img_size=28), cpu)
+                for _ in range(2))
+    assert not one.model.training and not any(p.requires_grad for p in one.model.parameters())
+    with torch.no_grad():
+        a, b, t = g2l.encode(one.model, one.spec, x), g2l.encode(two.model, two.spec, x), g2l.target(cfg, [one, two], x)
+        chunked = g2l.target(dataclasses.replace(cfg, teacher_chunk=3), [one, two], x)
+    for name in g2l.Features._fields:
+        assert torch.allclose(getattr(t, name), (getattr(a, name) + getattr(b, name)) / 2, atol=1e-6), name
+        assert torch.allclose(getattr(chunked, name), getattr(t, name), atol=1e-6), name
+
 def test_student_cut_from_teacher_blocks_computes_those_blocks(tmp_path):
     """examples/student_from_teacher.py: a shallower pretrained student whose block j is teacher block blocks[j];
     it loads through --student-weights at depth len(blocks) and computes exactly those teacher blocks."""
@@ -1282,13 +1295,12 @@ class LrDecayConfig(g2l.Config):
 
 def lr_decay_optimizer(cfg, student, device):
     """make_optimizer with the layer-wise lr decay of examples/HACKING.md: a group per (layer, decays)."""
-    depth = len(student.backbone.blocks)
+    groups, depth = {}, len(student.backbone.blocks)
     layer = lambda n: int(n.split(".")[2]) + 1 if n.startswith("backbone.blocks.") else \
-        0 if n.startswith("backbone.") and not n.startswith("backbone.norm") else depth + 1
-    groups = {}
+        0 if n.startswith("backbone.") and not n.startswith("backbone.norm") else depth + 1  # embeddings: 0
     for n, p in student.named_parameters():
-        decays = float(p.ndim >= 2 and "pos_embed" not in n and "token" not in n)
-        groups.setdefault((cfg.lr_decay ** (depth + 1 - layer(n)), decays), []).append(p)
+        lr = cfg.lr_decay ** (depth + 1 - layer(n))
+        groups.setdefault((lr, float(p.ndim >= 2 and "pos_embed" not in n and "token" not in n)), []).append(p)
     opt = torch.optim.AdamW([dict(params=ps, lr_mult=lr, wd_mult=wd) for (lr, wd), ps in sorted(groups.items())[::-1]],
                             lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     return dict(opt=opt, scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"))
