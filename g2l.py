@@ -653,8 +653,7 @@ class Teacher(NamedTuple):  # a frozen teacher as the run uses it, set up in one
     flops: float      # forward FLOPs per image at --img-size, for the MFU
 
 def frozen_teacher(cfg, model, spec, device):
-    """Frozen (never trained, in no optimizer or checkpoint), its weights in the autocast dtype on a GPU (no optimizer
-    state to keep in fp32), its encode compiled with the student, its FLOPs counted."""
+    """Frozen (in no optimizer or checkpoint), in the autocast dtype on a GPU (no optimizer state), FLOPs counted."""
     model.eval().requires_grad_(False)
     if device.type == "cuda" and cfg.precision != "fp32":
         model.to(DTYPES[cfg.precision])
@@ -788,8 +787,7 @@ class Progress:
 
 @dataclasses.dataclass(kw_only=True)
 class Trainer:
-    """What a step needs besides the config, and the run's state in one place: save_checkpoint, resume and export
-    iterate over state(); an extension registers its own in `extra` (an EMA: a Student there is exported too)."""
+    """What a step needs, and the run's state in one place: save_checkpoint, resume and export iterate over state()."""
     device: torch.device
     teachers: list          # Teacher (frozen_teacher): the target is their mean
     student: Student        # saved, evaluated and exported
@@ -797,7 +795,7 @@ class Trainer:
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     progress: Progress = dataclasses.field(default_factory=Progress)
-    extra: dict = dataclasses.field(default_factory=dict)  # name -> anything with a state_dict(), saved and resumed
+    extra: dict = dataclasses.field(default_factory=dict)  # an extension's state by name (an EMA); a Student: exported
     def state(self):
         return dict(student=self.student, optimizer=self.opt, scaler=self.scaler, **self.extra)
     def state_dict(self):  # ckpt.pt: each piece's state, the progress, torch's global RNG (init; the views have theirs)
@@ -805,8 +803,11 @@ class Trainer:
         return dict({k: v.state_dict() for k, v in self.state().items()}, **dataclasses.asdict(self.progress),
                     rng=dict(torch=torch.get_rng_state(), cuda=cuda))
     def load_state_dict(self, sd):
+        mults = [(g["lr_mult"], g["wd_mult"]) for g in self.opt.param_groups]  # the config's, not the checkpoint's
         for k, v in self.state().items():
             v.load_state_dict(sd[k])
+        for i, g in enumerate(self.opt.param_groups):
+            g["lr_mult"], g["wd_mult"] = mults[i]
         self.progress = Progress(**{f.name: sd[f.name] for f in dataclasses.fields(Progress)})
         torch.set_rng_state(sd["rng"]["torch"])
         if self.device.type == "cuda" and sd["rng"]["cuda"] is not None:
@@ -1067,8 +1068,7 @@ def index_folder(folder):
         raise UsageError(f"error: data folder {folder} does not exist; pass --data with folders of tiles "
                          "(e.g. the --out of prep_tiles.py), or add --demo to use the bundled demo tiles")
     csv_file = folder if os.path.isfile(folder) else os.path.join(folder, MANIFEST)
-    pairs = read_manifest(csv_file) if os.path.isfile(csv_file) else walk_images(folder)[0]
-    tiles = group_tiles(sorted(pairs))  # sorted: the same order on every file system
+    tiles = group_tiles(sorted(read_manifest(csv_file) if os.path.isfile(csv_file) else walk_images(folder)[0]))
     folder = os.path.dirname(csv_file)  # the tiles' paths are relative to the CSV
     if not len(tiles):
         raise SystemExit(f"error: no images ({', '.join(IMG_EXTS)}) under {folder}; "

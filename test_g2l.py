@@ -213,7 +213,7 @@ def test_virchow2_embedding_is_cls_then_mean_patch_token():
     assert spec.embed == "cls+mean" and spec.dim == 64 and model.num_prefix_tokens == 5  # CLS + 4 registers
     x = torch.rand(3, 3, 28, 28)
     with torch.no_grad():
-        g, _ = g2l.encode(model.eval(), spec, x)
+        g = g2l.encode(model.eval(), spec, x).global_
         mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
         tokens = model.forward_features((x - mean) / std)
     assert torch.allclose(g, torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], 1), atol=1e-6)  # registers left out
@@ -662,6 +662,27 @@ def test_a_third_optimizer_group_follows_warmup_and_cosine_by_its_own_multiplier
     assert all(a["lr"][2] > b["lr"][2] for a, b in zip(seen.steps[2:], seen.steps[3:]))
     rows = metrics(tmp_path / "run")
     assert [r["lr"] for r in rows] == pytest.approx([TRACED["lr"] * schedule(r["step"] - 1) for r in rows], rel=1e-9)
+
+def test_the_trainer_state_round_trips_and_the_configs_multipliers_win(tmp_path):
+    """Trainer.state_dict() is ckpt.pt's contents; load_state_dict restores it, extras included, and keeps the groups'
+    multipliers as the config builds them (a checkpoint from before the multipliers, or another --lr-decay)."""
+    cfg, cpu = g2l.Config(img_size=28, student_img_size=32, precision="fp32", compile="off"), torch.device("cpu")
+    teacher = g2l.frozen_teacher(cfg, *g2l.load_model("vit_small_patch14_dinov2", kwargs=KW_T, img_size=28), cpu)
+    def trainer(seed):
+        torch.manual_seed(seed)
+        student = g2l.build_student(cfg, teacher, *g2l.load_model("vit_tiny_patch16_224", kwargs=KW_S), cpu)
+        return g2l.Trainer(device=cpu, teachers=[teacher], student=student, wrapped=student,
+                           extra=dict(ema=copy.deepcopy(student)), **g2l.make_optimizer(cfg, student, cpu))
+    a, b = trainer(0), trainer(1)
+    a.progress = g2l.Progress(step=3, samples=24, first=dict(loss=1.0))
+    sd = a.state_dict()
+    assert {"student", "optimizer", "scaler", "ema", "step", "samples", "first", "rng"} <= set(sd)
+    for g in sd["optimizer"]["param_groups"]:  # as a checkpoint made before the multipliers
+        del g["lr_mult"], g["wd_mult"]
+    b.load_state_dict(sd)
+    assert b.progress == a.progress and [(g["lr_mult"], g["wd_mult"]) for g in b.opt.param_groups] == [(1, 1), (1, 0)]
+    for k in ("student", "ema"):
+        assert all(torch.equal(v, b.state()[k].state_dict()[n]) for n, v in a.state()[k].state_dict().items()), k
 
 def test_weight_decay_groups_by_parameter_name(traced):
     decay, plain = traced.names
@@ -1319,7 +1340,7 @@ def test_hack_layer_wise_lr_decay(tmp_path, tiles, monkeypatch):
             h.remove()
     assert sorted(set(seen.steps[0]["lr_mult"])) == [0.125, 0.25, 0.5, 1.0]  # embeddings, block 0, block 1, the rest
     follows_the_schedule(seen.steps)
-    mult = {n: m for names, m in zip(seen.names, seen.steps[0]["lr_mult"]) for n in names}
+    mult = {n: seen.steps[0]["lr_mult"][i] for i, names in enumerate(seen.names) for n in names}
     assert mult["backbone.patch_embed.proj.weight"] == 0.125 and mult["backbone.blocks.1.mlp.fc1.weight"] == 0.5
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
 
