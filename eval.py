@@ -150,8 +150,8 @@ def extract(m, paths, a):
     dl = torch.utils.data.DataLoader(TileDataset(paths, m["size"] or spec.size), batch_size=a.batch_size,
                                      num_workers=a.workers, worker_init_fn=quiet_worker)  # main decides on a signal
     def pooled(x):
-        g, pmap = encode(model, spec, x)
-        mean = pmap.flatten(2).mean(2)
+        f = encode(model, spec, x)
+        g, mean = f.global_, f.tokens.flatten(2).mean(2)
         return {"cls": g, "mean": mean, "cls+mean": torch.cat([g, mean], 1)}[a.pooling]
     dev = torch.device(a.device)
     amp = lambda: torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda")

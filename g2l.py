@@ -22,7 +22,7 @@ import argparse, contextlib, csv, dataclasses, fcntl, functools, gc, hashlib, in
 import re, resource, shlex, shutil, signal, sys, time, warnings
 from collections import deque
 from pathlib import Path
-from typing import Literal, NamedTuple, Optional, get_args
+from typing import Callable, Literal, NamedTuple, Optional, get_args
 
 import numpy as np
 import torch
@@ -275,7 +275,7 @@ def load_tile(path, size):
 class TileDataset(torch.utils.data.Dataset):
     """uint8 tiles, augmented later on the device; an unreadable tile is replaced by the next readable one, counted."""
     def __init__(self, tiles, size):  # tiles: Tiles, or a list of paths
-        self.tiles = tiles if isinstance(tiles, Tiles) else tiles_from_paths(list(tiles))
+        self.tiles = tiles if isinstance(tiles, Tiles) else group_tiles(map(os.path.split, tiles))  # in their order
         self.size = size
     def __len__(self):
         return len(self.tiles)
@@ -421,16 +421,6 @@ def crop_flip(x, p, size):
     x = torch.where(p["hflip"][:, None, None, None], x.flip(-1), x)
     return torch.where(p["vflip"][:, None, None, None], x.flip(-2), x)
 
-CONSTANTS = {}
-def constant(values, device):
-    """A small fp32 constant on the device, made once: on CUDA each torch.tensor(..., device=) is a copy that waits
-    for the stream. A compiled graph holds its constants itself, so there it is made in the graph."""
-    if torch.compiler.is_compiling():
-        return torch.tensor(values, device=device)
-    if (values, device) not in CONSTANTS:
-        CONSTANTS[values, device] = torch.tensor(values, device=device)
-    return CONSTANTS[values, device]
-
 GRAY = (0.299, 0.587, 0.114)
 YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
 YIQ_INV = tuple(map(tuple, torch.linalg.inv(torch.tensor(YIQ)).tolist()))  # fp32 values: tolist keeps them exact
@@ -464,16 +454,6 @@ def colour_blur(x, p):
         z = F.conv2d(F.pad(z, (0, 0, r, r), mode="reflect"), k[:, None, :, None], groups=z.shape[1])
         x = x.index_copy(0, idx, z.view(len(idx), 3, *x.shape[2:]))
     return x
-
-def to_device(p, device):
-    """The draws on the device in one pinned, non-blocking copy (fp32 holds the flags exactly), but the blur mask,
-    which stays on the host: colour_blur takes its indices, and on the device that would be a sync."""
-    moved = {k: v for k, v in p.items() if k != "blur"}
-    if torch.device(device).type != "cuda":
-        return dict({k: v.to(device) for k, v in moved.items()}, blur=p["blur"])  # a no-op on the CPU
-    flat = torch.cat([v.float().flatten() for v in moved.values()]).pin_memory().to(device, non_blocking=True)
-    parts = flat.split([v.numel() for v in moved.values()])
-    return dict({k: part.view(v.shape).to(v.dtype) for (k, v), part in zip(moved.items(), parts)}, blur=p["blur"])
 
 def make_views(x, cfg, step, micro, device):
     """uint8 tiles -> (teacher view, student view), float [0,1] on the device. G2L: the same view (--views same)."""
@@ -655,9 +635,9 @@ def encode(model, spec, x):
     mean, std = (constant(tuple(v), x.device).view(1, 3, 1, 1) for v in (spec.mean, spec.std))
     feats = model.forward_features((x - mean) / std)
     if feats.ndim == 2:  # one vector per image: no tokens (train it with --w-local 0)
-        return Features(feats, None)
+        return Features(global_=feats, tokens=None)
     if feats.ndim == 4:  # convolutional: [B, C, h, w]
-        return Features(model.forward_head(feats, pre_logits=True), feats)
+        return Features(global_=model.forward_head(feats, pre_logits=True), tokens=feats)
     patches = feats[:, model.num_prefix_tokens:]  # after CLS + registers, never a hard-coded [:, 1:]
     h, w = x.shape[-2] // spec.patch, x.shape[-1] // spec.patch
     tokens = patches.transpose(1, 2).reshape(feats.shape[0], -1, h, w)
@@ -665,7 +645,26 @@ def encode(model, spec, x):
         g = torch.cat([feats[:, 0], patches.mean(1)], 1)
     else:  # the model's pooled pre-logits output (CLS for DINOv2-style models)
         g = model.forward_head(feats, pre_logits=True)
-    return Features(g, tokens)
+    return Features(global_=g, tokens=tokens)
+
+class Teacher(NamedTuple):  # a frozen teacher as the run uses it, set up in one place: frozen_teacher
+    model: nn.Module
+    spec: Spec
+    encode: Callable  # x -> its Features: encode, compiled under --compile (forward_features is not `forward`)
+    flops: float      # forward FLOPs per image at --img-size, for the MFU
+
+def frozen_teacher(cfg, model, spec, device):
+    """Frozen (in no optimizer or checkpoint), in the autocast dtype on a GPU (no optimizer state), FLOPs counted."""
+    model.eval().requires_grad_(False)
+    if device.type == "cuda" and cfg.precision != "fp32":
+        model.to(DTYPES[cfg.precision])
+    run = functools.partial(torch.compile(encode) if cfg.compile == "on" else encode, model, spec)
+    return Teacher(model=model, spec=spec, encode=run, flops=forward_flops(model, cfg.img_size))
+
+def target(cfg, teachers, x):
+    """What the student learns to predict: the teachers' mean Features, each run on --teacher-chunk images at a time."""
+    outs = [[t.encode(c)._asdict() for c in x.split(cfg.teacher_chunk or len(x))] for t in teachers]  # [teacher][chunk]
+    return Features(**{k: torch.stack([torch.cat([c[k] for c in o]) for o in outs]).mean(0) for k in outs[0][0]})
 
 def projection(kind, d_in, d_out):
     """A projection head: linear, or an MLP (hidden 2x d_out) that absorbs the mismatch so the backbone need not."""
@@ -674,13 +673,13 @@ def projection(kind, d_in, d_out):
     return nn.Sequential(nn.Linear(d_in, 2 * d_out), nn.GELU(), nn.Linear(2 * d_out, d_out))
 
 class Student(nn.Module):
-    """The trainable part: the student backbone (a timm model) + projection heads into the teacher's space; the only
-    module given to the optimizer, DDP and the checkpoint. Its tokens are resized to the teacher's grid."""
-    def __init__(self, backbone, spec, teacher_dim, teacher_width, grid=None, head="linear"):
-        super().__init__()  # grid: the teacher's patch grid; None: no local head (global loss only)
-        self.backbone, self.spec, self.grid = backbone, spec, grid and tuple(grid)
-        self.global_head = projection(head, spec.dim, teacher_dim)
-        self.local_head = projection(head, spec.width, teacher_width) if grid else None
+    """The trainable part: the student backbone (a timm model) + projection heads into the teacher's space (teacher: its
+    Spec), the one module in the optimizer, DDP and checkpoint. A head exists if its loss weighs > 0 (global: always)"""
+    def __init__(self, cfg, backbone, spec, teacher):
+        super().__init__()
+        self.backbone, self.spec, self.grid = backbone, spec, (cfg.img_size // teacher.patch,) * 2
+        self.global_head = projection(cfg.head, spec.dim, teacher.dim)
+        self.local_head = projection(cfg.head, spec.width, teacher.width) if loss_weights(cfg)["l_local"] > 0 else None
     def forward(self, x):
         """encode's Features with the heads applied (any other field passes through as it is)."""
         f, tokens = encode(self.backbone, self.spec, x), None
@@ -691,26 +690,21 @@ class Student(nn.Module):
                 tokens = F.interpolate(tokens, size=self.grid, mode="bilinear", align_corners=False)
         return f._replace(global_=self.global_head(f.global_), tokens=tokens)
 
-def build_student(cfg, teacher, spec_t, backbone, spec_s, device):
-    """Frozen teacher, trainable Student at the resolved sizes; shapes checked once, loudly."""
-    grid = (cfg.img_size // spec_t.patch,) * 2
+def build_student(cfg, teacher, backbone, spec_s, device):
+    """The trainable Student at the resolved sizes; shapes checked once against the teacher (a Teacher), loudly."""
     if spec_s.patch and hasattr(backbone, "set_input_size"):
         backbone.set_input_size(img_size=cfg.student_img_size)
-    teacher.eval().requires_grad_(False)  # frozen: never trained, never in the optimizer or a checkpoint
-    if device.type == "cuda" and cfg.precision != "fp32":
-        teacher.to(DTYPES[cfg.precision])  # no optimizer state, so the weights can live in bf16/fp16 outright
-    local = grid if loss_weights(cfg)["l_local"] > 0 else None
-    student = Student(backbone, spec_s, spec_t.dim, spec_t.width, local, cfg.head).to(device)
+    student, spec_t = Student(cfg, backbone, spec_s, teacher.spec).to(device), teacher.spec
     if cfg.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     with torch.no_grad(), autocast(cfg, device):
-        t = encode(teacher, spec_t, torch.rand(2, 3, cfg.img_size, cfg.img_size, device=device))
+        t = encode(teacher.model, spec_t, torch.rand(2, 3, cfg.img_size, cfg.img_size, device=device))
         s = student(torch.rand(2, 3, cfg.student_img_size, cfg.student_img_size, device=device))
     assert s.global_.shape == t.global_.shape, f"global shapes: {tuple(s.global_.shape)} vs {tuple(t.global_.shape)}"
     assert s.tokens is None or s.tokens.shape == t.tokens.shape, f"token maps: {s.tokens.shape} vs {t.tokens.shape}"
     n = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
-    print0(f"teacher {cfg.teacher} ({spec_t.source}): {n(teacher):.1f}M params, {cfg.img_size}px, "
-           f"grid {grid[0]}x{grid[1]}, dim {spec_t.dim}")
+    print0(f"teacher {cfg.teacher} ({spec_t.source}): {n(teacher.model):.1f}M params, {cfg.img_size}px, "
+           f"grid {student.grid[0]}x{student.grid[1]}, dim {spec_t.dim}")
     print0(f"student {cfg.student} ({spec_s.source}): {n(backbone):.1f}M params, {cfg.student_img_size}px, "
            f"patch {spec_s.patch or '-'}, dim {spec_s.dim}")
     return student
@@ -776,36 +770,57 @@ def lr_factor(step, cfg):
     return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 def make_optimizer(cfg, student, device):
-    """AdamW (fused on CUDA); no weight decay on biases, norms, tokens and position embeddings."""
-    decays = lambda n, p: p.ndim >= 2 and "pos_embed" not in n and "token" not in n
-    groups = [[p for n, p in student.named_parameters() if decays(n, p) == d] for d in (True, False)]
-    opt = torch.optim.AdamW([{"params": groups[0], "weight_decay": cfg.weight_decay},
-                             {"params": groups[1], "weight_decay": 0.0}], lr=cfg.lr, fused=device.type == "cuda")
-    return opt, torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # bf16 needs no scaler
+    """AdamW (fused on CUDA); each group carries its own lr and weight-decay multipliers (lr_mult, wd_mult), which
+    distil_step's schedule applies: no weight decay on biases, norms, tokens and position embeddings."""
+    groups = {}
+    for n, p in student.named_parameters():
+        groups.setdefault((1.0, float(p.ndim >= 2 and "pos_embed" not in n and "token" not in n)), []).append(p)
+    opt = torch.optim.AdamW([dict(params=ps, lr_mult=lr, wd_mult=wd) for (lr, wd), ps in sorted(groups.items())[::-1]],
+                            lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    return dict(opt=opt, scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"))  # bf16: none
 
 @dataclasses.dataclass
+class Progress:
+    """Where the run is, as the checkpoint keeps it."""
+    step: int = 0
+    samples: int = 0     # tiles drawn over all ranks: where a resumed sampler starts
+    first: dict = dataclasses.field(default_factory=dict)  # the first logged loss and the figures before training
+
+@dataclasses.dataclass(kw_only=True)
 class Trainer:
-    """What a step needs besides the config: the models and the optimizer."""
+    """What a step needs, and the run's state in one place: save_checkpoint, resume and export iterate over state()."""
     device: torch.device
-    teacher: nn.Module
-    spec_t: Spec
+    teachers: list          # Teacher (frozen_teacher): the target is their mean
     student: Student        # saved, evaluated and exported
     wrapped: nn.Module      # the same student under DDP and/or torch.compile: the step's forward and backward
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-
-@functools.cache
-def compiled(fn):
-    return torch.compile(fn)
+    progress: Progress = dataclasses.field(default_factory=Progress)
+    extra: dict = dataclasses.field(default_factory=dict)  # an extension's state by name (an EMA); a Student: exported
+    def state(self):
+        return dict(student=self.student, optimizer=self.opt, scaler=self.scaler, **self.extra)
+    def state_dict(self):  # ckpt.pt: each piece's state, the progress, torch's global RNG (init; the views have theirs)
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return dict({k: v.state_dict() for k, v in self.state().items()}, **dataclasses.asdict(self.progress),
+                    rng=dict(torch=torch.get_rng_state(), cuda=cuda))
+    def load_state_dict(self, sd):
+        mults = [(g["lr_mult"], g["wd_mult"]) for g in self.opt.param_groups]  # the config's, not the checkpoint's
+        for k, v in self.state().items():
+            v.load_state_dict(sd[k])
+        for i, g in enumerate(self.opt.param_groups):
+            g["lr_mult"], g["wd_mult"] = mults[i]
+        self.progress = Progress(**{f.name: sd[f.name] for f in dataclasses.fields(Progress)})
+        torch.set_rng_state(sd["rng"]["torch"])
+        if self.device.type == "cuda" and sd["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(sd["rng"]["cuda"], self.device)
 
 def distil_step(cfg, tr, step, batches):
     """One optimizer step over --grad-accum micro-batches: views -> teacher -> student -> losses -> update.
     Returns ({term: value, "loss": total}, grad norm or None when the loss was not finite and the update skipped,
     tiles this rank skipped as unreadable)."""
     decay = lr_factor(step, cfg)
-    for group, wd in zip(tr.opt.param_groups, (cfg.weight_decay * decay, 0.0)):  # lr and weight decay decay together
-        group["lr"], group["weight_decay"] = cfg.lr * decay, wd
-    teacher_encode = compiled(encode) if cfg.compile == "on" else encode  # forward_features is not `forward`
+    for g in tr.opt.param_groups:  # lr and weight decay decay together, each group by its own multipliers
+        g["lr"], g["weight_decay"] = cfg.lr * decay * g["lr_mult"], cfg.weight_decay * decay * g["wd_mult"]
     weights, logged, n_bad = loss_weights(cfg), {}, 0
     for micro in range(cfg.grad_accum):
         x, skipped = next(batches)
@@ -816,8 +831,7 @@ def distil_step(cfg, tr, step, batches):
         sync = contextlib.nullcontext if last else tr.wrapped.no_sync  # DDP: all-reduce at the last micro-step only
         with autocast(cfg, tr.device), sync():
             with torch.no_grad():  # not inference_mode: these tensors enter the loss
-                outs = [teacher_encode(tr.teacher, tr.spec_t, c) for c in xt.split(cfg.teacher_chunk or len(xt))]
-                t = outs[0]._make(torch.cat(parts) for parts in zip(*outs))
+                t = target(cfg, tr.teachers, xt)
             s = tr.wrapped(xs)
         terms = loss_terms(cfg, s, t)  # in fp32
         terms["loss"] = sum(weights[k] * v for k, v in terms.items())
@@ -855,22 +869,15 @@ def evaluate(cfg, tr, val):
     """Agreement on validation tiles: centred cosine and linear CKA of projected student vs teacher globals."""
     s = tr.student.eval()
     student = lambda x: s.global_head(encode(s.backbone, s.spec, student_view(x, cfg)).global_)  # no local head
-    teacher = lambda x: encode(tr.teacher, tr.spec_t, x).global_
+    teacher = lambda x: torch.stack([encode(t.model, t.spec, x).global_ for t in tr.teachers]).mean(0)  # as target
     (zs, zt), _ = extract_features(val, [student, teacher], tr.device, lambda: autocast(cfg, tr.device))
     s.train()
     return dict(val_cos=round(centred_cosine(zs, zt), 4), val_cka=round(linear_cka(zs, zt), 4),
                 val_cos_raw=round(float(F.cosine_similarity(zs, zt).mean()), 4))
 
-@dataclasses.dataclass
-class Progress:
-    """Where the run is, as the checkpoint keeps it."""
-    step: int = 0
-    samples: int = 0     # tiles drawn over all ranks: where a resumed sampler starts
-    first: dict = dataclasses.field(default_factory=dict)  # the first logged loss and the figures before training
-
-def train_loop(cfg, tr, at, batches, val, metrics, stop):
+def train_loop(cfg, tr, batches, val, metrics, stop):
     """Steps until --steps, a stop signal, G2L's early stop or too many bad steps/tiles: (reason, exit code, last)."""
-    rank, world = rank_world()
+    (rank, world), at = rank_world(), tr.progress
     tiles_per_step = cfg.batch_size * world * cfg.grad_accum  # all ranks' tiles
     n_bad = seen = 0  # unreadable tiles and tiles drawn, this session
     bad_steps = above = 0  # non-finite steps in a row; steps in a row above the running mean (--early-stop)
@@ -906,13 +913,13 @@ def train_loop(cfg, tr, at, batches, val, metrics, stop):
                 if bad > cfg.max_bad_frac * seen and bad > 10:
                     return f"stopped: {bad} of {seen} tiles were unreadable (over --max-bad-frac); " \
                         "see the warnings", 1, last
-                last = dict(step=at.step, **log_row(terms, gnorm, tr, speed.measure(), bad))
+                last = dict(step=at.step, **log_row(cfg, at.step, terms, gnorm, speed.measure(), bad))
                 last.update(evaluate(cfg, tr, val) if evaluating else {})
                 at.first.setdefault("loss", last["loss"])
                 log(last, metrics)
                 speed.restart()  # evaluation and logging are not training time
             if at.step % cfg.ckpt_every == 0 and at.step < cfg.steps:
-                save_checkpoint(cfg, tr, at)
+                save_checkpoint(cfg, tr)
             if world > 1 and all_sum(torch.tensor(float(bool(stop)), device=tr.device)) > 0:
                 stop.setdefault("by", signal.SIGTERM)  # signals reach ranks at different steps: stop together
             if stop:
@@ -920,10 +927,10 @@ def train_loop(cfg, tr, at, batches, val, metrics, stop):
                     128 + stop["by"], last
     return "done", 0, last
 
-def log_row(terms, gnorm, tr, speed, bad):
-    """A metrics row: the total loss and each term (rounded), the learning rate, grad norm, speed, bad tiles."""
+def log_row(cfg, step, terms, gnorm, speed, bad):
+    """A metrics row: the total loss and each term (rounded), the step's base lr, grad norm, speed, bad tiles."""
     return dict({"loss": round(terms["loss"], 5)}, **{k: round(v, 5) for k, v in terms.items() if k != "loss"},
-                lr=tr.opt.param_groups[0]["lr"], grad_norm=round(gnorm, 4), **speed, bad_tiles=bad)
+                lr=cfg.lr * lr_factor(step - 1, cfg), grad_norm=round(gnorm, 4), **speed, bad_tiles=bad)
 
 def log(row, metrics):
     """One metrics.jsonl row and one log line (rank 0)."""
@@ -965,35 +972,34 @@ def main(argv=None):
         tiles, val_tiles = load_data(cfg)  # a bad --data fails before any model
         teacher, spec_t, backbone, spec_s, teacher_kwargs = load_models(cfg, device)
         cfg = final_config(cfg, device, spec_t, spec_s, len(tiles), teacher_kwargs)  # never changed after
-        student = build_student(cfg, teacher, spec_t, backbone, spec_s, device)
-        opt, scaler = make_optimizer(cfg, student, device)
-        at = end["at"] = resume(cfg, student, opt, scaler, device)
-        metrics = start_run_folder(cfg, spec_t, spec_s, len(tiles), len(val_tiles), at.step)
-        wrapped = student
-        if rank_world()[1] > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            wrapped = nn.parallel.DistributedDataParallel(student, device_ids=ids)
-        wrapped = torch.compile(wrapped) if cfg.compile == "on" else wrapped
-        tr = Trainer(device, teacher, spec_t, student, wrapped, opt, scaler)
+        teachers = [frozen_teacher(cfg, teacher, spec_t, device)]
+        student = build_student(cfg, teachers[0], backbone, spec_s, device)
+        ddp = lambda m: nn.parallel.DistributedDataParallel(m, device_ids=[device] if device.type == "cuda" else None)
+        wrapped = ddp(student) if rank_world()[1] > 1 else student  # the student only: the teacher has no gradients
+        tr = Trainer(device=device, teachers=teachers, student=student, **make_optimizer(cfg, student, device),
+                     wrapped=torch.compile(wrapped) if cfg.compile == "on" else wrapped)
+        resume(cfg, tr)
+        end["at"] = tr.progress  # the run started: run_lock writes how it ends
+        metrics = start_run_folder(cfg, spec_t, spec_s, len(tiles), len(val_tiles), tr.progress.step)
         stop, handlers = catch_stop_signals()  # SIGINT / SIGTERM: finish the step, save, export, exit cleanly
-        batches = make_batches(cfg, tiles, at.samples, device)
+        batches = make_batches(cfg, tiles, tr.progress.samples, device)
         # its workers ignore SIGTERM (quiet_worker), so a terminate() at exit would not end them: stop them ourselves
         cleanup.callback(getattr(batches, "_shutdown_workers", lambda: None))
         val = None if rank_world()[0] != 0 or not val_tiles else torch.utils.data.DataLoader(
             TileDataset(val_tiles, cfg.img_size), batch_size=cfg.batch_size, num_workers=min(cfg.workers, 2),
             worker_init_fn=quiet_worker, pin_memory=device.type == "cuda")
-        reason, code, last = end["ending"] = train_loop(cfg, tr, at, batches, val, metrics, stop)
-        save_checkpoint(cfg, tr, at)
+        reason, code, last = end["ending"] = train_loop(cfg, tr, batches, val, metrics, stop)
+        save_checkpoint(cfg, tr)
         if rank_world()[0] == 0:
             metrics.close()
             if not cfg.synthetic:
-                export(student, cfg, cfg.out)
+                export(cfg, tr.state())
         for s, h in handlers.items():  # only now: a signal during the last save or export must not cut it short
             signal.signal(s, h)
         if dist.is_initialized():
             dist.barrier()
             cleanup.callback(dist.destroy_process_group)  # after the summary: print0 asks torch.distributed its rank
-        summary(cfg, reason, at.first, last, Path(cfg.out))
+        summary(cfg, reason, tr.progress.first, last, Path(cfg.out))
         if code:  # the job was not done: a scheduler or script must see it (after saving and exporting)
             raise SystemExit(code)
         return last
@@ -1012,7 +1018,11 @@ def set_up(cfg):
 # ============================================================================= plumbing: skip on a first read
 # ----------------------------------------------------------------------------- tile listing at scale
 MANIFEST = "tiles.csv"  # prep_tiles.py lists every tile it wrote here: a folder with one is read, never walked
-CACHE_MIN = 50_000      # a walked folder with at least this many tiles keeps its listing in ~/.cache/g2l
+
+def find_images(folders):
+    """All images under the folders (recursive), sorted; the parent folder is the slide id."""
+    tiles = index_tiles(folders)
+    return [tiles.path(i) for i in range(len(tiles))]
 
 def group_tiles(pairs):
     """Tiles from (folder, file name) pairs, in their order: one slide per folder."""
@@ -1020,10 +1030,6 @@ def group_tiles(pairs):
     slide = np.array([dirs.setdefault(d, len(dirs)) for d, _ in pairs], dtype=np.int32)
     names = np.array([os.fsencode(n) for _, n in pairs], dtype="S")
     return Tiles(np.array([os.fsencode(d) for d in dirs], dtype="S"), slide, names)
-
-def tiles_from_paths(paths):
-    """Tiles from a list of paths, in the given order (eval.py's labels follow it)."""
-    return group_tiles(map(os.path.split, paths))
 
 def concat_tiles(parts):
     off = np.cumsum([0] + [len(t.dirs) for t in parts])
@@ -1058,33 +1064,13 @@ def read_manifest(path):
         raise UsageError(f"error: --data {path} is neither a tile folder nor a CSV with a 'path' column "
                          f"({one_line(e, 80)}); give folders of tiles or such a CSV (paths relative to it)")
 
-def walk_cached(folder):
-    """Tiles relative to `folder`: the cached listing while no folder in the tree changed (entries added or
-    removed change a folder's mtime), else a walk, cached when large (small trees walk in milliseconds)."""
-    key = hashlib.sha1(os.fsencode(os.path.realpath(folder))).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "g2l" / f"tiles-{key}.npz"
-    with contextlib.suppress(Exception):  # no cache, a stale one or an unreadable one: walk
-        z = np.load(cache)
-        stamp = lambda d: os.stat(os.path.join(folder, os.fsdecode(d))).st_mtime_ns
-        if all(stamp(d) == m for d, m in zip(z["walked"], z["mtimes"])):
-            return Tiles(z["dirs"], z["slide"], z["names"])
-    pairs, stamps = walk_images(folder)
-    tiles = group_tiles(sorted(pairs))  # sorted: the same order on every file system
-    if len(tiles) >= CACHE_MIN:
-        with contextlib.suppress(OSError):  # a read-only home only means no cache
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_open(cache, "wb") as f:
-                np.savez(f, dirs=tiles.dirs, slide=tiles.slide, names=tiles.names, mtimes=[m for _, m in stamps],
-                         walked=np.array([os.fsencode(d) for d, _ in stamps], dtype="S"))
-    return tiles
-
 def index_folder(folder):
-    """One --data folder: its manifest (written by prep_tiles.py) if it has one, else a (cached) walk; or a CSV."""
+    """One --data folder: its manifest (written by prep_tiles.py) if it has one, else a walk; or a CSV."""
     if not os.path.exists(folder):
         raise UsageError(f"error: data folder {folder} does not exist; pass --data with folders of tiles "
                          "(e.g. the --out of prep_tiles.py), or add --demo to use the bundled demo tiles")
     csv_file = folder if os.path.isfile(folder) else os.path.join(folder, MANIFEST)
-    tiles = group_tiles(sorted(read_manifest(csv_file))) if os.path.isfile(csv_file) else walk_cached(folder)
+    tiles = group_tiles(sorted(read_manifest(csv_file) if os.path.isfile(csv_file) else walk_images(folder)[0]))
     folder = os.path.dirname(csv_file)  # the tiles' paths are relative to the CSV
     if not len(tiles):
         raise UsageError(f"error: no images ({', '.join(IMG_EXTS)}) under {folder}; "
@@ -1179,19 +1165,14 @@ def atomic_open(path, mode="w", **kw):
         with contextlib.suppress(OSError):  # a failed write leaves no temp file behind
             os.remove(tmp)
 
-def save_checkpoint(cfg, tr, at):
-    """ckpt.pt, written whole or not at all (temp file, fsync, rename); a --synthetic run keeps nothing."""
+def save_checkpoint(cfg, tr):
+    """ckpt.pt: Trainer.state_dict() and the config, whole or not at all (temp file, fsync, rename); not --synthetic."""
     if rank_world()[0] != 0 or cfg.synthetic:
         return
-    cuda = tr.device.type == "cuda"
-    # torch's is the one global RNG the run draws from (init, dropout); the views have their own, keyed by the step
-    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(tr.device) if cuda else None)
-    state = dict(student=tr.student.state_dict(), optimizer=tr.opt.state_dict(), scaler=tr.scaler.state_dict(),
-                 **dataclasses.asdict(at), config=dataclasses.asdict(cfg), rng=rng)
     path = Path(cfg.out) / "ckpt.pt"
     try:
         with atomic_open(path, "wb") as f:
-            torch.save(state, f)
+            torch.save(dict(tr.state_dict(), config=dataclasses.asdict(cfg)), f)
             f.flush()
             os.fsync(f.fileno())
         for name in ("config.json", "metrics.jsonl"):  # held back by start_run_folder over an earlier run
@@ -1201,13 +1182,13 @@ def save_checkpoint(cfg, tr, at):
         raise SystemExit(f"error: cannot write {path} ({one_line(e)}); free space or fix the folder's permissions, "
                          "then --resume auto (the last good copy is kept)")
 
-def resume(cfg, student, opt, scaler, device):
-    """Weights, optimizer, scaler, RNG and Progress; the data position and augmentations follow from the step."""
+def resume(cfg, tr):
+    """The trainer's state (Trainer.load_state_dict); the data position and augmentations follow from the step."""
     path = Path(cfg.out) / "ckpt.pt" if cfg.resume in ("auto", "") else Path(cfg.resume)
     if not (cfg.resume and path.is_file()):  # (a --resume PATH that does not exist stopped in check_args)
         if holds_run(cfg.out):  # --overwrite (or the demo): never a silent loss
             print0(f"note: starting over in {cfg.out}: the run there is replaced at the first checkpoint")
-        return Progress()
+        return
     fix = f"resume from an earlier copy (--resume PATH), or move {path} away to start afresh"
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
@@ -1217,17 +1198,11 @@ def resume(cfg, student, opt, scaler, device):
         raise SystemExit(f"error: {path} is not a g2l checkpoint (no student state); {fix}")
     check_same_run(cfg, ck.get("config", {}), path, ck["step"])
     try:
-        student.load_state_dict(ck["student"])
-        opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
+        tr.load_state_dict(ck)
     except (KeyError, RuntimeError, ValueError) as e:
         raise SystemExit(f"error: checkpoint {path} does not fit this run's models ({one_line(e)}); resume "
                          "with the --teacher/--student/--*-kwargs/--local-loss it was made with, or use a new --out")
-    torch.set_rng_state(ck["rng"]["torch"])
-    if device.type == "cuda" and ck["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(ck["rng"]["cuda"])
-    print0(f"resumed from {path} at step {ck['step']}")
-    return Progress(step=ck["step"], samples=ck["samples"], first=ck["first"])
+    print0(f"resumed from {path} at step {tr.progress.step}")
 
 # what a resume may not change, or it would be another run (the first five as given, the others derived)
 SAME_RUN = "teacher student teacher_weights student_weights student_kwargs teacher_kwargs img_size student_img_size " \
@@ -1314,39 +1289,40 @@ def timm_args(model, spec):
         qkv_bias=b.attn.qkv.bias is not None, class_token=model.cls_token is not None,
         reg_tokens=model.num_reg_tokens, no_embed_class=model.no_embed_class, global_pool=model.global_pool)
 
-def export(student, cfg, out):
-    """student/ as a timm local-dir (config.json + model.safetensors) and heads.safetensors in the folder out,
-    atomically: a full disk or a read-only folder gives one line, and the last good export is kept."""
+def export(cfg, state):
+    """Each Student of Trainer.state() as student/, a timm local-dir (config.json + model.safetensors), and its heads:
+    the student's in OUT, another's (an EMA) in OUT/NAME. Atomic: a full disk gives one line, the last good is kept."""
     from safetensors.torch import save
-    spec, out, size = student.spec, Path(out), cfg.student_img_size
-    sd = {k: v.detach().float().cpu().contiguous() for k, v in student.state_dict().items()}
-    arch, args = timm_args(student.backbone, spec)
-    conf = dict(architecture=arch, num_classes=0, num_features=spec.width,
-                model_args={**args, **({"img_size": size} if spec.patch else {})},
-                pretrained_cfg=dict(mean=list(spec.mean), std=list(spec.std), num_classes=0, input_size=[3, size, size],
-                                    crop_pct=1.0, interpolation="bilinear"),
-                g2l=dict(embed=spec.embed, teacher=cfg.teacher, student=cfg.student,
-                         licence="a distilled student inherits its teacher's licence terms"))
-    student = out / "student"  # a link to student.a or student.b: one rename switches it, where a folder takes two
-    try:
-        if student.is_dir() and not student.is_symlink():  # an earlier g2l's folder (the one rename with a gap)
-            os.replace(student, out / "student.b")
-        new = out / ("student.b" if student.is_symlink() and os.readlink(student) == "student.a" else "student.a")
-        new.mkdir(parents=True, exist_ok=True)  # what a killed export left there is overwritten
-        backbone = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
-        (new / "model.safetensors").write_bytes(save(backbone))  # not save_file: it writes mode 600, ignoring the umask
-        (new / "config.json").write_text(json.dumps(conf, indent=2))
-        (out / "student.next").unlink(missing_ok=True)
-        (out / "student.next").symlink_to(new.name)
-        os.replace(out / "student.next", student)  # a kill at any instant leaves the old copy or the new
-        for p in map(out.joinpath, ("student.a", "student.b", "student.old", "student.tmp")):  # the copy before, and
-            if p != new and p.exists():  # what a killed export left (here, or an earlier g2l's)
-                shutil.rmtree(p)
-        with atomic_open(out / "heads.safetensors", "wb") as f:
-            f.write(save({k: v for k, v in sd.items() if not k.startswith("backbone.")}))
-    except OSError as e:
-        raise SystemExit(f"error: cannot write {out / 'student'} ({one_line(e)}); free space or fix the folder's "
-                         "permissions, then --resume auto (the last good copy is kept)")
+    for name, student in ((n, s) for n, s in state.items() if isinstance(s, Student)):
+        spec, out, size = student.spec, Path(cfg.out, "" if name == "student" else name), cfg.student_img_size
+        sd = {k: v.detach().float().cpu().contiguous() for k, v in student.state_dict().items()}
+        arch, args = timm_args(student.backbone, spec)
+        conf = dict(architecture=arch, num_classes=0, num_features=spec.width,
+                    model_args={**args, **({"img_size": size} if spec.patch else {})},
+                    pretrained_cfg=dict(mean=list(spec.mean), std=list(spec.std), num_classes=0,
+                                        input_size=[3, size, size], crop_pct=1.0, interpolation="bilinear"),
+                    g2l=dict(embed=spec.embed, teacher=cfg.teacher, student=cfg.student,
+                             licence="a distilled student inherits its teacher's licence terms"))
+        link = out / "student"  # a link to student.a or student.b: one rename switches it, where a folder takes two
+        try:
+            if link.is_dir() and not link.is_symlink():  # an earlier g2l's folder (the one rename with a gap)
+                os.replace(link, out / "student.b")
+            new = out / ("student.b" if link.is_symlink() and os.readlink(link) == "student.a" else "student.a")
+            new.mkdir(parents=True, exist_ok=True)  # what a killed export left there is overwritten
+            backbone = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
+            (new / "model.safetensors").write_bytes(save(backbone))  # not save_file: mode 600, ignoring the umask
+            (new / "config.json").write_text(json.dumps(conf, indent=2))
+            (out / "student.next").unlink(missing_ok=True)
+            (out / "student.next").symlink_to(new.name)
+            os.replace(out / "student.next", link)  # a kill at any instant leaves the old copy or the new
+            for p in map(out.joinpath, ("student.a", "student.b", "student.old", "student.tmp")):  # the copy before,
+                if p != new and p.exists():  # and what a killed export left (here, or an earlier g2l's)
+                    shutil.rmtree(p)
+            with atomic_open(out / "heads.safetensors", "wb") as f:
+                f.write(save({k: v for k, v in sd.items() if not k.startswith("backbone.")}))
+        except OSError as e:
+            raise SystemExit(f"error: cannot write {link} ({one_line(e)}); free space or fix the folder's "
+                             "permissions, then --resume auto (the last good copy is kept)")
 
 # ----------------------------------------------------------------------------- the run lock, signals, collectives
 class AllSum(torch.autograd.Function):  # all_sum: every rank's loss holds every rank's x, so x's gradient is their sum
@@ -1443,11 +1419,31 @@ def forward_flops(model, img):
     attn = 4 * len(model.blocks) * tokens ** 2 * model.embed_dim
     return 2 * tokens * lin + attn + 2 * model.patch_embed.proj.weight.numel() * patches
 
+CONSTANTS = {}
+def constant(values, device):
+    """A small fp32 constant on the device, made once: on CUDA each torch.tensor(..., device=) is a copy that waits
+    for the stream. A compiled graph holds its constants itself, so there it is made in the graph."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, device=device)
+    if (values, device) not in CONSTANTS:
+        CONSTANTS[values, device] = torch.tensor(values, device=device)
+    return CONSTANTS[values, device]
+
+def to_device(p, device):
+    """The draws on the device in one pinned, non-blocking copy (fp32 holds the flags exactly), but the blur mask,
+    which stays on the host: colour_blur takes its indices, and on the device that would be a sync."""
+    moved = {k: v for k, v in p.items() if k != "blur"}
+    if torch.device(device).type != "cuda":
+        return dict({k: v.to(device) for k, v in moved.items()}, blur=p["blur"])  # a no-op on the CPU
+    flat = torch.cat([v.float().flatten() for v in moved.values()]).pin_memory().to(device, non_blocking=True)
+    parts = flat.split([v.numel() for v in moved.values()])
+    return dict({k: part.view(v.shape).to(v.dtype) for (k, v), part in zip(moved.items(), parts)}, blur=p["blur"])
+
 class Speed:
     """Images/s, MFU and peak memory over the steps since the last restart()."""
     def __init__(self, cfg, tr, tiles_per_step):
         student = forward_flops(tr.student.backbone, cfg.student_img_size)  # forward + backward = 3 forwards
-        self.flops = (forward_flops(tr.teacher, cfg.img_size) + 3 * student) * tiles_per_step
+        self.flops = (sum(t.flops for t in tr.teachers) + 3 * student) * tiles_per_step  # every teacher's forward
         self.peak = peak_flops(tr.device, cfg.precision) * rank_world()[1]
         self.device, self.tiles_per_step = tr.device, tiles_per_step
         if tr.device.type == "cuda":

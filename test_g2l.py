@@ -23,7 +23,7 @@ Sections (search for the title):
 
     pytest -q
 """
-import csv, dataclasses, json, math, os, re, shlex, shutil, socket, subprocess, sys, types
+import copy, csv, dataclasses, json, math, os, re, shlex, shutil, socket, subprocess, sys
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -217,7 +217,7 @@ def test_virchow2_embedding_is_cls_then_mean_patch_token():
     assert spec.embed == "cls+mean" and spec.dim == 64 and model.num_prefix_tokens == 5  # CLS + 4 registers
     x = torch.rand(3, 3, 28, 28)
     with torch.no_grad():
-        g, _ = g2l.encode(model.eval(), spec, x)
+        g = g2l.encode(model.eval(), spec, x).global_
         mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
         tokens = model.forward_features((x - mean) / std)
     assert torch.allclose(g, torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], 1), atol=1e-6)  # registers left out
@@ -309,36 +309,51 @@ def test_tokens_split_with_prefix_tokens_and_grid():
                                  kwargs='{"depth": 1, "embed_dim": 32, "num_heads": 2}', img_size=56)
     assert model.num_prefix_tokens == 5  # CLS + 4 registers
     x = torch.rand(2, 3, 56, 56)
-    g, pmap = g2l.encode(model, spec, x)
+    f = g2l.encode(model, spec, x)
     mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
     feats = model.forward_features((x - mean) / std)
-    assert pmap.shape == (2, 32, 4, 4)
-    assert torch.allclose(pmap.flatten(2).transpose(1, 2), feats[:, 5:])
-    assert torch.allclose(g, feats[:, 0])  # DINOv2-style: pooled pre-logits = CLS
+    assert f.tokens.shape == (2, 32, 4, 4)
+    assert torch.allclose(f.tokens.flatten(2).transpose(1, 2), feats[:, 5:])
+    assert torch.allclose(f.global_, feats[:, 0])  # DINOv2-style: pooled pre-logits = CLS
 
 def test_student_size_matches_teacher_grid_and_resize_fallback():
     cfg = g2l.Config(img_size=224)
-    sizes = g2l.input_sizes(cfg, types.SimpleNamespace(size=224, patch=14), types.SimpleNamespace(patch=16))
+    _, spec_t = g2l.load_model("vit_small_patch14_dinov2", kwargs=KW_T, meta=True)  # /14, width 64
+    sizes = g2l.input_sizes(cfg, dataclasses.replace(spec_t, size=224), dataclasses.replace(spec_t, patch=16))
     assert sizes["img_size"] // 14 == 16 and sizes["student_img_size"] == 256  # /14 at 224 -> /16 at 256
     assert cfg == g2l.Config(img_size=224)  # the config itself is not changed
     # fallback: a student whose grid differs (8x8 at 128 px vs teacher 16x16) -> bilinear resize of its token map
     student, spec = g2l.load_model("vit_tiny_patch16_224", kwargs='{"depth": 1, "embed_dim": 48, "num_heads": 2}',
                                    img_size=128)
-    gs, ls = g2l.Student(student, spec, 64, 64, grid=(16, 16))(torch.rand(2, 3, 128, 128))
-    assert gs.shape == (2, 64) and ls.shape == (2, 64, 16, 16)
+    f = g2l.Student(cfg, student, spec, spec_t)(torch.rand(2, 3, 128, 128))
+    assert f.global_.shape == (2, 64) and f.tokens.shape == (2, 64, 16, 16)
     with torch.no_grad():
-        _, pmap = g2l.encode(student, spec, torch.rand(2, 3, 128, 128))
-    assert pmap.shape[-2:] == (8, 8)
+        tokens = g2l.encode(student, spec, torch.rand(2, 3, 128, 128)).tokens
+    assert tokens.shape[-2:] == (8, 8)
     # the resized token map is torch's bilinear resize of the projected map, token (y, x) at [:, :, y, x]
-    raw = g2l.Student(student, spec, 64, 48, grid=(16, 12))
+    raw = g2l.Student(cfg, student, spec, dataclasses.replace(spec_t, width=48))
+    raw.grid = (16, 12)
     with torch.no_grad():
         raw.local_head.weight.copy_(torch.eye(48) * 2)
         raw.local_head.bias.fill_(0.5)
         x = torch.rand(2, 3, 128, 128)
         ls = raw(x).tokens
-        _, pmap = g2l.encode(student, spec, x)
+        pmap = g2l.encode(student, spec, x).tokens
     ref = F.interpolate(pmap * 2 + 0.5, size=(16, 12), mode="bilinear", align_corners=False)
     assert ls.shape == (2, 48, 16, 12) and (ls - ref).abs().max() < 1e-5
+
+def test_the_target_is_the_teachers_mean_and_chunks_change_nothing():
+    """Every teacher set up by frozen_teacher enters the target (their mean Features), at any --teacher-chunk."""
+    cfg, cpu, x = g2l.Config(img_size=28, compile="off"), torch.device("cpu"), torch.rand(4, 3, 28, 28)
+    one, two = (g2l.frozen_teacher(cfg, *g2l.load_model("vit_small_patch14_dinov2", kwargs=KW_T, img_size=28), cpu)
+                for _ in range(2))
+    assert not one.model.training and not any(p.requires_grad for p in one.model.parameters())
+    with torch.no_grad():
+        a, b, t = g2l.encode(one.model, one.spec, x), g2l.encode(two.model, two.spec, x), g2l.target(cfg, [one, two], x)
+        chunked = g2l.target(dataclasses.replace(cfg, teacher_chunk=3), [one, two], x)
+    for name in g2l.Features._fields:
+        assert torch.allclose(getattr(t, name), (getattr(a, name) + getattr(b, name)) / 2, atol=1e-6), name
+        assert torch.allclose(getattr(chunked, name), getattr(t, name), atol=1e-6), name
 
 def test_student_cut_from_teacher_blocks_computes_those_blocks(tmp_path):
     """examples/student_from_teacher.py: a shallower pretrained student whose block j is teacher block blocks[j];
@@ -433,7 +448,8 @@ def test_corrupt_tile_is_skipped_and_counted(tmp_path, tiles, capsys):
 
 def test_balanced_sampling_draws_slides_equally():
     paths = [f"/t/big/{i}.jpg" for i in range(90)] + [f"/t/small/{i}.jpg" for i in range(10)]
-    sampler = g2l.InfiniteSampler(len(paths), g2l.slide_weights(g2l.tiles_from_paths(paths).slide), 10, seed=0)
+    slides = g2l.group_tiles(map(os.path.split, paths)).slide
+    sampler = g2l.InfiniteSampler(len(paths), g2l.slide_weights(slides), 10, seed=0)
     drawn = [paths[i].split("/")[2] for _, i in zip(range(4000), iter(sampler))]
     assert drawn.count("small") / len(drawn) == pytest.approx(0.5, abs=0.03)  # 10 % of the tiles, half the draws
     plain = g2l.InfiniteSampler(len(paths), None, 10, seed=0)
@@ -472,22 +488,21 @@ def test_find_images_enters_each_real_folder_once(tmp_path):
     assert len(found) == 6 and len(set(map(os.path.realpath, found))) == 6
     assert {Path(p).parent.name for p in found} <= {"a", "b", "c"}
 
-def test_manifest_is_read_and_large_scans_are_cached(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(g2l, "CACHE_MIN", 1)
+def test_a_manifest_is_read_and_a_folder_without_one_is_walked_each_time(tmp_path, monkeypatch):
     data = tmp_path / "tiles"
     touch_tiles(data, ["s1", "s2"], 4)
     walk = g2l.walk_images
     walks = []
     monkeypatch.setattr(g2l, "walk_images", lambda f: walks.append(f) or walk(f))
     assert len(g2l.index_tiles([str(data)])) == 8 and len(walks) == 1
-    assert len(g2l.index_tiles([str(data)])) == 8 and len(walks) == 1  # the cached listing, no walk
-    (data / "s2" / "s2_x9_y9.jpg").touch()                             # a new tile changes s2's mtime
+    (data / "s2" / "s2_x9_y9.jpg").touch()                             # no listing kept anywhere: walked again
     assert len(g2l.index_tiles([str(data)])) == 9 and len(walks) == 2
     (data / "tiles.csv").write_text("path,slide_id,x,y\ns1/s1_x0_y0.jpg,s1,0,0\ns2/s2_x1_y0.jpg,s2,1,0\n")
-    tiles = g2l.index_tiles([str(data)])                               # a manifest wins: no walk at all
-    assert [tiles.path(i) for i in range(2)] == [str(data / "s1" / "s1_x0_y0.jpg"), str(data / "s2" / "s2_x1_y0.jpg")]
-    assert len(walks) == 2 and list(tiles.slide) == [0, 1]
+    for given in (data, data / "tiles.csv"):                            # a manifest wins: no walk at all
+        tiles = g2l.index_tiles([str(given)])
+        want = [str(data / "s1" / "s1_x0_y0.jpg"), str(data / "s2" / "s2_x1_y0.jpg")]
+        assert [tiles.path(i) for i in range(2)] == want
+        assert len(walks) == 2 and list(tiles.slide) == [0, 1]
 
 def test_only_rank_0_reads_the_disk(tmp_path, monkeypatch):
     sent = g2l.Tiles(np.array([b"/x/s"]), np.zeros(2, np.int32), np.array([b"a.jpg", b"b.jpg"]))
@@ -545,23 +560,20 @@ def test_short_run_loss_falls_and_agreement_rises(tmp_path, tiles):
 
 TRACED = dict(lr=1e-3, min_lr_frac=0.2, weight_decay=0.3, warmup_steps=2, steps=6, clip_grad=0.01)
 
-@pytest.fixture(scope="session")
-def traced(tiles, tmp_path_factory):
-    """One run watched from outside g2l: every optimizer step (its groups' lr, weight decay, parameter names and the
-    gradient norm it applies), the inputs of each model's patch embedding at the first step, and every tile opened.
-    --balance on a lone tile beside a 40-tile slide; --no-augment with --load-size 36 over --img-size 28."""
-    import PIL.Image
+@dataclasses.dataclass
+class Trace:
+    """What a run showed to hooks outside g2l (see traced)."""
+    steps: list = dataclasses.field(default_factory=list)    # per optimizer step: its groups' lr, wd, multipliers
+    inputs: dict = dataclasses.field(default_factory=dict)   # patch size -> the last input of a patch embedding
+    first: dict = dataclasses.field(default_factory=dict)    # those inputs at the first step
+    modules: dict = dataclasses.field(default_factory=dict)  # every module that ran a forward
+    opened: list = dataclasses.field(default_factory=list)   # every image opened
+    names: list = None                                       # the parameter names of each group
+    out: Path = None
+
+def trace_steps(seen):
+    """An optimizer hook recording into seen (a Trace) each step's groups and the gradient norm it applies."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
-    root = tmp_path_factory.mktemp("traced")
-    train = sorted((tiles / "train").rglob("*.jpg"))
-    for i, f in enumerate(train[:41]):
-        (root / "data" / ("one" if i == 40 else "big")).mkdir(parents=True, exist_ok=True)
-        shutil.copy(f, root / "data" / ("one" if i == 40 else "big") / f.name)
-    seen = types.SimpleNamespace(steps=[], inputs={}, first={}, modules={}, opened=[], names=None)
-    def on_forward(module, args):
-        seen.modules[id(module)] = module
-        if isinstance(module, timm.layers.PatchEmbed):
-            seen.inputs[module.patch_size[0]] = args[0].detach().clone()
     def on_step(opt, args, kwargs):
         params = [p for g in opt.param_groups for p in g["params"]]
         if seen.names is None:  # the module that owns exactly the optimized parameters names them
@@ -570,14 +582,34 @@ def traced(tiles, tmp_path_factory):
             seen.names = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
             seen.first = dict(seen.inputs)
         norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params if p.grad is not None))
-        seen.steps.append(dict(lr=[g["lr"] for g in opt.param_groups], norm=norm,
-                               wd=[g["weight_decay"] for g in opt.param_groups]))
+        seen.steps.append(dict(norm=norm, **{k: [g[k] for g in opt.param_groups]
+                                             for k in ("lr", "weight_decay", "lr_mult", "wd_mult")}))
+    return register_optimizer_step_pre_hook(on_step)
+
+def trace_modules(seen):
+    def on_forward(module, args):
+        seen.modules[id(module)] = module
+        if isinstance(module, timm.layers.PatchEmbed):
+            seen.inputs[module.patch_size[0]] = args[0].detach().clone()
+    return torch.nn.modules.module.register_module_forward_pre_hook(on_forward)
+
+@pytest.fixture(scope="session")
+def traced(tiles, tmp_path_factory):
+    """One run watched from outside g2l: every optimizer step (its groups' lr, weight decay, parameter names and the
+    gradient norm it applies), the inputs of each model's patch embedding at the first step, and every tile opened.
+    --balance on a lone tile beside a 40-tile slide; --no-augment with --load-size 36 over --img-size 28."""
+    import PIL.Image
+    root = tmp_path_factory.mktemp("traced")
+    train = sorted((tiles / "train").rglob("*.jpg"))
+    for i, f in enumerate(train[:41]):
+        (root / "data" / ("one" if i == 40 else "big")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, root / "data" / ("one" if i == 40 else "big") / f.name)
+    seen = Trace()
     real_open = PIL.Image.open
     def opening(path, *a, **k):
         seen.opened.append(Path(path))
         return real_open(path, *a, **k)
-    hooks = [torch.nn.modules.module.register_module_forward_pre_hook(on_forward),
-             register_optimizer_step_pre_hook(on_step)]
+    hooks = [trace_modules(seen), trace_steps(seen)]
     PIL.Image.open = opening
     try:
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in TRACED.items() if k != "steps"]
@@ -592,34 +624,85 @@ def traced(tiles, tmp_path_factory):
 
 def schedule(step):
     """The documented schedule: linear warm-up over warmup_steps, then a cosine from 1 down to min_lr_frac."""
-    c = types.SimpleNamespace(**TRACED)
+    c = g2l.Config(**TRACED)
     if step < c.warmup_steps:
         return (step + 1) / c.warmup_steps
     t = (step - c.warmup_steps) / (c.steps - c.warmup_steps)
     return c.min_lr_frac + (1 - c.min_lr_frac) * (1 + math.cos(math.pi * t)) / 2
 
+def follows_the_schedule(steps, lr=TRACED["lr"], wd=TRACED["weight_decay"]):
+    """Every group's lr and weight decay at every step: the base value x the schedule x the group's own multiplier."""
+    for k, s in enumerate(steps):
+        assert s["lr"] == pytest.approx([lr * schedule(k) * m for m in s["lr_mult"]], rel=1e-9), k
+        assert s["weight_decay"] == pytest.approx([wd * schedule(k) * m for m in s["wd_mult"]], rel=1e-9), k
+
 def test_lr_and_weight_decay_follow_the_warmup_cosine_schedule(traced):
     steps = traced.steps
-    assert len(steps) == TRACED["steps"]
-    for k, s in enumerate(steps):  # both groups' lr; weight decay on the decaying group only, decaying with the lr
-        assert s["lr"] == pytest.approx([TRACED["lr"] * schedule(k)] * 2, rel=1e-9), k
-        assert s["wd"] == pytest.approx([TRACED["weight_decay"] * schedule(k), 0.0], rel=1e-9), k
+    assert len(steps) == TRACED["steps"] and steps[0]["lr_mult"] == [1, 1] and steps[0]["wd_mult"] == [1, 0]
+    follows_the_schedule(steps)  # both groups' lr; weight decay on the decaying group only, decaying with the lr
     assert [steps[k]["lr"][0] for k in (1, 2)] == [TRACED["lr"]] * 2  # the peak, then down: never back up
     assert all(a["lr"][0] > b["lr"][0] for a, b in zip(steps[2:], steps[3:]))
-    rows = metrics(traced.out)  # the lr column: the lr of the step each row ends
+    rows = metrics(traced.out)  # the lr column: the base lr of the step each row ends
     assert [r["lr"] for r in rows] == pytest.approx([TRACED["lr"] * schedule(r["step"] - 1) for r in rows], rel=1e-9)
+
+def test_a_third_optimizer_group_follows_warmup_and_cosine_by_its_own_multipliers(tmp_path, tiles, monkeypatch):
+    """A group added in make_optimizer (here the global head, at 10x the lr and half the weight decay) is scheduled
+    like the others, whatever the number of groups; the log keeps the base lr."""
+    make = g2l.make_optimizer
+    def three_groups(cfg, student, device):
+        made = make(cfg, student, device)
+        head = set(student.global_head.parameters())
+        for g in made["opt"].param_groups:
+            g["params"] = [p for p in g["params"] if p not in head]
+        made["opt"].add_param_group(dict(params=list(head), lr_mult=10.0, wd_mult=0.5))
+        return made
+    monkeypatch.setattr(g2l, "make_optimizer", three_groups)
+    seen = Trace(names=[])
+    hook = trace_steps(seen)
+    try:
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in TRACED.items() if k != "steps"]
+        run(tmp_path, tiles, *flags, steps=TRACED["steps"])
+    finally:
+        hook.remove()
+    assert len(seen.steps) == TRACED["steps"] and seen.steps[0]["lr_mult"] == [1, 1, 10]
+    follows_the_schedule(seen.steps)
+    assert [s["lr"][2] for s in seen.steps[1:3]] == [10 * TRACED["lr"]] * 2  # warmed up to its own peak, then decays
+    assert all(a["lr"][2] > b["lr"][2] for a, b in zip(seen.steps[2:], seen.steps[3:]))
+    rows = metrics(tmp_path / "run")
+    assert [r["lr"] for r in rows] == pytest.approx([TRACED["lr"] * schedule(r["step"] - 1) for r in rows], rel=1e-9)
+
+def test_the_trainer_state_round_trips_and_the_configs_multipliers_win(tmp_path):
+    """Trainer.state_dict() is ckpt.pt's contents; load_state_dict restores it, extras included, and keeps the groups'
+    multipliers as the config builds them (a checkpoint from before the multipliers, or another --lr-decay)."""
+    cfg, cpu = g2l.Config(img_size=28, student_img_size=32, precision="fp32", compile="off"), torch.device("cpu")
+    teacher = g2l.frozen_teacher(cfg, *g2l.load_model("vit_small_patch14_dinov2", kwargs=KW_T, img_size=28), cpu)
+    def trainer(seed):
+        torch.manual_seed(seed)
+        student = g2l.build_student(cfg, teacher, *g2l.load_model("vit_tiny_patch16_224", kwargs=KW_S), cpu)
+        return g2l.Trainer(device=cpu, teachers=[teacher], student=student, wrapped=student,
+                           extra=dict(ema=copy.deepcopy(student)), **g2l.make_optimizer(cfg, student, cpu))
+    a, b = trainer(0), trainer(1)
+    a.progress = g2l.Progress(step=3, samples=24, first=dict(loss=1.0))
+    sd = a.state_dict()
+    assert {"student", "optimizer", "scaler", "ema", "step", "samples", "first", "rng"} <= set(sd)
+    for g in sd["optimizer"]["param_groups"]:  # as a checkpoint made before the multipliers
+        del g["lr_mult"], g["wd_mult"]
+    b.load_state_dict(sd)
+    assert b.progress == a.progress and [(g["lr_mult"], g["wd_mult"]) for g in b.opt.param_groups] == [(1, 1), (1, 0)]
+    for k in ("student", "ema"):
+        assert all(torch.equal(v, b.state()[k].state_dict()[n]) for n, v in a.state()[k].state_dict().items()), k
 
 def test_weight_decay_groups_by_parameter_name(traced):
     decay, plain = traced.names
-    assert traced.steps[0]["wd"][0] > 0 and traced.steps[0]["wd"][1] == 0
+    assert traced.steps[0]["weight_decay"][0] > 0 and traced.steps[0]["weight_decay"][1] == 0
     # matrices decay; biases, norms, the CLS token and the position embedding do not
     no_decay = lambda n: n.endswith(".bias") or ".norm" in n or "norm1" in n or "norm2" in n or \
         n.rsplit(".", 1)[-1] in ("cls_token", "pos_embed", "reg_token")
     assert decay and plain and not any(map(no_decay, decay)) and all(map(no_decay, plain))
-    for name in ("backbone.blocks.0.attn.qkv.weight", "backbone.patch_embed.proj.weight", "global_head.weight",
-                 "local_head.weight"):
+    for name in ("backbone.blocks.0.attn.qkv.weight", "backbone.patch_embed.proj.weight"):
         assert name in decay, name
-    for name in ("backbone.pos_embed", "backbone.cls_token", "backbone.norm.weight", "global_head.bias"):
+    assert [n for n in decay if "head" in n] and all(n.endswith(".weight") for n in decay if "head" in n)  # heads
+    for name in ("backbone.pos_embed", "backbone.cls_token", "backbone.norm.weight"):
         assert name in plain, name
 
 def test_gradients_are_clipped_to_the_norm_given(traced):
@@ -658,10 +741,10 @@ def test_balance_draws_a_lone_tile_as_often_as_a_40_tile_slide(traced):
 def keep_checkpoints(monkeypatch):
     """Keep a copy of every checkpoint as ckpt.pt.STEP (the run overwrites ckpt.pt)."""
     real = g2l.save_checkpoint
-    def keep(cfg, tr, at):
-        real(cfg, tr, at)
+    def keep(cfg, tr):
+        real(cfg, tr)
         if g2l.rank_world()[0] == 0 and not cfg.synthetic:
-            shutil.copy(Path(cfg.out) / "ckpt.pt", Path(cfg.out) / f"ckpt.pt.{at.step}")
+            shutil.copy(Path(cfg.out) / "ckpt.pt", Path(cfg.out) / f"ckpt.pt.{tr.progress.step}")
     monkeypatch.setattr(g2l, "save_checkpoint", keep)
 
 def test_derived_options_are_recorded_and_the_parsed_config_is_never_changed(tmp_path, tiles, monkeypatch):
@@ -944,9 +1027,9 @@ def test_an_export_killed_after_any_of_its_steps_leaves_a_whole_student(tmp_path
     for left in ("student.old", "student.tmp"):  # what an earlier g2l's killed export left (Errno 39 ever after)
         (out / left).mkdir()
         (out / left / "model.safetensors").write_text("half")
-    cfg = dataclasses.replace(g2l.Config(), student_img_size=32)
+    cfg = dataclasses.replace(g2l.Config(), img_size=28, student_img_size=32, out=str(out))
     backbone, spec = g2l.load_model("vit_tiny_patch16_224", "", TINY_S[3], 32)
-    student = g2l.Student(backbone, spec, 64, 64)
+    student = dict(student=g2l.Student(cfg, backbone, spec, dataclasses.replace(spec, width=64, patch=14)))
     calls, steps = [0], [(os, "replace"), (os, "symlink"), (shutil, "rmtree"), (Path, "unlink"), (Path, "mkdir"),
                          (Path, "write_bytes"), (Path, "write_text")]
     def killing(real, k):
@@ -967,12 +1050,12 @@ def test_an_export_killed_after_any_of_its_steps_leaves_a_whole_student(tmp_path
             for owner, name in steps:
                 m.setattr(owner, name, killing(getattr(owner, name), k))
             try:
-                g2l.export(student, cfg, out)
+                g2l.export(cfg, student)
                 break  # k is past its last step: it ran whole
             except KeyboardInterrupt:
                 pass
         assert loads() in values | {k}, k  # the old copy or the new, never none
-        g2l.export(student, cfg, out)  # the next export cleans up what the kill left
+        g2l.export(cfg, student)  # the next export cleans up what the kill left
         assert loads() == k and sorted(p.name for p in out.glob("student*")) in (
             ["student", "student.a"], ["student", "student.b"]), sorted(out.iterdir())
         values = {k}
@@ -1221,15 +1304,15 @@ class MidFeatures(NamedTuple):  # g2l.Features plus the middle block's mean patc
 
 @dataclasses.dataclass(frozen=True)
 class MidConfig(g2l.Config):
-    w_mid: float = 1.0  # weight of the middle-block loss
+    w_mid: float = 0.0  # weight of the middle-block loss
 
 class MidStudent(g2l.Student):
-    def __init__(self, backbone, spec, teacher_dim, teacher_width, grid=None, head="linear"):
-        super().__init__(backbone, spec, teacher_dim, teacher_width, grid, head)
-        self.mid_head = torch.nn.Linear(spec.width, teacher_width)
+    def __init__(self, cfg, backbone, spec, teacher):
+        super().__init__(cfg, backbone, spec, teacher)
+        self.mid_head = torch.nn.Linear(spec.width, teacher.width) if cfg.w_mid > 0 else None
     def forward(self, x):
         f = super().forward(x)
-        return f._replace(mid=self.mid_head(f.mid))
+        return f._replace(mid=self.mid_head(f.mid) if self.mid_head else None)
 
 def test_hack_a_loss_term_at_an_intermediate_block(tmp_path, tiles, monkeypatch):
     encode, loss_terms = g2l.encode, g2l.loss_terms
@@ -1238,19 +1321,25 @@ def test_hack_a_loss_term_at_an_intermediate_block(tmp_path, tiles, monkeypatch)
         hook = model.blocks[len(model.blocks) // 2].register_forward_hook(lambda m, i, o: mids.append(o))
         f = encode(model, spec, x)
         hook.remove()
-        return MidFeatures(*f, mids[0][:, model.num_prefix_tokens:].mean(1))
+        return f._replace(mid=mids[0][:, model.num_prefix_tokens:].mean(1))  # Features is MidFeatures here
     seen = []
     def mid_terms(cfg, s, t):
-        assert s.mid.shape == t.mid.shape == (s.global_.shape[0], 64)  # the student's mid projected to the teacher's
-        seen.append(1)
-        return dict(loss_terms(cfg, s, t), l_mid=g2l.pair_loss("mse", s.mid, t.mid))
-    for name, value in (("encode", mid_encode), ("Student", MidStudent), ("loss_terms", mid_terms),
-                        ("Config", MidConfig)):
+        terms = loss_terms(cfg, s, t)
+        if s.mid is not None:
+            assert s.mid.shape == t.mid.shape == (s.global_.shape[0], 64)  # the student's mid in the teacher's width
+            seen.append(1)
+            terms["l_mid"] = g2l.pair_loss("mse", s.mid, t.mid)
+        return terms
+    for name, value in (("Features", MidFeatures), ("encode", mid_encode), ("Student", MidStudent),
+                        ("loss_terms", mid_terms), ("Config", MidConfig)):
         monkeypatch.setattr(g2l, name, value)
     run(tmp_path, tiles, "--w-mid", "0.5", "--w-local", "0", steps=2)
     rows = metrics(tmp_path / "run")
     assert seen and all(r["loss"] == pytest.approx(r["l_global"] + 0.5 * r["l_mid"], abs=2e-5) for r in rows), rows
     assert all(r["l_mid"] > 0 for r in rows) and "l_local" not in rows[0]
+    run(tmp_path, tiles, steps=1, name="off")  # --w-mid 0 (the default): no head, no term
+    ck = torch.load(tmp_path / "off" / "ckpt.pt", weights_only=False)["student"]
+    assert "l_mid" not in metrics(tmp_path / "off")[0] and not any("mid" in k for k in ck)
 
 class GlobalOnly(torch.nn.Module):
     def __init__(self, net, dim):
@@ -1297,6 +1386,74 @@ def test_hack_a_random_90_degree_rotation(tmp_path, tiles, monkeypatch):
     turns.clear()
     run(tmp_path, tiles, steps=2)
     assert len(turns) == 2 and [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
+
+@dataclasses.dataclass(frozen=True)
+class EmaConfig(g2l.Config):
+    ema: float = 0.0  # decay of an exponential moving average of the student (0: none), exported as OUT/ema/
+
+def test_hack_an_ema_of_the_student_checkpointed_resumed_and_exported(tmp_path, tiles, monkeypatch):
+    resume, distil_step = g2l.resume, g2l.distil_step
+    def ema_resume(cfg, tr):  # main's lines, where the Trainer is built: the EMA registered before the resume
+        if cfg.ema:
+            tr.extra["ema"] = copy.deepcopy(tr.student).requires_grad_(False)
+        return resume(cfg, tr)
+    def ema_step(cfg, tr, step, batches):  # distil_step's lines, after tr.scaler.step(tr.opt)
+        logged, gnorm, n_bad = distil_step(cfg, tr, step, batches)
+        if gnorm is not None and "ema" in tr.extra:
+            with torch.no_grad():
+                for e, p in zip(tr.extra["ema"].parameters(), tr.student.parameters()):
+                    e.lerp_(p, 1 - cfg.ema)
+        return logged, gnorm, n_bad
+    for name, value in (("Config", EmaConfig), ("resume", ema_resume), ("distil_step", ema_step)):
+        monkeypatch.setattr(g2l, name, value)
+    keep_checkpoints(monkeypatch)
+    run(tmp_path, tiles, "--ema", "0.5", "--ckpt-every", "1", steps=2, name="full")
+    os.makedirs(tmp_path / "half")
+    shutil.copy(tmp_path / "full" / "ckpt.pt.1", tmp_path / "half" / "ckpt.pt")
+    run(tmp_path, tiles, "--ema", "0.5", "--ckpt-every", "1", "--resume", "auto", steps=2, name="half")
+    ck = {n: torch.load(tmp_path / n / "ckpt.pt", weights_only=False) for n in ("full", "half")}
+    one = torch.load(tmp_path / "full" / "ckpt.pt.1", weights_only=False)
+    for k, w in ck["full"]["student"].items():  # two steps of decay 0.5: (w0 + w1) / 4 + w2 / 2, resumed exactly
+        assert torch.equal(ck["full"]["ema"][k], ck["half"]["ema"][k]), k
+        assert torch.allclose(ck["full"]["ema"][k], (one["ema"][k] + w) / 2, atol=1e-7), k
+    assert any(not torch.equal(ck["full"]["ema"][k], w) for k, w in ck["full"]["student"].items())
+    exported = timm.create_model(f"local-dir:{tmp_path / 'full' / 'ema' / 'student'}", pretrained=True)
+    assert all(torch.equal(v, ck["full"]["ema"][f"backbone.{k}"]) for k, v in exported.state_dict().items())
+    assert ev.load_heads(tmp_path / "full" / "ema").weight.shape == (64, 48)  # eval.py reads it as a run folder
+
+@dataclasses.dataclass(frozen=True)
+class LrDecayConfig(g2l.Config):
+    lr_decay: float = 1.0  # layer-wise lr decay: block i of n gets lr x lr_decay^(n - i), the embeddings the least
+
+def lr_decay_optimizer(cfg, student, device):
+    """make_optimizer with the layer-wise lr decay of examples/HACKING.md: a group per (layer, decays)."""
+    groups, depth = {}, len(student.backbone.blocks)
+    layer = lambda n: int(n.split(".")[2]) + 1 if n.startswith("backbone.blocks.") else \
+        0 if n.startswith("backbone.") and not n.startswith("backbone.norm") else depth + 1  # embeddings: 0
+    for n, p in student.named_parameters():
+        lr = cfg.lr_decay ** (depth + 1 - layer(n))
+        groups.setdefault((lr, float(p.ndim >= 2 and "pos_embed" not in n and "token" not in n)), []).append(p)
+    opt = torch.optim.AdamW([dict(params=ps, lr_mult=lr, wd_mult=wd) for (lr, wd), ps in sorted(groups.items())[::-1]],
+                            lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    return dict(opt=opt, scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"))
+
+def test_hack_layer_wise_lr_decay(tmp_path, tiles, monkeypatch):
+    for name, value in (("Config", LrDecayConfig), ("make_optimizer", lr_decay_optimizer)):
+        monkeypatch.setattr(g2l, name, value)
+    seen = Trace()
+    hooks = [trace_modules(seen), trace_steps(seen)]
+    try:
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in TRACED.items() if k != "steps"]
+        run(tmp_path, tiles, *flags, "--lr-decay", "0.5", "--student-kwargs",
+            '{"depth": 2, "embed_dim": 48, "num_heads": 2}', steps=2)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sorted(set(seen.steps[0]["lr_mult"])) == [0.125, 0.25, 0.5, 1.0]  # embeddings, block 0, block 1, the rest
+    follows_the_schedule(seen.steps)
+    mult = {n: seen.steps[0]["lr_mult"][i] for i, names in enumerate(seen.names) for n in names}
+    assert mult["backbone.patch_embed.proj.weight"] == 0.125 and mult["backbone.blocks.1.mlp.fc1.weight"] == 0.5
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2]
 
 def test_eval_cpu_augmentation_matches_g2l_draws(tiles):
     """eval.py bench-data's CPU pipeline (torchvision) does what g2l's DRAWS do, with AUG's numbers: a draw added
@@ -1457,6 +1614,11 @@ def strict_argv(tiles, out, *extra):
     return [*TINY_T, *TINY_S, "--data", tiles / "train", "--val-data", tiles / "val", "--img-size", "28",
             "--log-every", "1", "--eval-every", "100000", "--out", out, *extra]
 
+class Launched(NamedTuple):
+    said: str
+    out: Path
+    argv: list
+
 @pytest.fixture(scope="module")
 def launched(tiles, tmp_path_factory):
     """`python g2l.py` on tiles of which one slide is palette PNGs: PIL warns converting them (a real UserWarning,
@@ -1468,7 +1630,7 @@ def launched(tiles, tmp_path_factory):
         f.unlink()
     argv = strict_argv(tiles, tmp / "run", "--data", tmp / "data", "--steps", "3", "--warmup-steps", "1",
                        "--batch-size", "8", "--workers", "1")
-    return types.SimpleNamespace(said=finished(launch(*argv)), out=tmp / "run", argv=argv)
+    return Launched(said=finished(launch(*argv)), out=tmp / "run", argv=argv)
 
 def test_python_g2l_prints_warnings_and_finishes(launched):
     assert "UserWarning: Palette images with Transparency" in launched.said, launched.said
@@ -1477,6 +1639,11 @@ def test_python_g2l_prints_warnings_and_finishes(launched):
     timm.create_model(f"local-dir:{launched.out / 'student'}", pretrained=True)
     assert (launched.out / "heads.safetensors").is_file() and (launched.out / "config.json").is_file()
     assert status(launched.out) == dict(reason="done", step=3, exit_status=0, continue_with=None)
+
+class Ranks(NamedTuple):
+    tmp: Path
+    said: dict
+    k: int
 
 @pytest.fixture(scope="module")
 def ranks(tiles, tmp_path_factory):
@@ -1502,7 +1669,7 @@ def ranks(tiles, tmp_path_factory):
                                            "--steps", k + 2))))
     finally:
         torch.set_num_threads(threads)
-    return types.SimpleNamespace(tmp=tmp, said=said, k=k)
+    return Ranks(tmp=tmp, said=said, k=k)
 
 def test_torchrun_stopped_by_sigterm_resumes_exactly(ranks):
     said = ranks.said["killed"]
@@ -1571,9 +1738,14 @@ def test_peak_flops_matches_whole_gpu_names_and_cpu_has_no_mfu(monkeypatch):
     assert tf("NVIDIA A100-SXM4-80GB") == 312 and tf("NVIDIA B200") == 2250
     assert math.isnan(tf("NVIDIA A10G")) and math.isnan(tf("NVIDIA H100 NVL"))  # no MFU rather than a wrong one
     assert math.isnan(g2l.peak_flops(torch.device("cpu"), "fp32"))
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1, img_size=32)
-    tr = types.SimpleNamespace(teacher=vit, student=types.SimpleNamespace(backbone=vit), device=torch.device("cpu"))
-    speed = g2l.Speed(types.SimpleNamespace(img_size=32, student_img_size=32, precision="fp32"), tr, 8)
+    cfg, cpu = g2l.Config(img_size=32, student_img_size=32, precision="fp32", compile="off"), torch.device("cpu")
+    vit, spec = g2l.load_model("vit_tiny_patch16_224", kwargs=KW_S, img_size=32)
+    student = g2l.Student(cfg, vit, spec, spec)
+    teacher = g2l.frozen_teacher(cfg, *g2l.load_model("vit_tiny_patch16_224", kwargs=KW_S, img_size=32), cpu)
+    tr = g2l.Trainer(device=cpu, teachers=[teacher] * 2, student=student, wrapped=student,
+                     **g2l.make_optimizer(cfg, student, cpu))
+    speed = g2l.Speed(cfg, tr, 8)  # every teacher's forward counts: here two
+    assert speed.flops == 8 * 5 * g2l.forward_flops(vit, 32) == 8 * (2 * teacher.flops + 3 * teacher.flops)
     speed.steps = 1
     assert speed.measure()["mfu"] is None and g2l.pct(None) == "n/a"  # a CPU run logs "mfu n/a"
 
@@ -1769,7 +1941,9 @@ def test_mpp_from_tiff_resolution_tags(tmp_path):
         assert (r["status"], r["mpp_level0"], r["read_level"]) == ("ok", "0.2500", "1"), (unit, r)
         assert r["mpp_source"] in ("openslide.mpp-x", "tiff.XResolution")
     # the tags alone, or behind a placeholder openslide.mpp-x; x and y within 2% of each other give their mean
-    tags = lambda unit, x, y, **more: types.SimpleNamespace(properties={
+    class Tags(NamedTuple):  # what slide_mpp reads of an OpenSlide
+        properties: dict
+    tags = lambda unit, x, y, **more: Tags(properties={
         "tiff.ResolutionUnit": unit, "tiff.XResolution": str(x), "tiff.YResolution": str(y), **more})
     placeholder = {"openslide.mpp-x": "352.8", "openslide.mpp-y": "352.8"}
     assert prep_tiles.slide_mpp(tags("centimeter", 40000, 40000)) == (pytest.approx(0.25), "tiff.XResolution")
@@ -1976,6 +2150,12 @@ KW_S = '{"depth": 1, "embed_dim": 48, "num_heads": 2, "global_pool": "avg"}'
 
 TINY = ["--model", "vit_small_patch14_dinov2", "--model-kwargs", KW_T, "--img-size", "42", "--workers", "0"]
 
+def eval_args(cmd, *argv):
+    """eval.py's own parsed arguments for cmd (on the CPU, no workers; --model is a placeholder where one is needed)."""
+    model = ["--model", "m"] if cmd in ("probe", "robustness") else []
+    return ev.parser().parse_args([cmd, *model, "--device", "cpu", *([] if cmd == "bench" else ["--workers", "0"]),
+                                   *map(str, argv)])
+
 def write_csv(path, rows):
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -2099,7 +2279,7 @@ def test_probe_averages_its_seeded_splits_and_caches_features(pcam, tmp_path, mo
     # random-init features beat chance on some splits only: the kNN figures are recomputed instead, from the
     # cached features, each seed's split and a brute-force search with --k 7
     rows, y = ev.read_labelled(str(csv_path)), np.array([int(r["label"]) for r in pcam[1]])
-    a = types.SimpleNamespace(data=str(csv_path), pooling="cls", device="cpu", batch_size=64, workers=0, out=str(out))
+    a = eval_args("probe", "--data", csv_path, "--batch-size", 64, "--out", out)
     f = ev.features(dict(name="vit_small_patch14_dinov2", weights="", kwargs=KW_T, size=42), rows, a).double().numpy()
     per = [ev.metrics(y[sp["test"]], knn_reference(f[sp["train"]], y[sp["train"]], f[sp["test"]], 2, 7))
            for sp in (ev.split_rows(rows, seed) for seed in range(2))]
@@ -2116,9 +2296,11 @@ def test_agree_self_is_one_other_lower_and_heads(pcam, tmp_path):
     csv_path, _ = pcam
     # a g2l run folder (exported student + heads), as g2l.py writes it
     student, spec = g2l.load_model("vit_tiny_patch16_224", kwargs=KW_S, img_size=32)
-    cfg = types.SimpleNamespace(student_img_size=32, teacher="vit_small_patch14_dinov2", student="vit_tiny_patch16_224")
+    _, spec_t = g2l.load_model("vit_small_patch14_dinov2", kwargs=KW_T, meta=True)
     for head in ("linear", "mlp"):  # --head: eval.py rebuilds either kind of head from heads.safetensors
-        g2l.export(g2l.Student(student, spec, 64, 64, head=head), cfg, tmp_path / head)
+        cfg = g2l.Config(student_img_size=32, teacher="vit_small_patch14_dinov2", student="vit_tiny_patch16_224",
+                         w_local=0, head=head, out=str(tmp_path / head))
+        g2l.export(cfg, dict(student=g2l.Student(cfg, student, spec, spec_t)))
     argv = ["agree", "--teacher", "vit_small_patch14_dinov2", "--teacher-kwargs", KW_T, "--teacher-img-size", "42",
             "--student", "vit_small_patch14_dinov2", "--student-kwargs", KW_T, "--student-img-size", "42",
             "--student", "vit_tiny_patch16_224", "--student-kwargs", KW_S, "--student-img-size", "32",
@@ -2133,8 +2315,7 @@ def test_agree_self_is_one_other_lower_and_heads(pcam, tmp_path):
     assert "heads_cka" not in other
     # the heads figures, recomputed from the features and the saved heads.safetensors
     from safetensors.torch import load_file
-    a = types.SimpleNamespace(data=str(csv_path), pooling="cls", device="cpu", batch_size=64, workers=0,
-                              out=str(tmp_path / "a"))
+    a = eval_args("probe", "--data", csv_path, "--batch-size", 64, "--out", tmp_path / "a")
     rows = ev.read_labelled(str(csv_path))
     ft = ev.features(dict(name="vit_small_patch14_dinov2", weights="", kwargs=KW_T, size=42), rows, a).double()
     centre = lambda v: v - v.mean(0)
@@ -2153,10 +2334,9 @@ def test_agree_self_is_one_other_lower_and_heads(pcam, tmp_path):
                                                        rel=1e-4, abs=1e-6), head
         assert r["heads_cos_raw"] == pytest.approx(float(F.cosine_similarity(z, ft).mean()), rel=1e-4), head
     # a random-init architecture is seeded, so a fresh extraction gives the very same features (the cache is honest)
-    a = dict(data=str(csv_path), pooling="cls", device="cpu", batch_size=64, workers=0)
     m, rows = dict(name="vit_small_patch14_dinov2", weights="", kwargs=KW_T, size=42), ev.read_labelled(str(csv_path))
-    fresh = ev.features(m, rows, types.SimpleNamespace(**a, out=str(tmp_path / "b")))
-    assert torch.equal(fresh, ev.features(m, rows, types.SimpleNamespace(**a, out=str(tmp_path / "a"))))
+    fresh = ev.features(m, rows, eval_args("probe", "--data", csv_path, "--batch-size", 64, "--out", tmp_path / "b"))
+    assert torch.equal(fresh, ev.features(m, rows, a))
 
 def test_imagefolder_data_and_pooling(pcam, tmp_path):
     _, pick = pcam
@@ -2176,9 +2356,9 @@ def test_imagefolder_data_and_pooling(pcam, tmp_path):
     row = json.loads((tmp_path / "o" / "probe_folder.json").read_text())[0]
     assert (row["n_train"], row["n_test"], row["pooling"]) == (16, 8, "cls+mean")
     # the model pools its patch tokens (global_pool avg) through a fresh LayerNorm: cls = LayerNorm(mean patch token)
-    a = types.SimpleNamespace(data=str(root), device="cpu", batch_size=64, workers=0, out=str(tmp_path / "o"))
-    f = {p: ev.features(dict(name="vit_small_patch14_dinov2", weights="", kwargs=KW_T, size=42), got,
-                        types.SimpleNamespace(**vars(a), pooling=p)) for p in ("cls", "mean", "cls+mean")}
+    a = lambda p: eval_args("probe", "--data", root, "--batch-size", 64, "--out", tmp_path / "o", "--pooling", p)
+    f = {p: ev.features(dict(name="vit_small_patch14_dinov2", weights="", kwargs=KW_T, size=42), got, a(p))
+         for p in ("cls", "mean", "cls+mean")}
     assert f["cls"].shape == f["mean"].shape == (32, 64)
     assert torch.equal(f["cls+mean"], torch.cat([f["cls"], f["mean"]], 1))
     assert not torch.allclose(f["mean"], f["cls"], atol=1e-2)
@@ -2187,14 +2367,13 @@ def test_imagefolder_data_and_pooling(pcam, tmp_path):
 def test_feature_cache_follows_the_rewritten_weights_of_a_model_folder(pcam, tmp_path):
     csv_path, _ = pcam
     rows, folder = ev.read_labelled(str(csv_path))[:8], tmp_path / "run" / "student"
-    a = types.SimpleNamespace(data=str(csv_path), pooling="cls", device="cpu", batch_size=8, workers=0,
-                              out=str(tmp_path / "o"))
-    cfg = types.SimpleNamespace(student_img_size=32, teacher="t", student="s")
+    a = eval_args("probe", "--data", csv_path, "--batch-size", 8, "--out", tmp_path / "o")
+    cfg = g2l.Config(student_img_size=32, teacher="t", student="s", w_local=0, out=str(tmp_path / "run"))
     feats = []
     for seed in (0, 1):  # the same local-dir, exported twice with other weights: the cache must not answer for both
         torch.manual_seed(seed)
         student, spec = g2l.load_model("vit_tiny_patch16_224", kwargs=KW_S, img_size=32)
-        g2l.export(g2l.Student(student, spec, 64, 64), cfg, tmp_path / "run")
+        g2l.export(cfg, dict(student=g2l.Student(cfg, student, spec, spec)))
         os.utime(folder / "model.safetensors", (1e9 + seed, 1e9 + seed))
         feats.append(ev.features(dict(name=f"local-dir:{folder}", weights="", kwargs="", size=0), rows, a))
     assert not torch.equal(*feats)
@@ -2420,9 +2599,9 @@ def test_eval_says_random_init_and_the_size_in_the_log_and_the_results(pcam, tmp
 
 @pytest.mark.parametrize("clock, steady", [([0, 2, 2, 4, 4, 6], True), ([0, 2, 2, 4, 4, 10], False)])
 def test_bench_reports_the_median_of_its_runs_and_flags_a_large_spread(monkeypatch, capsys, clock, steady):
-    monkeypatch.setattr(ev, "time", types.SimpleNamespace(perf_counter=iter(clock).__next__))  # each run: 2 calls
-    a = types.SimpleNamespace(device="cpu", random_init=False, img_size=32, dtype="fp32", batch_sizes=[2], iters=2,
-                              warmup=1, runs=3)
+    a = eval_args("bench", "--model", "m", "--img-size", 32, "--dtype", "fp32", "--batch-sizes", 2, "--iters", 2,
+                  "--warmup", 1, "--runs", 3)
+    monkeypatch.setattr(ev.time, "perf_counter", iter(clock).__next__)  # each run: 2 calls
     (row,) = ev.bench_one(dict(name="vit_tiny_patch16_224", weights="", kwargs=KW_S, size=0), a)
     runs = [(t1 - t0) / 2 for t0, t1 in zip(clock[::2], clock[1::2])]  # seconds per call in each run
     assert row["runs"] == 3 and row["ms_per_batch"] == pytest.approx(1e3 * np.median(runs))

@@ -2,7 +2,7 @@
 pass, on a tree of many tile files (hard links to a few real tiles, so a 1M-tile tree takes a minute to make).
 
     pip install psutil                                                           # the one extra it needs
-    python examples/bench_data.py /tmp/tree --tiles 1000000 --workers 4 --pass   # walk (then cached) + full pass
+    python examples/bench_data.py /tmp/tree --tiles 1000000 --workers 4 --pass   # walk + full pass
     python examples/bench_data.py /tmp/tree --manifest                           # start-up from tiles.csv
     python examples/bench_data.py /tmp/tree --g2l OLD/g2l.py --pass              # the same with another g2l.py
 

@@ -325,15 +325,13 @@ def emit(path, check, ok, note, **figures):
 
 def build_pair(s, dev, cuda):
     """The paper's pair, random init, as g2l builds it: frozen teacher held in bf16, student + global head."""
-    px = s["pair_px"]
-    teacher, st = g2l.load_model("h-optimus-0", "random", s["pair_t"], px, dev)
-    teacher.eval().requires_grad_(False)
-    if cuda:
-        teacher.to(torch.bfloat16)
+    px = s["pair_px"]  # g2l's own set-up: the teacher frozen in bf16 (frozen_teacher), no local head (w_local 0)
+    cfg = g2l.Config(img_size=px, student_img_size=px, w_local=0, precision="bf16" if cuda else "fp32", compile="off")
+    teacher = g2l.frozen_teacher(cfg, *g2l.load_model("h-optimus-0", "random", s["pair_t"], px, dev), dev)
     backbone, ss = g2l.load_model("hibou-l", "random", s["pair_s"], px, dev)
-    student = g2l.Student(backbone, ss, st.dim, st.width).to(dev)  # no grid: the global head alone
-    flops = g2l.forward_flops(teacher, px) + 3 * g2l.forward_flops(backbone, px)  # backward = 2 forwards
-    return teacher, st, student, flops
+    student = g2l.Student(cfg, backbone, ss, teacher.spec).to(dev)
+    flops = teacher.flops + 3 * g2l.forward_flops(backbone, px)  # backward = 2 forwards
+    return teacher.model, teacher.spec, student, flops
 
 def step_fns(teacher, st, student, opt, x, amp, compiled):
     """(teacher forward, student forward + backward + AdamW given the teacher's output, the whole step) on x or
