@@ -40,9 +40,8 @@ except RuntimeError as e:  # a torchvision built for another torch: "operator to
         raise
     from importlib.metadata import version
     raise SystemExit(f"error: torch {version('torch')} and torchvision {version('torchvision')} do not match "
-                     f"({' '.join(str(e).split())[-60:]}); reinstall both from one index: pip install "
-                     "--force-reinstall torch torchvision (CPU: --index-url https://download.pytorch.org/whl/cpu)") \
-        from None
+                     f"({' '.join(str(e).split())[-60:]}); install the tested pair from PyPI (no extra index): "
+                     "pip install --force-reinstall torch==2.14.1 torchvision==0.29.1 (README: Set-up)") from None
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 def rank_world():

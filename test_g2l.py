@@ -1012,6 +1012,8 @@ def test_a_mismatched_torchvision_is_one_line_not_a_traceback(tmp_path):
                            env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=120)
         assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
         assert re.match(r"error: torch \S+ and torchvision \S+ do not match .*pip install", r.stderr), r.stderr
+        fix = re.search(r"pip install [^;)]*\d", r.stderr).group()  # the README's fix, with the tested versions
+        assert fix in (ROOT / "README.md").read_text() and "index-url" not in fix, fix
 
 def pipe_run(tmp_path, tiles, steps, shell=""):
     import subprocess, sys
