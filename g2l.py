@@ -5,14 +5,14 @@ projection head maps the student's global feature into the teacher's space, and 
 log-sum of |BN(student) - BN(teacher)|^4 (Miles & Mikolajczyk, AAAI 2024). g2l adds an optional
 local loss on patch tokens (RADIO / GPFM style: 0.9 cosine + 0.1 smooth-L1).
 
-    python g2l.py             # demo: bundled CC0 tiles, small ViTs, 122 s on 2 idle cores of an AMD EPYC machine
+    python g2l.py    # demo (CC0 tiles, small ViTs): 122 s on 2 idle cores of an AMD EPYC machine with HF_HUB_OFFLINE=1
     python g2l.py --demo --steps 5                   # the demo's settings, any option changed
     python g2l.py --teacher h-optimus-0 --student uni --data tiles/ --out runs/luad
     python g2l.py --teacher h-optimus-0 --student hibou-l --w-local 0 --data tiles/   # the paper's pair and loss
     torchrun --standalone --nproc_per_node=8 g2l.py --teacher h-optimus-0 --student uni --data tiles/
     python g2l.py --teacher h-optimus-0 --teacher-weights h0.safetensors \\
         --student vit_large_patch16_224 --data tiles/                  # offline weights
-    python g2l.py --synthetic --steps 20 ...         # step speed without I/O (loader speed: eval.py bench-data)
+    python g2l.py --synthetic --steps 20 --student uni   # step speed without I/O (loader speed: eval.py bench-data)
 
 The student lands in OUT/student/ as a timm local-dir:
     timm.create_model("local-dir:runs/NAME/student", pretrained=True)
@@ -71,7 +71,7 @@ class Config:
     student_weights: str = ""           # local weights for the student's architecture ("random": random init)
     teacher_kwargs: str = ""            # JSON architecture kwargs, e.g. '{"depth": 2}'
     student_kwargs: str = ""            # JSON architecture kwargs for the student
-    data: list = dataclasses.field(default_factory=lambda: ["tiles"])  # tile folders (recursive; parent folder = slide)
+    data: list = dataclasses.field(default_factory=lambda: ["tiles"])  # folders (recursive) or CSVs with a path column
     val_data: list = dataclasses.field(default_factory=list)  # validation tile folders (default: held-out slides)
     val_frac: float = 0.05              # held-out fraction of the tiles when --data has only one slide
     max_val: int = 512                  # validation tiles used at each evaluation
@@ -109,7 +109,7 @@ class Config:
     resume: str = ""                    # auto (OUT/ckpt.pt) or a path to a ckpt.pt
     overwrite: bool = False             # start over in an --out that holds a run (ckpt.pt or student/)
     early_stop: bool = False            # G2L: stop when loss > mean of last 100 steps more than 10 times in a row
-    max_bad_frac: float = 0.01          # stop when more than this fraction of tiles cannot be read
+    max_bad_frac: float = 0.01          # stop when over this fraction of the tiles drawn, and over 10, are unreadable
     synthetic: bool = False             # random tensors instead of tiles: measures the step alone
     demo: bool = False                  # start from the demo's settings (what `python g2l.py` alone runs)
 
@@ -138,8 +138,9 @@ def parse_args(argv=None):
     """The command line is the Config: same names (dashes for underscores), its comments are the --help."""
     argv = sys.argv[1:] if argv is None else argv
     helps = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))
-    fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    epilog = (f"--data: folders, searched recursively for {'/'.join(e[1:] for e in IMG_EXTS)} (a tile's parent folder "
+              f"is its slide), or CSVs with a path column (relative to the CSV).\npresets: {', '.join(PRESETS)}")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, epilog=epilog)
     for f in dataclasses.fields(Config):
         choices = get_args(f.type) or None  # a Literal field: its values
         name, kw = "--" + f.name.replace("_", "-"), dict(help=helps.get(f.name, " "), choices=choices)
@@ -1013,6 +1014,12 @@ def set_up(cfg):
     return device
 
 # ============================================================================= plumbing: skip on a first read
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the docstring as written, and each option's default where there is one to show."""
+    def _get_help_string(self, action):
+        none = action.default in (None, "", []) or "default:" in (action.help or "")
+        return action.help if none else super()._get_help_string(action)
+
 # ----------------------------------------------------------------------------- tile listing at scale
 MANIFEST = "tiles.csv"  # prep_tiles.py lists every tile it wrote here: a folder with one is read, never walked
 CACHE_MIN = 50_000      # a walked folder with at least this many tiles keeps its listing in ~/.cache/g2l

@@ -999,8 +999,14 @@ def test_help_states_the_exit_status_and_the_readmes_demo_time(capsys):
         g2l.parse_args(["--help"])
     said = " ".join(capsys.readouterr().out.split())
     assert "Exit status: 0 done, 1 a failure, 2 an argument error, 128+n" in said
-    demo_time = re.search(r"\d+ s on 2 idle cores of an AMD EPYC machine", said)  # one figure, --help = README
-    assert demo_time and demo_time.group() in " ".join((ROOT / "README.md").read_text().split())
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    demo_time = re.search(r"\d+ s on 2 idle cores of an AMD EPYC machine with HF_HUB_OFFLINE=1", said)
+    assert demo_time and demo_time.group().replace("HF_HUB_OFFLINE=1", "`HF_HUB_OFFLINE=1`") in readme, said
+    assert "(default: )" not in said and "(default: [])" not in said, said  # --help = README: lists and defaults
+    presets = ", ".join(f"`{p}`" for p in g2l.PRESETS)
+    assert ", ".join(g2l.PRESETS) in said and presets.replace("`, `", "`,`") in readme.replace("`, `", "`,`"), said
+    data = re.search(r"--data DATA \[DATA \.\.\.\] (.*?) \(default", said).group(1)
+    assert "CSV" in data and "path column" in data and "/".join(e[1:] for e in g2l.IMG_EXTS) in readme, data
 
 def test_a_mismatched_torchvision_is_one_line_not_a_traceback(tmp_path):
     import subprocess, sys
