@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from g2l import AUG, DTYPES, Config, TileDataset, UsageError, atomic_open, centred_cosine, check_out, encode, \
-    extract_features, find_images, forward_flops, index_tiles, linear_cka, load_model, make_views, peak_memory_gb, \
+    extract_features, forward_flops, index_tiles, linear_cka, load_model, make_views, peak_memory_gb, \
     projection, quiet_worker, resolve
 
 # ----------------------------------------------------------------------------- data
@@ -40,7 +40,8 @@ def read_labelled(data, need=("path", "label")):
     """Rows (dicts, absolute paths) from a labels CSV or an ImageFolder tree; fails on missing columns or files."""
     p = Path(data)
     if p.is_dir():
-        parts = [(f, Path(f).relative_to(p).parts) for f in find_images([str(p)])]
+        tiles = index_tiles([str(p)])
+        parts = [(f, Path(f).relative_to(p).parts) for f in map(tiles.path, range(len(tiles)))]
         has_split = all(len(q) >= 3 and q[0].lower() in SPLITS for _, q in parts)  # root/<split>/<class>/*
         cols = ["path", "label", "split"][:2 + has_split]
         rows = [dict(zip(cols, [f, q[has_split] if len(q) > 1 else "", q[0]])) for f, q in parts]

@@ -260,11 +260,6 @@ def index_tiles(folders):
         raise box[0]
     return box[0]
 
-def find_images(folders):
-    """All images under the folders (recursive), sorted; the parent folder is the slide id."""
-    tiles = index_tiles(folders)
-    return [tiles.path(i) for i in range(len(tiles))]
-
 def load_tile(path, size):
     """Decode one tile to a uint8 [3, size, size] tensor. JPEG draft mode decodes at 1/2, 1/4 or 1/8
     scale when the stored tile is much larger than needed, which is most of the decode cost."""
@@ -308,16 +303,20 @@ def split_data(cfg):
             k = int(np.searchsorted(np.cumsum(counts[slides]), cfg.max_val)) + 1  # slides whose tiles reach max_val
             k = min(max(k, 2 if len(slides) >= 10 else 1), len(slides) - 1)  # and at least one slide to train on
             held = np.isin(tiles.slide, slides[:k])
+        few = "; too few to report agreement on (< 32): none reported"  # the CKA of 2 tiles is 1, of 6 near it
         if 0 < held.sum() <= len(tiles) / 4:
-            print0(f"validation: held out {k} of {len(slides)} slides ({int(held.sum())} tiles, not trained on)")
+            print0(f"validation: held out {k} of {len(slides)} slides ({int(held.sum())} tiles, not trained on)"
+                   + few * bool(held.sum() < 32))
         else:  # one slide, or a few big folders (e.g. PCam's class folders 0/ 1/): hold out tiles, and say so
             why = "only one slide in --data" if len(slides) < 2 else \
                 f"held-out folders would take {int(held.sum())} of {len(tiles)} tiles from training"
-            print0(f"note: {why}; holding out {cfg.val_frac:.0%} of its tiles for validation (tiles of one slide may "
-                   "then be on both sides; --val-data avoids that)")
+            n = max(1, round(cfg.val_frac * len(tiles)))
+            print0(f"note: {why}; holding out {n} tiles (--val-frac) for validation (tiles of one slide may then be on "
+                   "both sides; --val-data avoids that)" + few * (n < 32))
             held = np.zeros(len(tiles), bool)
-            held[rng.choice(len(tiles), max(1, round(cfg.val_frac * len(tiles))), replace=False)] = True
-        tiles, val = tiles.subset(~held), tiles.subset(held)
+            held[rng.choice(len(tiles), n, replace=False)] = True
+        # too few: held out all the same, so that the training tiles never depend on the rule
+        tiles, val = tiles.subset(~held), tiles.subset(held & (held.sum() >= 32))
     return tiles, val.subset(np.sort(rng.choice(len(val), min(cfg.max_val, len(val)), replace=False)))
 
 def check_readable(tiles, flag, tries=50):
@@ -878,7 +877,7 @@ def train_loop(cfg, tr, at, batches, val, metrics, stop):
     tiles_per_step = cfg.batch_size * world * cfg.grad_accum  # all ranks' tiles
     n_bad = seen = 0  # unreadable tiles and tiles drawn, this session
     bad_steps = above = 0  # non-finite steps in a row; steps in a row above the running mean (--early-stop)
-    recent, last = deque(maxlen=100), {}  # the last 100 losses; the last metrics row
+    recent, last, start = deque(maxlen=100), {}, at.step  # the last 100 losses; the last metrics row; resumed at
     if val is not None and at.step == 0:
         at.first = evaluate(cfg, tr, val)
         print0(f"step {at.step:06d} | val cos {at.first['val_cos']:.4f} (raw {at.first['val_cos_raw']:.4f}) | "
@@ -910,7 +909,8 @@ def train_loop(cfg, tr, at, batches, val, metrics, stop):
                 if bad > cfg.max_bad_frac * seen and bad > 10:
                     return f"stopped: {bad} of {seen} tiles were unreadable (over --max-bad-frac); " \
                         "see the warnings", 1, last
-                last = dict(step=at.step, **log_row(terms, gnorm, tr, speed.measure(), bad))
+                last = dict(step=at.step, **log_row(terms, gnorm, tr, speed.measure(), bad)) | (
+                    {"resumed_from": start} if start and not last else {})  # the curves mark a resume
                 last.update(evaluate(cfg, tr, val) if evaluating else {})
                 at.first.setdefault("loss", last["loss"])
                 log(last, metrics)
@@ -944,17 +944,15 @@ def log(row, metrics):
 def summary(cfg, reason, first, last, out):
     parts = [f"{k.replace('_', ' ')} {first[k]:.4f} -> {last[k]:.4f}" for k in ("loss", "val_cos", "val_cka")
              if k in first and k in last]
-    print0(" | ".join([reason, *parts, f"{last.get('img_per_s', 0):.1f} img/s", f"mfu {pct(last.get('mfu'))}"]))
+    print0(" | ".join([reason, *parts, f"{last.get('img_per_s', 0):.1f} img/s", f"mfu {pct(last.get('mfu'))}",
+                       f"bad tiles {last.get('bad_tiles', 0)}"]))
     if not cfg.synthetic:
         # the demo's hint must work as printed, offline: the student on the 200 labelled PCam tiles bundled in examples/
         labels = os.path.relpath(Path(__file__).resolve().parent / "examples" / "pcam" / "labels.csv")
-        # eval.py takes each option once per --model: the teacher's as it ran here, the student's from its folder
-        opts = [(f, v, e) for f, v, e in (("--model-weights", cfg.teacher_weights, "''"), ("--img-size", cfg.img_size,
-                0), ("--model-kwargs", cfg.teacher_kwargs, "''")) if v]
-        teacher = "".join(f" {f} {shlex.quote(str(v))}" for f, v, _ in opts)
+        # eval.py runs the teacher with this run's size, kwargs and weights (from OUT/config.json)
         evaluate = (f"python eval.py probe --model {out} --data {labels} --out {out / 'eval'}" if cfg.demo else
-                    f"python eval.py probe --model {shlex.quote(cfg.teacher)}{teacher} --model {out}"
-                    + "".join(f" {f} {e}" for f, _, e in opts) + " --data LABELS.csv  (a CSV: path,label)")
+                    f"python eval.py probe --model {shlex.quote(cfg.teacher)} --model {shlex.quote(str(out))} "
+                    "--data LABELS.csv  # LABELS.csv: yours, with columns path,label")
         print0(f"student: {out / 'student'}  ->  timm.create_model('local-dir:{out / 'student'}', pretrained=True)\n"
                f"evaluate: {evaluate}\n"
                f"a real run: python g2l.py --teacher h-optimus-0 --student uni --data tiles/ --out runs/NAME")
@@ -1042,8 +1040,8 @@ def concat_tiles(parts):
 
 def walk_images(folder):
     """([(folder, image name)], [(folder, mtime_ns)] of every folder entered), relative to `folder`. Follows
-    symlinks but enters each real folder once (no loops, no tile counted twice); skips .hidden entries and the
-    masks/ folder at the top (prep_tiles.py's QC pictures)."""
+    symlinks but enters each real folder once (no loops, no tile counted twice); skips .hidden entries and, wherever
+    they are, prep_tiles.py's QC pictures: a masks/ folder beside its slides.csv or tiles.csv."""
     pairs, stamps, seen = [], [], set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         st = os.stat(top)
@@ -1052,7 +1050,8 @@ def walk_images(folder):
             continue
         seen.add((st.st_dev, st.st_ino))
         rel = os.path.relpath(top, folder) if top != folder else ""
-        dirs[:] = [d for d in dirs if not d.startswith(".") and (rel or d != "masks")]
+        qc = "masks" if {"slides.csv", MANIFEST} & set(files) else None
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != qc]
         stamps.append((rel, st.st_mtime_ns))
         pairs += [(rel, n) for n in files if not n.startswith(".") and n.lower().endswith(IMG_EXTS)]
     return pairs, stamps

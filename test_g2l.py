@@ -425,7 +425,7 @@ def test_corrupt_tile_is_skipped_and_counted(tmp_path, tiles, capsys):
     last = g2l.main(argv)
     assert last["step"] == 9 and last["bad_tiles"] == 1  # 81 tiles in 9 batches of 9: every tile once
     out = capsys.readouterr().out
-    assert f"skipping unreadable tile {bad}" in out
+    assert f"skipping unreadable tile {bad}" in out and re.search(r"^done \|.*\| bad tiles 1$", out, re.M), out
 
 def test_balanced_sampling_draws_slides_equally():
     paths = [f"/t/big/{i}.jpg" for i in range(90)] + [f"/t/small/{i}.jpg" for i in range(10)]
@@ -460,9 +460,21 @@ def test_find_images_enters_each_real_folder_once(tmp_path):
     (tmp_path / "c").symlink_to(tmp_path / "b")     # a second name for slide b
     (tmp_path / "masks").mkdir()
     (tmp_path / "masks" / "a.png").touch()           # prep_tiles.py's QC pictures are not tiles
-    found = g2l.find_images([str(tmp_path)])
+    (tmp_path / "slides.csv").touch()                # (known by what prep_tiles writes beside them)
+    found = list(map((t := g2l.index_tiles([str(tmp_path)])).path, range(len(t))))
     assert len(found) == 6 and len(set(map(os.path.realpath, found))) == 6
     assert {Path(p).parent.name for p in found} <= {"a", "b", "c"}
+
+def test_qc_pictures_are_skipped_wherever_prep_tiles_wrote_them(tmp_path):
+    for cut, csv_name in (tmp_path / "cut1", "slides.csv"), (tmp_path / "deeper" / "cut2", "tiles.csv"):
+        touch_tiles(cut, [cut.name + "_slide"], 2)
+        touch_tiles(cut, ["masks"], 1)  # masks/<slide>.png in prep_tiles' output
+        (cut / csv_name).touch()
+    touch_tiles(tmp_path / "mine", ["masks"], 3)  # a slide of one's own called masks, with no prep_tiles files beside
+    tiles = g2l.index_tiles([str(tmp_path)])
+    found = sorted(os.path.relpath(tiles.path(i), tmp_path).rsplit("_x", 1)[0] for i in range(len(tiles)))
+    assert found == ["cut1/cut1_slide/cut1_slide"] * 2 + ["deeper/cut2/cut2_slide/cut2_slide"] * 2 + \
+        ["mine/masks/masks"] * 3, found
 
 def test_manifest_is_read_and_large_scans_are_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -488,7 +500,8 @@ def test_only_rank_0_reads_the_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(g2l.dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(g2l, "index_folder", lambda f: pytest.fail("rank 1 read the disk"))
     monkeypatch.setattr(g2l.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, sent))
-    assert g2l.find_images(["/nowhere"]) == ["/x/s/a.jpg", "/x/s/b.jpg"]
+    got = g2l.index_tiles(["/nowhere"])
+    assert [got.path(i) for i in range(len(got))] == ["/x/s/a.jpg", "/x/s/b.jpg"]
     no_tiles = SystemExit("error: no tiles")
     monkeypatch.setattr(g2l.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, no_tiles))
     with pytest.raises(SystemExit, match="no tiles"):  # rank 0's error stops every rank
@@ -507,7 +520,10 @@ def test_validation_holds_out_whole_slides_sized_to_max_val(tmp_path, capsys):
     # a few big folders (PCam's class folders 0/ 1/): holding one out would drop half the data and a whole class
     touch_tiles(tmp_path / "pcam", ["0", "1"], 40)
     train, val = g2l.split_data(g2l.Config(data=[str(tmp_path / "pcam")], max_val=64, val_frac=0.1))
-    assert len(train) == 72 and len(val) == 8 and "would take 40 of 80 tiles" in capsys.readouterr().out
+    out = capsys.readouterr().out  # 8 tiles held out: too few to mean anything, so no figures (and not trained on)
+    assert len(train) == 72 and len(val) == 0 and "would take 40 of 80 tiles" in out and "too few" in out
+    train, val = g2l.split_data(g2l.Config(data=[str(tmp_path / "pcam")], max_val=64, val_frac=0.4))
+    assert len(train) == 48 and len(val) == 32 and "too few" not in capsys.readouterr().out
     assert {Path(train.path(i)).parent.name for i in range(len(train))} == {"0", "1"}
 
 def test_16_bit_png_tile_keeps_its_values(tmp_path):
