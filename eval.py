@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from g2l import AUG, DTYPES, Config, TileDataset, UsageError, atomic_open, centred_cosine, check_out, encode, \
+from g2l import AUG, BAR, DTYPES, Config, TileDataset, UsageError, atomic_open, centred_cosine, check_out, encode, \
     extract_features, forward_flops, index_tiles, linear_cka, load_model, make_views, peak_memory_gb, \
     projection, quiet_worker, resolve
 
@@ -276,7 +276,7 @@ def timed(step, n, warmup, device, desc=None, runs=1):
     sync()
     for _ in range(runs):
         t = time.perf_counter()
-        for _ in tqdm(range(n), desc=desc, disable=desc is None, dynamic_ncols=True):
+        for _ in tqdm(range(n), desc=desc, disable=desc is None or not sys.stderr.isatty(), **BAR):  # short: no log
             step()
         sync()
         times.append((time.perf_counter() - t) / n)

@@ -846,7 +846,7 @@ def extract_features(loader, encoders, device, amp, desc=None):
     the float [0,1] batch on the device), and per tile how many unreadable tiles TileDataset skipped to reach it."""
     outs, skipped = [[] for _ in encoders], []
     with torch.no_grad():
-        for x, k in tqdm(loader, total=len(loader), desc=desc, disable=desc is None, dynamic_ncols=True):
+        for x, k in tqdm(loader, total=len(loader), desc=desc, disable=desc is None, **BAR):
             x = x.to(device, non_blocking=True).float() / 255  # CUDA: no stream sync per batch
             with amp():
                 for out, fn in zip(outs, encoders):
@@ -883,7 +883,8 @@ def train_loop(cfg, tr, at, batches, val, metrics, stop):
         print0(f"step {at.step:06d} | val cos {at.first['val_cos']:.4f} (raw {at.first['val_cos_raw']:.4f}) | "
                f"cka {at.first['val_cka']:.4f}")
     speed = Speed(cfg, tr, tiles_per_step)
-    with tqdm(total=cfg.steps, initial=at.step, disable=rank != 0, desc="distil", dynamic_ncols=True) as bar:
+    # not on a terminal (disable=None) the log lines alone say where the run is: no bar redrawn after each of them
+    with tqdm(total=cfg.steps, initial=at.step, disable=rank != 0 or None, desc="distil", **BAR) as bar:
         while at.step < cfg.steps:
             terms, gnorm, skipped = distil_step(cfg, tr, at.step, batches)
             at.samples, seen, n_bad = at.samples + tiles_per_step, seen + tiles_per_step, n_bad + skipped
@@ -1268,7 +1269,9 @@ def start_run_folder(cfg, spec_t, spec_s, n_train, n_val, step):
                 teacher_source=spec_t.source, student_source=spec_s.source, n_train=n_train, n_val=n_val)
     with atomic_open(out / f"config.json{new}") as f:
         f.write(json.dumps(conf, indent=2))
-    print0(json.dumps(conf))
+    print0(f"config: {out / 'config.json'} | {cfg.teacher} ({spec_t.source}, {cfg.img_size} px) -> {cfg.student} "
+           f"({spec_s.source}, {cfg.student_img_size} px) | {n_train} train, {n_val} val tiles | {cfg.steps} steps of "
+           f"{cfg.batch_size} x {rank_world()[1] * cfg.grad_accum} | {cfg.precision}, compile {cfg.compile}")
     return open_metrics(out / f"metrics.jsonl{new}", step)
 
 def timm_args(model, spec):
@@ -1319,6 +1322,9 @@ def export(student, cfg, out):
 
 # ----------------------------------------------------------------------------- the run lock and signals
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+# a bar that is not on a terminal (a log file, a pipe) redraws at most every 30 s, not ten times a second
+BAR = dict(dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
 
 def quiet_worker(_):
     """DataLoader workers ignore SIGINT/SIGTERM: a scheduler signals the whole process group, and the main process,

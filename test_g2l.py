@@ -424,7 +424,9 @@ def test_corrupt_tile_is_skipped_and_counted(tmp_path, tiles, capsys):
             "--out", str(tmp_path / "r")]
     last = g2l.main(argv)
     assert last["step"] == 9 and last["bad_tiles"] == 1  # 81 tiles in 9 batches of 9: every tile once
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert max(map(len, out.splitlines())) < 250 and "config: " in out, out  # the config in config.json, not the log
+    assert "distil" not in err, err  # not a terminal: plain log lines, no progress bar redrawn after each
     assert f"skipping unreadable tile {bad}" in out and re.search(r"^done \|.*\| bad tiles 1$", out, re.M), out
 
 def test_balanced_sampling_draws_slides_equally():
@@ -2083,7 +2085,7 @@ def test_robustness_command_on_real_tiles(pcam, tmp_path):
     assert [r["k"] for r in res] == [3, 5] and all(0 <= r["ri"] <= 1 and r["dejong"] > 0 for r in res)
 
 # ----------------------------------------------------------------------------- bench and report
-def test_bench_two_tiny_models_sizes_and_speed_ratios(tmp_path):
+def test_bench_two_tiny_models_sizes_and_speed_ratios(tmp_path, capfd):
     small = '{"depth": 1, "embed_dim": 32, "num_heads": 2}'
     big = '{"depth": 6, "embed_dim": 192, "num_heads": 3}'
     ev.main(["bench", "--model", "vit_tiny_patch16_224", "--model-kwargs", big, "--model", "vit_tiny_patch16_224",
@@ -2094,6 +2096,8 @@ def test_bench_two_tiny_models_sizes_and_speed_ratios(tmp_path):
     assert b["img_per_s"] > 0 and b["speedup"] == 1 and s["speedup"] == pytest.approx(s["img_per_s"] / b["img_per_s"])
     assert b["params_m"] > 10 * s["params_m"] and b["gflops"] > 10 * s["gflops"] and s["param_ratio"] > 10
     assert b["peak_mem_gb"] >= 0 and b["batch"] == 8
+    said = capfd.readouterr()  # not a terminal: the results and plain lines, no bar redraws of its short timings
+    assert "bench vit_tiny" not in said.err and "\r" not in said.out + said.err, said.err
 
 def test_bench_data_measures_each_loader_pipeline(tmp_path):
     ev.main(["bench-data", "--data", str(ROOT / "examples" / "tiles"), "--img-size", "32", "--batch-size", "4",
