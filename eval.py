@@ -115,6 +115,18 @@ def model_list(names, weights, kwargs, sizes, flag="--model"):
         cols.append(values if len(values) > 1 else [values[0] if values else default] * n)
     return [dict(name=a, weights=b, kwargs=c, size=d) for a, b, c, d in zip(*cols)]
 
+def run_settings(models):
+    """A g2l run folder among the models brings its settings (its config.json): its teacher, when named too, runs at
+    the run's input size with its kwargs and weights, unless given; each records the size the run distilled it at."""
+    for run in models:
+        if (Path(run["name"]) / "student").is_dir() and (conf := Path(run["name"]) / "config.json").is_file():
+            c = json.loads(conf.read_text())
+            run["distilled_px"] = c.get("student_img_size")
+            for t in (t for t in models if t["name"] == c.get("teacher")):
+                t.update(size=t["size"] or c.get("img_size", 0), kwargs=t["kwargs"] or c.get("teacher_kwargs", ""),
+                         weights=t["weights"] or c.get("teacher_weights", ""), distilled_px=c.get("img_size"))
+    return models
+
 def describe(name, source, px):
     """The log line saying what a model is: a bare timm name is random init at its default size (DINOv2's: 518 px)."""
     print(f"{name}: {source}" + " (no pretrained weights)" * (source == "random init") + f", {px} px")
@@ -143,6 +155,8 @@ def features(m, rows, a):
             torch.save(got, f)
     feats, m["source"], m["px"] = got["feats"], got["source"], got["size"]
     describe(m["name"], m["source"], m["px"])
+    if m.get("distilled_px") not in (None, m["px"]):
+        print(f"note: {m['name']} runs at {m['px']} px; its g2l run distilled it at {m['distilled_px']} px")
     if len(bad := (~torch.isfinite(feats).all(1)).nonzero().flatten()):
         raise SystemExit(f"error: {len(bad)} of {len(feats)} feature vectors of {m['name']} are NaN/inf (e.g. "
                          f"{paths[int(bad[0])]}); check its weights or precision (try --device cpu), delete {cache}")
@@ -351,7 +365,7 @@ def cmd_probe(a):
             raise UsageError(f"error: class(es) {[classes[c] for c in absent]} in the test split of {a.data} have "
                              "no training rows; add training samples of them or drop them")
     res = []
-    for m in model_list(a.model, a.model_weights, a.model_kwargs, a.img_size):
+    for m in run_settings(model_list(a.model, a.model_weights, a.model_kwargs, a.img_size)):
         f, per, Cs = features(m, rows, a), [], []  # per seed: the metrics, the C picked on val
         for sp in splits:
             lin, C = linear_probe(f, y, sp, len(classes), a.C)
@@ -367,12 +381,14 @@ def cmd_probe(a):
                    "linear_auroc", "linear_f1_macro", "knn_bacc", "knn_auroc", "knn_f1_macro", "C"])
 
 def cmd_agree(a):
-    """Teacher vs each student on the same tiles; a g2l run folder is also compared through its heads (give the
-    teacher the input size it had in training: --teacher-img-size)."""
+    """Teacher vs each student on the same tiles; a g2l run folder is also compared through its heads (its teacher
+    runs with the run's input size and kwargs, from its config.json)."""
     rows = read_labelled(a.data, need=("path",))
-    t = model_list([a.teacher], [a.teacher_weights], [a.teacher_kwargs], [a.teacher_img_size], "--teacher")[0]
+    t, *students = run_settings(model_list([a.teacher], [a.teacher_weights], [a.teacher_kwargs], [a.teacher_img_size],
+                                           "--teacher") + model_list(a.student, a.student_weights, a.student_kwargs,
+                                                                     a.student_img_size, "--student"))
     ft, res = features(t, rows, a), []
-    for s in model_list(a.student, a.student_weights, a.student_kwargs, a.student_img_size, "--student"):
+    for s in students:
         fs = features(s, rows, a)
         r = dict(teacher=t["name"], student=s["name"], teacher_source=t["source"], student_source=s["source"],
                  teacher_img_size=t["px"], student_img_size=s["px"], n=len(rows), pooling=a.pooling,
@@ -398,7 +414,7 @@ def cmd_robustness(a):
     slides = [r["slide"] for r in rows] if "slide" in rows[0] else None
     try:
         check_design(labels, centres, slides, a.ks)  # before any model is built
-        for m in model_list(a.model, a.model_weights, a.model_kwargs, a.img_size):
+        for m in run_settings(model_list(a.model, a.model_weights, a.model_kwargs, a.img_size)):
             ri = robustness_index(features(m, rows, a), labels, centres, slides, a.ks, a.boot)
             res += [dict(model=m["name"], source=m["source"], img_size=m["px"], task=a.task, n=len(rows), **r)
                     for r in ri]

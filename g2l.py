@@ -552,10 +552,11 @@ def resolve(name):
         if not conf.is_file():
             raise SystemExit(f"error: {where} has no config.json (a local-dir needs config.json + model.safetensors)")
         cfg = json.loads(conf.read_text())
-        pc = cfg.get("pretrained_cfg", cfg)
+        pc, g = cfg.get("pretrained_cfg", cfg), cfg.get("g2l", {})  # g: a g2l export's own record, honest in results
         return dict(load=name, pretrained=True, arch=cfg["architecture"], kwargs=cfg.get("model_args", {}),
-                    embed=cfg.get("g2l", {}).get("embed", "pool"), mean=pc.get("mean"), std=pc.get("std"),
-                    size=pc.get("input_size", [3, 0, 0])[-1])
+                    embed=g.get("embed", "pool"), mean=pc.get("mean"), std=pc.get("std"),
+                    size=pc.get("input_size", [3, 0, 0])[-1], source=f"g2l student of {g.get('teacher')} (from "
+                    f"{g.get('start', 'an unrecorded start')}): " if g else "")
     if name in PRESETS:
         return dict(PRESETS[name])
     if not name.startswith("hf-hub:") and not timm.is_model(name.split(".")[0]):
@@ -601,7 +602,8 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
                              f"pytorch_model.bin). {offline_help(info)}")
     target, pretrained = (info["arch"], False) if bare or converted else (info["load"], info["pretrained"])
     source = (f"pretrained {info['hf']} (transformers DINOv2, converted to timm)" if converted else
-              f"weights file {weights}" if weights else "pretrained " + target if pretrained else "random init")
+              f"weights file {weights}" if weights else (info.get("source") or "pretrained ") + target if pretrained
+              else "random init")
     build = {k: MLP_LAYERS.get(v, v) if k == "mlp_layer" else v for k, v in kw.items()}
     build.update({"img_size": img_size} if img_size else {})
     create = functools.partial(timm.create_model, target, pretrained=pretrained, num_classes=0)
@@ -1301,7 +1303,7 @@ def export(student, cfg, out):
                 model_args={**args, **({"img_size": size} if spec.patch else {})},
                 pretrained_cfg=dict(mean=list(spec.mean), std=list(spec.std), num_classes=0, input_size=[3, size, size],
                                     crop_pct=1.0, interpolation="bilinear"),
-                g2l=dict(embed=spec.embed, teacher=cfg.teacher, student=cfg.student,
+                g2l=dict(embed=spec.embed, teacher=cfg.teacher, student=cfg.student, start=spec.source,
                          licence="a distilled student inherits its teacher's licence terms"))
     tmp = out / "student.tmp"
     try:

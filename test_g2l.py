@@ -1979,6 +1979,28 @@ def test_agree_self_is_one_other_lower_and_heads(pcam, tmp_path):
     fresh = ev.features(m, rows, types.SimpleNamespace(**a, out=str(tmp_path / "b")))
     assert torch.equal(fresh, ev.features(m, rows, types.SimpleNamespace(**a, out=str(tmp_path / "a"))))
 
+def test_eval_keeps_a_runs_settings_and_an_honest_source(pcam, tmp_path, capsys):
+    csv_path, _ = pcam  # a g2l run folder: a random-init student distilled at 32 px from a teacher run at 42 px
+    student, spec = g2l.load_model("vit_tiny_patch16_224", kwargs=KW_S, img_size=32)
+    cfg = types.SimpleNamespace(student_img_size=32, teacher="vit_small_patch14_dinov2", student="vit_tiny_patch16_224")
+    g2l.export(g2l.Student(student, spec, 64, 64), cfg, tmp_path / "run")
+    (tmp_path / "run" / "config.json").write_text(json.dumps(dict(
+        teacher="vit_small_patch14_dinov2", teacher_kwargs=KW_T, teacher_weights="", img_size=42, student_img_size=32)))
+    common = ["--data", str(csv_path), "--out", str(tmp_path / "a"), "--task", "pcam", "--workers", "0"]
+    ev.main(["agree", "--teacher", "vit_small_patch14_dinov2", "--teacher-kwargs", KW_T, "--student",
+             str(tmp_path / "run"), *common])
+    r, = json.loads((tmp_path / "a" / "agree_pcam.json").read_text())
+    assert r["teacher_img_size"] == 42 and r["student_img_size"] == 32 and "heads_cka" in r, r  # the run's sizes
+    assert r["student_source"].startswith("g2l student of vit_small_patch14_dinov2 (from random init)"), r
+    assert "note:" not in capsys.readouterr().out
+    # probe: the run's teacher with the run's kwargs and size; the student at another size than it learnt says so
+    ev.main(["probe", "--model", "vit_small_patch14_dinov2", "--model", str(tmp_path / "run"), "--img-size", "0",
+             "--img-size", "48", "--seeds", "1", "--C", "1.0", *common])
+    t, s = json.loads((tmp_path / "a" / "probe_pcam.json").read_text())
+    assert t["img_size"] == 42 and s["img_size"] == 48 and "(from random init)" in s["source"], (t, s)
+    said = capsys.readouterr().out
+    assert f"note: {tmp_path / 'run'} runs at 48 px; its g2l run distilled it at 32 px" in said, said
+
 def test_imagefolder_data_and_pooling(pcam, tmp_path):
     _, pick = pcam
     root, flat = tmp_path / "folder", tmp_path / "flat"
