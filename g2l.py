@@ -555,8 +555,8 @@ def resolve(name):
         pc, g = cfg.get("pretrained_cfg", cfg), cfg.get("g2l", {})  # g: a g2l export's own record, honest in results
         return dict(load=name, pretrained=True, arch=cfg["architecture"], kwargs=cfg.get("model_args", {}),
                     embed=g.get("embed", "pool"), mean=pc.get("mean"), std=pc.get("std"),
-                    size=pc.get("input_size", [3, 0, 0])[-1], source=f"g2l student of {g.get('teacher')} (from "
-                    f"{g.get('start', 'an unrecorded start')}): " if g else "")
+                    size=pc.get("input_size", [3, 0, 0])[-1], source=g and f"g2l student of {g.get('teacher')} "
+                    f"(from {g.get('start', 'an unrecorded start')}), {name}")
     if name in PRESETS:
         return dict(PRESETS[name])
     if not name.startswith("hf-hub:") and not timm.is_model(name.split(".")[0]):
@@ -602,8 +602,7 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
                              f"pytorch_model.bin). {offline_help(info)}")
     target, pretrained = (info["arch"], False) if bare or converted else (info["load"], info["pretrained"])
     source = (f"pretrained {info['hf']} (transformers DINOv2, converted to timm)" if converted else
-              f"weights file {weights}" if weights else (info.get("source") or "pretrained ") + target if pretrained
-              else "random init")
+              f"weights file {weights}" if weights else "pretrained " + target if pretrained else "random init")
     build = {k: MLP_LAYERS.get(v, v) if k == "mlp_layer" else v for k, v in kw.items()}
     build.update({"img_size": img_size} if img_size else {})
     create = functools.partial(timm.create_model, target, pretrained=pretrained, num_classes=0)
@@ -623,7 +622,7 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
     if weights:
         load_weights(model, weights, name)
     pc, pe = model.pretrained_cfg, getattr(model, "patch_embed", None)
-    spec = Spec(arch=pc.get("architecture") or info["arch"], kwargs=kw, source=source,
+    spec = Spec(arch=pc.get("architecture") or info["arch"], kwargs=kw, source=info.get("source") or source,
                 mean=tuple(info.get("mean") or pc.get("mean", IMAGENET["mean"])),
                 std=tuple(info.get("std") or pc.get("std", IMAGENET["std"])),
                 # the size it was built for: a kwargs img_size beats the pretrained config (DINOv2's is 518 px)
@@ -1016,8 +1015,7 @@ def set_up(cfg):
 
 # ============================================================================= plumbing: skip on a first read
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help: the docstring as written, and each option's default where there is one to show."""
-    def _get_help_string(self, action):
+    def _get_help_string(self, action):  # the docstring as written, and a default only where there is one to show
         none = action.default in (None, "", []) or "default:" in (action.help or "")
         return action.help if none else super()._get_help_string(action)
 
@@ -1272,8 +1270,7 @@ def start_run_folder(cfg, spec_t, spec_s, n_train, n_val, step):
     with atomic_open(out / f"config.json{new}") as f:
         f.write(json.dumps(conf, indent=2))
     print0(f"config: {out / 'config.json'} | {cfg.teacher} ({spec_t.source}, {cfg.img_size} px) -> {cfg.student} "
-           f"({spec_s.source}, {cfg.student_img_size} px) | {n_train} train, {n_val} val tiles | {cfg.steps} steps of "
-           f"{cfg.batch_size} x {rank_world()[1] * cfg.grad_accum} | {cfg.precision}, compile {cfg.compile}")
+           f"({spec_s.source}, {cfg.student_img_size} px) | {n_train} train, {n_val} val tiles | {cfg.steps} steps")
     return open_metrics(out / f"metrics.jsonl{new}", step)
 
 def timm_args(model, spec):

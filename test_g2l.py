@@ -1991,7 +1991,7 @@ def test_eval_keeps_a_runs_settings_and_an_honest_source(pcam, tmp_path, capsys)
              str(tmp_path / "run"), *common])
     r, = json.loads((tmp_path / "a" / "agree_pcam.json").read_text())
     assert r["teacher_img_size"] == 42 and r["student_img_size"] == 32 and "heads_cka" in r, r  # the run's sizes
-    assert r["student_source"].startswith("g2l student of vit_small_patch14_dinov2 (from random init)"), r
+    assert r["student_source"].startswith("g2l student of vit_small_patch14_dinov2 (from random init), "), r
     assert "note:" not in capsys.readouterr().out
     # probe: the run's teacher with the run's kwargs and size; the student at another size than it learnt says so
     ev.main(["probe", "--model", "vit_small_patch14_dinov2", "--model", str(tmp_path / "run"), "--img-size", "0",
