@@ -24,12 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from g2l import AUG, BAR, DTYPES, Config, TileDataset, UsageError, atomic_open, centred_cosine, check_out, encode, \
-    extract_features, forward_flops, index_tiles, linear_cka, load_model, make_views, peak_memory_gb, \
-    projection, quiet_worker, resolve
+from g2l import AUG, BAR, DTYPES, Config, HelpFormatter, TileDataset, UsageError, atomic_open, centred_cosine, \
+    check_out, encode, extract_features, forward_flops, index_tiles, linear_cka, load_model, make_views, \
+    peak_memory_gb, projection, quiet_worker, resolve
 
 # ----------------------------------------------------------------------------- data
 DATA = "a labels CSV (path,label[,split,center,slide]; paths relative to it) or an ImageFolder root/<split>/<class>/*"
@@ -127,9 +126,11 @@ def run_settings(models):
                          weights=t["weights"] or c.get("teacher_weights", ""), distilled_px=c.get("img_size"))
     return models
 
-def describe(name, source, px):
-    """The log line saying what a model is: a bare timm name is random init at its default size (DINOv2's: 518 px)."""
-    print(f"{name}: {source}" + " (no pretrained weights)" * (source == "random init") + f", {px} px")
+def describe(name, source, px, distilled_px=None):
+    """The log line saying what a model is: a bare timm name is random init at its default size (DINOv2's: 518 px),
+    and a g2l run's model at another size than the run distilled it at says so."""
+    print(f"{name}: {source}" + " (no pretrained weights)" * (source == "random init") + f", {px} px" +
+          f" (note: its g2l run distilled it at {distilled_px} px)" * (distilled_px not in (None, px)))
 
 def open_model(m, device):
     """g2l's loader; seeded, so a random-init architecture is the same model on every call (and in the cache)."""
@@ -154,9 +155,7 @@ def features(m, rows, a):
         with atomic_open(cache, "wb") as f:
             torch.save(got, f)
     feats, m["source"], m["px"] = got["feats"], got["source"], got["size"]
-    describe(m["name"], m["source"], m["px"])
-    if m.get("distilled_px") not in (None, m["px"]):
-        print(f"note: {m['name']} runs at {m['px']} px; its g2l run distilled it at {m['distilled_px']} px")
+    describe(m["name"], m["source"], m["px"], m.get("distilled_px"))
     if len(bad := (~torch.isfinite(feats).all(1)).nonzero().flatten()):
         raise SystemExit(f"error: {len(bad)} of {len(feats)} feature vectors of {m['name']} are NaN/inf (e.g. "
                          f"{paths[int(bad[0])]}); check its weights or precision (try --device cpu), delete {cache}")
@@ -469,9 +468,32 @@ def cmd_bench_data(a):
                    ["pipeline", "workers", "tiles_per_s", "per_worker", "load_px"])
 
 # ----------------------------------------------------------------------------- report
+TITLES = dict(loss="loss (total)", val_cos="validation: centred cos", val_cka="validation: CKA", lr="learning rate",
+              grad_norm="grad norm (before clipping)", img_per_s="images / s")
+short = lambda m: m.removeprefix("local-dir:").removesuffix("/student")[-32:]  # a model's name that fits a legend
+
+def draw_curves(plt, run):
+    """A run's metrics.jsonl over steps, one panel per figure; a dashed line where the run was resumed."""
+    if not (f := Path(run) / "metrics.jsonl").is_file():
+        raise UsageError(f"error: --run {run} has no metrics.jsonl; give a g2l run folder (g2l.py's --out)")
+    rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k in TITLES and k != "val_cka" or k[:2] == "l_"]
+    fig, axes = plt.subplots(2, (len(keys) + 1) // 2, figsize=(1.7 * len(keys) + 1, 6), sharex=True, squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        for key in ("val_cos", "val_cka") if k == "val_cos" else (k,):
+            ax.plot(*zip(*[(r["step"], r[key]) for r in rows if key in r]), ".-"[k != "val_cos":],
+                    label=TITLES.get(key, key).split(": ")[-1])
+        for x in (r["resumed_from"] for r in rows if "resumed_from" in r):
+            ax.axvline(x, ls="--", c="grey", lw=1, label="resumed")
+        ax.set(title=TITLES.get(k, f"loss term {k}").split(":")[0], xlabel="step"), ax.legend(fontsize=7)
+    axes.flat[-1].set_visible(len(keys) % 2 == 0)
+    fig.suptitle(f"g2l run {run}", fontsize=10)
+    return fig
+
 def cmd_report(a):
-    """OUT/report.md (every results table) and OUT/report.png (bars per metric, one colour per model)."""
-    out, md, bars = Path(a.out), ["# g2l evaluation report", ""], {}  # bars: {metric: {model: value}}
+    """OUT/report.md (every results table), OUT/report.png (bars per metric, ± as error bars, a legend) and, with
+    --run, OUT/curves.png (each run's metrics.jsonl over steps)."""
+    out, md, bars = Path(a.out), ["# g2l evaluation report", ""], {}  # bars: {metric: {model: (value, sd)}}
     shown = dict(probe=["linear_bacc", "linear_auroc", "knn_bacc"], agree=["cka", "heads_cka"], robustness=["ri"])
     for f in sorted(out.glob("*.json")):
         rows = json.loads(f.read_text())
@@ -487,39 +509,38 @@ def cmd_report(a):
             name = r.get("student") or r.get("model")
             for k in shown.get(kind, []):
                 if isinstance(r.get(k), float):
-                    bars.setdefault(f"{task} {k}" + f"@{r.get('k')}" * (kind == "robustness"), {})[name] = r[k]
+                    bars.setdefault(f"{task} {k}" + f"@{r.get('k')}" * (kind == "robustness"), {})[name] = \
+                        (r[k], r.get(k + "_std", math.nan))  # the ± of its seeds or bootstraps
             if kind == "bench":  # speed relative to the fastest model
                 fastest = max(x["img_per_s"] for x in rows)
-                bars.setdefault(f"speed rel. x{r['batch']}", {})[name] = r["img_per_s"] / fastest
-    if not bars:
-        raise UsageError(f"error: no results (*.json from probe/agree/robustness/bench) in {out}; run those first")
-    models = list(dict.fromkeys(m for g in bars.values() for m in g))
-    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-               "#17becf", "#000000", "#aec7e8"]
-    lines = [(metric, m, vals[m]) for metric, vals in bars.items() for m in models if m in vals]
-    img = Image.new("RGB", (800, 16 * len(lines) + 24), "white")
-    d, x0, w = ImageDraw.Draw(img), 440, 340  # a metric and a model name left of x0, then w px of bar for 1.0
-    for t in range(5):  # axis 0..1
-        d.line([(x0 + t * w // 4, 0), (x0 + t * w // 4, img.height - 18)], fill="#dddddd")
-        d.text((x0 + t * w // 4 - 10, img.height - 14), f"{t / 4:.2f}", fill="black")
-    for i, (metric, m, v) in enumerate(lines):  # a model has one colour in every metric
-        d.text((6, 3 + 16 * i), metric[:30], fill="black")
-        d.text((200, 3 + 16 * i), m[-38:], fill="black")
-        v = 0 if math.isnan(v) else min(max(v, 0), 1)
-        d.rectangle([x0, 3 + 16 * i, x0 + int(v * w), 14 + 16 * i], fill=colours[models.index(m) % len(colours)])
-    with atomic_open(out / "report.png", "wb") as fh:
-        img.save(fh, format="PNG")
+                bars.setdefault(f"speed rel. x{r['batch']}", {})[name] = (r["img_per_s"] / fastest, math.nan)
+    if not bars and not a.run:
+        raise UsageError(f"error: no results (*.json from probe/agree/robustness/bench) in {out} and no --run; run "
+                         "those first, or give --run RUN to draw a run's curves")
+    import matplotlib  # only here: the one command that draws
+    matplotlib.use("Agg")  # files, no display
+    import matplotlib.pyplot as plt
+    out.mkdir(parents=True, exist_ok=True)
+    if bars:  # one group of bars per metric, a colour per model (in the legend), the results' ± as error bars
+        models, (fig, ax) = list(dict.fromkeys(m for g in bars.values() for m in g)), plt.subplots(figsize=(9, 4.2))
+        for i, m in enumerate(models):
+            v, e = zip(*[bars[k].get(m, (math.nan, math.nan)) for k in bars])
+            ax.bar(np.arange(len(bars)) + (i - (len(models) - 1) / 2) * 0.8 / len(models), v, 0.8 / len(models),
+                   yerr=e, capsize=3, label=short(m))
+        ax.set_xticks(range(len(bars)), [k.replace(" ", "\n", 1) for k in bars], fontsize=8)
+        ax.set(ylim=(0, 1.05), ylabel="score (speed: relative to the fastest)")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
+    for name, fig in (("curves", a.run and draw_curves(plt, a.run)), ("report", bars and fig)):
+        if fig:
+            fig.tight_layout()
+            with atomic_open(out / f"{name}.png", "wb") as fh:
+                fig.savefig(fh, format="png", dpi=80)
+            md += [f"![{name}]({name}.png)", ""]
     with atomic_open(out / "report.md") as fh:
-        fh.write("\n".join(md + ["![metrics](report.png)", ""]))
-    print(f"wrote {out / 'report.md'} and {out / 'report.png'} ({len(bars)} metrics, {len(models)} models)")
+        fh.write("\n".join(md))
+    print(f"wrote {out / 'report.md'}, " + " and ".join(f"{out / n}.png" for n in ("curves", "report") if n in str(md)))
 
 # ----------------------------------------------------------------------------- command line
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except where there is none to show (required, empty, per-model lists)."""
-    def _get_help_string(self, action):
-        empty = action.required or action.default in (None, "", [], argparse.SUPPRESS)
-        return action.help if empty else super()._get_help_string(action)
-
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub, par = p.add_subparsers(dest="cmd", required=True), lambda: argparse.ArgumentParser(add_help=False)
@@ -575,7 +596,8 @@ def parser():
                                 ("load-size", 0, "tiles decoded at this px; 0 = --img-size"),
                                 ("workers", 2, "DataLoader processes"), ("batches", 20, "timed batches per pipeline")):
         bd.add_argument(f"--{flag}", type=int, default=default, help=text)
-    cmd("report", [out], "report.md + report.png from the results in --out")
+    rep = cmd("report", [out], "report.md + report.png (results in --out as bars) + curves.png (--run's metrics)")
+    rep.add_argument("--run", default="", help="a g2l run folder: its metrics.jsonl drawn as curves (default: none)")
     return p
 
 def main(argv=None):

@@ -1992,14 +1992,14 @@ def test_eval_keeps_a_runs_settings_and_an_honest_source(pcam, tmp_path, capsys)
     r, = json.loads((tmp_path / "a" / "agree_pcam.json").read_text())
     assert r["teacher_img_size"] == 42 and r["student_img_size"] == 32 and "heads_cka" in r, r  # the run's sizes
     assert r["student_source"].startswith("g2l student of vit_small_patch14_dinov2 (from random init), "), r
-    assert "note:" not in capsys.readouterr().out
+    assert "note" not in capsys.readouterr().out
     # probe: the run's teacher with the run's kwargs and size; the student at another size than it learnt says so
     ev.main(["probe", "--model", "vit_small_patch14_dinov2", "--model", str(tmp_path / "run"), "--img-size", "0",
              "--img-size", "48", "--seeds", "1", "--C", "1.0", *common])
     t, s = json.loads((tmp_path / "a" / "probe_pcam.json").read_text())
     assert t["img_size"] == 42 and s["img_size"] == 48 and "(from random init)" in s["source"], (t, s)
     said = capsys.readouterr().out
-    assert f"note: {tmp_path / 'run'} runs at 48 px; its g2l run distilled it at 32 px" in said, said
+    assert re.search(f"^{tmp_path / 'run'}: .*, 48 px \\(note: its g2l run distilled it at 32 px\\)$", said, re.M), said
 
 def test_imagefolder_data_and_pooling(pcam, tmp_path):
     _, pick = pcam
@@ -2129,21 +2129,43 @@ def test_bench_data_measures_each_loader_pipeline(tmp_path):
                                                           "device augment, batched"]
     assert all(r["tiles_per_s"] > 0 and r["load_px"] == 32 for r in rows)
 
-def test_report_writes_markdown_and_chart(tmp_path):
+def test_report_draws_bars_with_error_bars_and_a_legend_and_a_runs_curves(tmp_path):
+    import matplotlib.pyplot as plt
     (tmp_path / "probe_crc.json").write_text(json.dumps([
         dict(model="teacher", task="crc", linear_bacc=0.9, linear_bacc_std=0.01, linear_auroc=0.95, knn_bacc=0.85),
-        dict(model="runs/student", task="crc", linear_bacc=0.8, linear_bacc_std=0.02, linear_auroc=0.9, knn_bacc=0.7)]))
+        dict(model="runs/luad", task="crc", linear_bacc=0.8, linear_bacc_std=0.02, linear_auroc=0.9, knn_bacc=0.7)]))
     (tmp_path / "bench.json").write_text(json.dumps([dict(model="teacher", batch=8, img_per_s=2.0),
-                                                     dict(model="runs/student", batch=8, img_per_s=8.0)]))
-    ev.main(["report", "--out", str(tmp_path)])
+                                                     dict(model="runs/luad", batch=8, img_per_s=8.0)]))
+    rows = [dict(step=s, loss=10 - s, l_global=9 - s, l_local=1.0, lr=1e-4, grad_norm=1.0, img_per_s=5.0, mfu=None)
+            for s in range(1, 7)]  # a run stopped at step 4 and resumed: its first row after has resumed_from
+    rows[2] |= dict(val_cos=0.1, val_cka=0.5)
+    rows[4] |= dict(resumed_from=4, val_cos=0.2, val_cka=0.6)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plt.close("all")
+    ev.main(["report", "--out", str(tmp_path), "--run", str(tmp_path / "run")])
     md = (tmp_path / "report.md").read_text()
-    assert "## probe_crc" in md and "0.900±0.010" in md and "## bench" in md and "report.png" in md
-    img = np.asarray(Image.open(tmp_path / "report.png").convert("RGB"))
-    blue, orange = np.array([0x1f, 0x77, 0xb4]), np.array([0xff, 0x7f, 0x0e])
-    n_blue, n_orange = [(img == c).all(-1).sum() for c in (blue, orange)]
-    # bar areas follow the values: teacher .25 (speed relative to the fastest) + .9 + .95 + .85,
-    # student 1 + .8 + .9 + .7
-    assert n_blue / n_orange == pytest.approx(2.95 / 3.4, rel=0.03)
+    assert "## probe_crc" in md and "0.900±0.010" in md and "## bench" in md and "(report.png)" in md, md
+    assert "(curves.png)" in md and all(Image.open(tmp_path / f).format == "PNG" for f in ("report.png", "curves.png"))
+    figs = {f.axes[0].get_title() or "bars": f for f in map(plt.figure, plt.get_fignums())}
+    ax = figs.pop("bars").axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["teacher", "runs/luad"]
+    from matplotlib.container import BarContainer
+    groups = [c for c in ax.containers if isinstance(c, BarContainer)]
+    bars = {(c.get_label(), round(p.get_x() + p.get_width() / 2)): p.get_height() for c in groups
+            for p in c.patches}  # x: the metric's group (0: speed, 1: linear_bacc, ...)
+    assert bars[("teacher", 0)] == 0.25 and bars[("runs/luad", 1)] == 0.8
+    caps = [seg for c in groups for seg in c.errorbar.lines[2][0].get_segments() if len(seg)]  # none without a ±
+    assert sorted(round(float(s[1, 1] - s[0, 1]), 4) for s in caps) == [0.02, 0.04]  # the ± of the two bacc bars
+    axes = {a.get_title(): a for a in figs.popitem()[1].axes if a.get_visible()}
+    assert set(axes) == {"loss (total)", "loss term l_global", "loss term l_local", "validation", "learning rate",
+                         "grad norm (before clipping)", "images / s"}, axes
+    val = axes["validation"]
+    assert [l.get_label() for l in val.lines] == ["centred cos", "CKA", "resumed"]
+    assert list(val.lines[1].get_ydata()) == [0.5, 0.6] and list(val.lines[2].get_xdata()) == [4, 4]
+    plt.close("all")
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        ev.main(["report", "--out", str(tmp_path), "--run", str(tmp_path)])
 
 def test_every_eval_option_is_described_with_its_default(capsys):
     for cmd in ("probe", "agree", "robustness", "bench", "report"):
