@@ -1629,7 +1629,17 @@ def test_broken_slides_fail_alone_and_exit_nonzero(tmp_path, capsys):
     err = capsys.readouterr().err
     assert all(str(p) in err for p in bad)
     assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())  # nothing half-written left behind
-    assert not (tmp_path / "unreadable").exists()
+    assert not (tmp_path / "unreadable").exists() and sorted(os.listdir(tmp_path / "masks")) == [f"{CMU.stem}.png"]
+
+def test_a_slide_failing_halfway_leaves_nothing_of_it(tmp_path, monkeypatch):
+    real = prep_tiles.cut_tiles
+    def cut_then_fail(tiles, *a, **k):  # one tile written, then a read fails
+        real(tiles[:1], *a, **k)
+        raise openslide.OpenSlideError("read failed halfway")
+    monkeypatch.setattr(prep_tiles, "cut_tiles", cut_then_fail)
+    assert prep_tiles.main([str(CMU), "--out", str(tmp_path), "--mpp", "1.0"]) == 1
+    assert rows(tmp_path)[CMU.stem]["status"] == "failed" and not os.listdir(tmp_path / "masks")
+    assert sorted(os.listdir(tmp_path)) == ["masks", "prep_tiles.json", "slides.csv", "tiles.csv"]
 
 def test_resume_skips_finished_slides_and_overwrite_redoes_them(tmp_path):
     args = [str(CMU), "--out", str(tmp_path), "--mpp", "1.0"]
@@ -1701,7 +1711,8 @@ def test_argument_errors_stop_before_any_work(tmp_path, capsys):
     cases = [([str(CMU), "--overlap", "224"], "--overlap"),
              ([str(tmp_path / "empty")], "no slides found"),
              ([str(tmp_path / "x"), str(tmp_path / "y")], "duplicate"),
-             ([str(CMU), "--mpp-override", "352.8"], "implausible")]
+             ([str(CMU), "--mpp-override", "352.8"], "implausible"),
+             ([str(SYN / "boxes.png")], "not a slide file")]  # named on the command line: refused, not a failed row
     for argv, msg in cases:
         with pytest.raises(SystemExit) as e:
             prep_tiles.main(argv + ["--out", str(out)])
@@ -1717,7 +1728,11 @@ def test_mpp_header_wins_over_override_and_upsampling_is_refused(tmp_path):
 def test_find_slides_and_dicom(tmp_path):
     ids = [sid for sid, _ in prep_tiles.find_slides([str(SYN)])]
     # boxes_0.dcm + boxes_1.dcm are one DICOM slide, named after their folder; boxes.png is not a slide
-    assert sorted(ids) == ["boxes", "openslide", "small", "unopenable", "unreadable"]
+    assert sorted(ids) == ["boxes", "boxes_0", "small", "unopenable", "unreadable"]  # named after the slide
+    (tmp_path / "series").mkdir()  # a DICOM series' own folder (only .dcm files): named after the folder
+    [shutil.copy(SYN / f"boxes_{i}.dcm", tmp_path / "series") for i in (0, 1)]
+    assert [sid for sid, _ in prep_tiles.find_slides([str(tmp_path)])] == ["series"]
+    shutil.rmtree(tmp_path / "series")
     # 16x16 at 0.499 µm/px with 8-px tiles -> 2 x 2 tiles
     args = [str(SYN / "boxes_0.dcm"), "--out", str(tmp_path), "--tile-size", "8", "--min-tissue", "0"]
     assert prep_tiles.main(args) == 0 and rows(tmp_path)["boxes_0"]["n_tiles"] == "4"
@@ -1725,6 +1740,7 @@ def test_find_slides_and_dicom(tmp_path):
     out = tmp_path / "b"  # other settings: another --out (one folder, one set of settings)
     assert prep_tiles.main([str(SYN / "small.svs"), "--out", str(out)]) == 0  # no_tissue is not a failure
     assert "smaller than one 224-px tile" in rows(out)["small"]["error"]
+    assert rows(out)["small"]["status"] == "no_tissue" and not (out / "small").exists()  # no empty folder
 
 def test_tissue_mask_on_a_drawn_slide():
     # white background, a pink 60x60 "tissue" square, a 10x10 pink speck (100 px < 625 px = 0.01 mm² at
