@@ -1641,6 +1641,17 @@ def test_a_slide_failing_halfway_leaves_nothing_of_it(tmp_path, monkeypatch):
     assert rows(tmp_path)[CMU.stem]["status"] == "failed" and not os.listdir(tmp_path / "masks")
     assert sorted(os.listdir(tmp_path)) == ["masks", "prep_tiles.json", "slides.csv", "tiles.csv"]
 
+def test_g2l_trains_on_every_format_prep_tiles_writes(tmp_path):
+    fmts = [a.choices for a in prep_tiles.parse_args([str(CMU)])[0]._actions if a.dest == "format"][0]
+    for fmt in fmts:  # 16 tiles each, then one short run on both outputs
+        args = [str(CMU), "--out", str(tmp_path / fmt), "--mpp", "2.0", "--tile-size", "32", "--max-tiles", "16"]
+        assert prep_tiles.main([*args, "--format", fmt]) == 0 and len(rows(tmp_path / fmt)) == 1
+        assert {p.suffix for p in (tmp_path / fmt / CMU.stem).iterdir()} == {f".{fmt}"}
+    last = g2l.main([*TINY_T, *TINY_S, "--data", *[str(tmp_path / f) for f in fmts], "--img-size", "28",
+                     "--batch-size", "8", "--steps", "2", "--workers", "0", "--out", str(tmp_path / "run")])
+    conf = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert conf["n_train"] == 16 * len(fmts) - 2 and last["bad_tiles"] == 0, conf  # 2 held out (--val-frac 0.05)
+
 def test_resume_skips_finished_slides_and_overwrite_redoes_them(tmp_path):
     args = [str(CMU), "--out", str(tmp_path), "--mpp", "1.0"]
     (tmp_path / ".tmp_CMU-1-Small-Region").mkdir()       # what a killed run leaves behind: cleaned, never used
