@@ -39,8 +39,7 @@ def read_labelled(data, need=("path", "label")):
     """Rows (dicts, absolute paths) from a labels CSV or an ImageFolder tree; fails on missing columns or files."""
     p = Path(data)
     if p.is_dir():
-        tiles = index_tiles([str(p)])
-        parts = [(f, Path(f).relative_to(p).parts) for f in map(tiles.path, range(len(tiles)))]
+        parts = [(f, Path(f).relative_to(p).parts) for t in [index_tiles([str(p)])] for f in map(t.path, range(len(t)))]
         has_split = all(len(q) >= 3 and q[0].lower() in SPLITS for _, q in parts)  # root/<split>/<class>/*
         cols = ["path", "label", "split"][:2 + has_split]
         rows = [dict(zip(cols, [f, q[has_split] if len(q) > 1 else "", q[0]])) for f, q in parts]
@@ -127,10 +126,9 @@ def run_settings(models):
     return models
 
 def describe(name, source, px, distilled_px=None):
-    """The log line saying what a model is: a bare timm name is random init at its default size (DINOv2's: 518 px),
-    and a g2l run's model at another size than the run distilled it at says so."""
+    """The log line saying what a model is: a bare timm name is random init at its default size (DINOv2's: 518 px)."""
     print(f"{name}: {source}" + " (no pretrained weights)" * (source == "random init") + f", {px} px" +
-          f" (note: its g2l run distilled it at {distilled_px} px)" * (distilled_px not in (None, px)))
+          f" (note: its g2l run distilled it at {distilled_px} px)" * (distilled_px not in (None, px)))  # say so
 
 def open_model(m, device):
     """g2l's loader; seeded, so a random-init architecture is the same model on every call (and in the cache)."""

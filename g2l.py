@@ -1051,8 +1051,7 @@ def walk_images(folder):
             continue
         seen.add((st.st_dev, st.st_ino))
         rel = os.path.relpath(top, folder) if top != folder else ""
-        qc = "masks" if {"slides.csv", MANIFEST} & set(files) else None
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d != qc]
+        dirs[:] = [d for d in dirs if d[0] != "." and (d != "masks" or {MANIFEST, "slides.csv"}.isdisjoint(files))]
         stamps.append((rel, st.st_mtime_ns))
         pairs += [(rel, n) for n in files if not n.startswith(".") and n.lower().endswith(IMG_EXTS)]
     return pairs, stamps
@@ -1269,8 +1268,7 @@ def start_run_folder(cfg, spec_t, spec_s, n_train, n_val, step):
                 teacher_source=spec_t.source, student_source=spec_s.source, n_train=n_train, n_val=n_val)
     with atomic_open(out / f"config.json{new}") as f:
         f.write(json.dumps(conf, indent=2))
-    print0(f"config: {out / 'config.json'} | {cfg.teacher} ({spec_t.source}, {cfg.img_size} px) -> {cfg.student} "
-           f"({spec_s.source}, {cfg.student_img_size} px) | {n_train} train, {n_val} val tiles | {cfg.steps} steps")
+    print0(f"config: {out / 'config.json'} | {n_train} train, {n_val} validation tiles | {cfg.steps} steps")
     return open_metrics(out / f"metrics.jsonl{new}", step)
 
 def timm_args(model, spec):
