@@ -5,7 +5,7 @@
     python eval.py robustness --model h-optimus-0 --model runs/luad --data multicentre.csv --out results/
     python eval.py bench --model h-optimus-0 --model uni --random-init --batch-sizes 1 8 --out results/
     python eval.py bench-data --data tiles/ --workers 4 --out results/    # tile loader throughput
-    python eval.py report --out results/                  # results/report.md + results/report.png
+    python eval.py report --out results/ --run runs/luad  # report.md, report.png (results), curves.png (the run)
     python eval.py probe --model vit_small_patch14_dinov2 --model-kwargs '{"depth": 1, "global_pool": "avg"}' \\
         --img-size 56 --data examples/pcam/labels.csv     # any timm model, random init, on the bundled PCam tiles
 

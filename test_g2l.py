@@ -23,7 +23,7 @@ Sections (search for the title):
 
     pytest -q
 """
-import csv, dataclasses, json, math, os, re, shutil, socket, subprocess, sys, types
+import csv, dataclasses, json, math, os, re, shlex, shutil, socket, subprocess, sys, types
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -970,8 +970,9 @@ def test_a_rerun_never_replaces_a_run_unless_asked_and_then_only_at_its_first_ch
                                                                                           monkeypatch):
     run(tmp_path, tiles, steps=2)
     out, said = tmp_path / "run", capsys.readouterr().out
-    assert "--model vit_small_patch14_dinov2 --model-weights" not in said  # the evaluate hint: the teacher as it ran
-    assert re.search(r"--img-size 28 --model-kwargs '\{.*\}' --model \S+ --img-size 0 --model-kwargs ''", said), said
+    hint = [l for l in said.splitlines() if l.startswith("evaluate: ")][-1][len("evaluate: "):]
+    argv = shlex.split(hint, comments=True)  # pasted into a shell as printed; eval.py reads the teacher's settings
+    assert argv[2:] == ["probe", "--model", TINY_T[1], "--model", str(out), "--data", "LABELS.csv"], hint
     mode, umask = lambda p: (out / p).stat().st_mode & 0o777, os.umask(0)
     os.umask(umask)
     assert mode("student/model.safetensors") == mode("config.json") == 0o666 & ~umask
