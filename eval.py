@@ -476,16 +476,18 @@ def draw_curves(plt, run):
         raise UsageError(f"error: --run {run} has no metrics.jsonl; give a g2l run folder (g2l.py's --out)")
     rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
     keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k in TITLES and k != "val_cka" or k[:2] == "l_"]
-    fig, axes = plt.subplots(2, (len(keys) + 1) // 2, figsize=(1.7 * len(keys) + 1, 6), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(2, (len(keys) + 1) // 2, figsize=(1.7 * len(keys) + 1, 6), squeeze=False)
     for ax, k in zip(axes.flat, keys):
         for key in ("val_cos", "val_cka") if k == "val_cos" else (k,):
             ax.plot(*zip(*[(r["step"], r[key]) for r in rows if key in r]), ".-"[k != "val_cos":],
                     label=TITLES.get(key, key).split(": ")[-1])
         for x in (r["resumed_from"] for r in rows if "resumed_from" in r):
             ax.axvline(x, ls="--", c="grey", lw=1, label="resumed")
-        ax.set(title=TITLES.get(k, f"loss term {k}").split(":")[0], xlabel="step"), ax.legend(fontsize=7)
+        ax.set_title(TITLES.get(k, f"loss term {k}").split(":")[0])
+        if len(ax.lines) > 1:  # several curves, or a resume
+            ax.legend(fontsize=7)
     axes.flat[-1].set_visible(len(keys) % 2 == 0)
-    fig.suptitle(f"g2l run {run}", fontsize=10)
+    fig.suptitle(f"g2l run {run}", fontsize=10), fig.supxlabel("step", fontsize=10)
     return fig
 
 def cmd_report(a):
@@ -536,7 +538,7 @@ def cmd_report(a):
             md += [f"![{name}]({name}.png)", ""]
     with atomic_open(out / "report.md") as fh:
         fh.write("\n".join(md))
-    print(f"wrote {out / 'report.md'}, " + " and ".join(f"{out / n}.png" for n in ("curves", "report") if n in str(md)))
+    print(f"wrote {out / 'report.md'}" + f", {out}/curves.png" * bool(a.run) + f", {out}/report.png" * bool(bars))
 
 # ----------------------------------------------------------------------------- command line
 def parser():
