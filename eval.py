@@ -491,8 +491,7 @@ def draw_curves(plt, run):
     return fig
 
 def cmd_report(a):
-    """OUT/report.md (every results table), OUT/report.png (bars per metric, ± as error bars, a legend) and, with
-    --run, OUT/curves.png (each run's metrics.jsonl over steps)."""
+    """OUT/report.md (every results table), report.png (their bars, ± as error bars), curves.png (--run's metrics)."""
     out, md, bars = Path(a.out), ["# g2l evaluation report", ""], {}  # bars: {metric: {model: (value, sd)}}
     shown = dict(probe=["linear_bacc", "linear_auroc", "knn_bacc"], agree=["cka", "heads_cka"], robustness=["ri"])
     for f in sorted(out.glob("*.json")):
