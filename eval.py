@@ -468,7 +468,6 @@ def cmd_bench_data(a):
 # ----------------------------------------------------------------------------- report
 TITLES = dict(loss="loss (total)", val_cos="validation: centred cos", val_cka="validation: CKA", lr="learning rate",
               grad_norm="grad norm (before clipping)", img_per_s="images / s")
-short = lambda m: m.removeprefix("local-dir:").removesuffix("/student")[-32:]  # a model's name that fits a legend
 
 def draw_curves(plt, run):
     """A run's metrics.jsonl over steps, one panel per figure; a dashed line where the run was resumed."""
@@ -525,7 +524,7 @@ def cmd_report(a):
         for i, m in enumerate(models):
             v, e = zip(*[bars[k].get(m, (math.nan, math.nan)) for k in bars])
             ax.bar(np.arange(len(bars)) + (i - (len(models) - 1) / 2) * 0.8 / len(models), v, 0.8 / len(models),
-                   yerr=e, capsize=3, label=short(m))
+                   yerr=e, capsize=3, label=m.removeprefix("local-dir:").removesuffix("/student")[-32:])  # fits
         ax.set_xticks(range(len(bars)), [k.replace(" ", "\n", 1) for k in bars], fontsize=8)
         ax.set(ylim=(0, 1.05), ylabel="score (speed: relative to the fastest)")
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
