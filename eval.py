@@ -5,7 +5,7 @@
     python eval.py robustness --model h-optimus-0 --model runs/luad --data multicentre.csv --out results/
     python eval.py bench --model h-optimus-0 --model uni --random-init --batch-sizes 1 8 --out results/
     python eval.py bench-data --data tiles/ --workers 4 --out results/    # tile loader throughput
-    python eval.py report --out results/                  # results/report.md + results/report.png
+    python eval.py report --out results/ --run runs/luad  # report.md, report.png (results), curves.png (the run)
     python eval.py probe --model vit_small_patch14_dinov2 --model-kwargs '{"depth": 1, "global_pool": "avg"}' \\
         --img-size 56 --data examples/pcam/labels.csv     # any timm model, random init, on the bundled PCam tiles
 
@@ -24,12 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from g2l import AUG, DTYPES, Config, TileDataset, UsageError, atomic_open, centred_cosine, check_model, check_out, \
-    encode, extract_features, forward_flops, index_tiles, linear_cka, load_model, make_views, number, \
-    peak_memory_gb, projection, quiet_worker
+from g2l import AUG, BAR, DTYPES, Config, HelpFormatter, TileDataset, UsageError, atomic_open, centred_cosine, \
+    check_model, check_out, encode, extract_features, forward_flops, index_tiles, linear_cka, load_model, make_views, \
+    number, peak_memory_gb, projection, quiet_worker
 
 # ----------------------------------------------------------------------------- data
 DATA = "a labels CSV (path,label[,split,center,slide]; paths relative to it) or an ImageFolder root/<split>/<class>/*"
@@ -40,8 +39,7 @@ def read_labelled(data, need=("path", "label")):
     """Rows (dicts, absolute paths) from a labels CSV or an ImageFolder tree; fails on missing columns or files."""
     p = Path(data)
     if p.is_dir():
-        tiles = index_tiles([str(p)])
-        parts = [(f, Path(f).relative_to(p).parts) for f in map(tiles.path, range(len(tiles)))]
+        parts = [(f, Path(f).relative_to(p).parts) for t in [index_tiles([str(p)])] for f in map(t.path, range(len(t)))]
         has_split = all(len(q) >= 3 and q[0].lower() in SPLITS for _, q in parts)  # root/<split>/<class>/*
         cols = ["path", "label", "split"][:2 + has_split]
         rows = [dict(zip(cols, [f, q[has_split] if len(q) > 1 else "", q[0]])) for f, q in parts]
@@ -112,9 +110,22 @@ def model_list(names, weights, kwargs, sizes, flag="--model"):
         check_model(name, file, flag + "-weights")
     return [dict(name=a, weights=b, kwargs=c, size=d) for a, b, c, d in zip(*cols)]
 
-def describe(name, source, px):
+def run_settings(models):
+    """A g2l run folder among the models brings its settings (its config.json): its teacher, when named too, runs at
+    the run's input size with its kwargs and weights, unless given; each records the size the run distilled it at."""
+    for run in models:
+        if (Path(run["name"]) / "student").is_dir() and (conf := Path(run["name"]) / "config.json").is_file():
+            c = json.loads(conf.read_text())
+            run["distilled_px"] = c.get("student_img_size")
+            for t in (t for t in models if t["name"] == c.get("teacher")):
+                t.update(size=t["size"] or c.get("img_size", 0), kwargs=t["kwargs"] or c.get("teacher_kwargs", ""),
+                         weights=t["weights"] or c.get("teacher_weights", ""), distilled_px=c.get("img_size"))
+    return models
+
+def describe(name, source, px, distilled_px=None):
     """The log line saying what a model is: a bare timm name is random init at its default size (DINOv2's: 518 px)."""
-    print(f"{name}: {source}" + " (no pretrained weights)" * (source == "random init") + f", {px} px")
+    print(f"{name}: {source}" + " (no pretrained weights)" * (source == "random init") + f", {px} px" +
+          f" (note: its g2l run distilled it at {distilled_px} px)" * (distilled_px not in (None, px)))  # say so
 
 def open_model(m, device):
     """g2l's loader; seeded, so a random-init architecture is the same model on every call (and in the cache)."""
@@ -139,7 +150,7 @@ def features(m, rows, a):
         with atomic_open(cache, "wb") as f:
             torch.save(got, f)
     feats, m["source"], m["px"] = got["feats"], got["source"], got["size"]
-    describe(m["name"], m["source"], m["px"])
+    describe(m["name"], m["source"], m["px"], m.get("distilled_px"))
     if len(bad := (~torch.isfinite(feats).all(1)).nonzero().flatten()):
         raise SystemExit(f"error: {len(bad)} of {len(feats)} feature vectors of {m['name']} are NaN/inf (e.g. "
                          f"{paths[int(bad[0])]}); check its weights or precision (try --device cpu), delete {cache}")
@@ -273,7 +284,7 @@ def timed(step, n, warmup, device, desc=None, runs=1):
     sync()
     for _ in range(runs):
         t = time.perf_counter()
-        for _ in tqdm(range(n), desc=desc, disable=desc is None, dynamic_ncols=True):
+        for _ in tqdm(range(n), desc=desc, disable=desc is None or not sys.stderr.isatty(), **BAR):  # short: no log
             step()
         sync()
         times.append((time.perf_counter() - t) / n)
@@ -348,7 +359,7 @@ def cmd_probe(a):
             raise UsageError(f"error: class(es) {[classes[c] for c in absent]} in the test split of {a.data} have "
                              "no training rows; add training samples of them or drop them")
     res = []
-    for m in model_list(a.model, a.model_weights, a.model_kwargs, a.img_size):
+    for m in run_settings(model_list(a.model, a.model_weights, a.model_kwargs, a.img_size)):
         f, per, Cs = features(m, rows, a), [], []  # per seed: the metrics, the C picked on val
         for sp in splits:
             lin, C = linear_probe(f, y, sp, len(classes), a.C)
@@ -364,11 +375,12 @@ def cmd_probe(a):
                    "linear_auroc", "linear_f1_macro", "knn_bacc", "knn_auroc", "knn_f1_macro", "C"])
 
 def cmd_agree(a):
-    """Teacher vs each student on the same tiles; a g2l run folder is also compared through its heads (give the
-    teacher the input size it had in training: --teacher-img-size)."""
+    """Teacher vs each student on the same tiles; a g2l run folder is also compared through its heads (its teacher
+    runs with the run's input size and kwargs, from its config.json)."""
     rows = read_labelled(a.data, need=("path",))
-    t = model_list([a.teacher], [a.teacher_weights], [a.teacher_kwargs], [a.teacher_img_size], "--teacher")[0]
-    students = model_list(a.student, a.student_weights, a.student_kwargs, a.student_img_size, "--student")
+    t, *students = run_settings(model_list([a.teacher], [a.teacher_weights], [a.teacher_kwargs], [a.teacher_img_size],
+                                           "--teacher") + model_list(a.student, a.student_weights, a.student_kwargs,
+                                                                     a.student_img_size, "--student"))
     ft, res = features(t, rows, a), []
     for s in students:
         fs = features(s, rows, a)
@@ -396,7 +408,7 @@ def cmd_robustness(a):
     slides = [r["slide"] for r in rows] if "slide" in rows[0] else None
     try:
         check_design(labels, centres, slides, a.ks)  # before any model is built
-        for m in model_list(a.model, a.model_weights, a.model_kwargs, a.img_size):
+        for m in run_settings(model_list(a.model, a.model_weights, a.model_kwargs, a.img_size)):
             ri = robustness_index(features(m, rows, a), labels, centres, slides, a.ks, a.boot)
             res += [dict(model=m["name"], source=m["source"], img_size=m["px"], task=a.task, n=len(rows), **r)
                     for r in ri]
@@ -451,9 +463,32 @@ def cmd_bench_data(a):
                    ["pipeline", "workers", "tiles_per_s", "per_worker", "load_px"])
 
 # ----------------------------------------------------------------------------- report
+TITLES = dict(loss="loss (total)", val_cos="validation: centred cos", val_cka="validation: CKA", lr="learning rate",
+              grad_norm="grad norm (before clipping)", img_per_s="images / s")
+
+def draw_curves(plt, run):
+    """A run's metrics.jsonl over steps, one panel per figure; a dashed line where the run was resumed."""
+    if not (f := Path(run) / "metrics.jsonl").is_file():
+        raise UsageError(f"error: --run {run} has no metrics.jsonl; give a g2l run folder (g2l.py's --out)")
+    rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k in TITLES and k != "val_cka" or k[:2] == "l_"]
+    fig, axes = plt.subplots(2, (len(keys) + 1) // 2, figsize=(1.7 * len(keys) + 1, 6), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        for key in ("val_cos", "val_cka") if k == "val_cos" else (k,):
+            ax.plot(*zip(*[(r["step"], r[key]) for r in rows if key in r]), ".-"[k != "val_cos":],
+                    label=TITLES.get(key, key).split(": ")[-1])
+        for x in (r["resumed_from"] for r in rows if "resumed_from" in r):
+            ax.axvline(x, ls="--", c="grey", lw=1, label="resumed")
+        ax.set_title(TITLES.get(k, f"loss term {k}").split(":")[0])
+        if len(ax.lines) > 1:  # several curves, or a resume
+            ax.legend(fontsize=7)
+    axes.flat[-1].set_visible(len(keys) % 2 == 0)
+    fig.suptitle(f"g2l run {run}", fontsize=10), fig.supxlabel("step", fontsize=10)
+    return fig
+
 def cmd_report(a):
-    """OUT/report.md (every results table) and OUT/report.png (bars per metric, one colour per model)."""
-    out, md, bars = Path(a.out), ["# g2l evaluation report", ""], {}  # bars: {metric: {model: value}}
+    """OUT/report.md (every results table), report.png (their bars, ± as error bars), curves.png (--run's metrics)."""
+    out, md, bars = Path(a.out), ["# g2l evaluation report", ""], {}  # bars: {metric: {model: (value, sd)}}
     shown = dict(probe=["linear_bacc", "linear_auroc", "knn_bacc"], agree=["cka", "heads_cka"], robustness=["ri"])
     for f in sorted(out.glob("*.json")):
         rows = json.loads(f.read_text())
@@ -469,39 +504,38 @@ def cmd_report(a):
             name = r.get("student") or r.get("model")
             for k in shown.get(kind, []):
                 if isinstance(r.get(k), float):
-                    bars.setdefault(f"{task} {k}" + f"@{r.get('k')}" * (kind == "robustness"), {})[name] = r[k]
+                    bars.setdefault(f"{task} {k}" + f"@{r.get('k')}" * (kind == "robustness"), {})[name] = \
+                        (r[k], r.get(k + "_std", math.nan))  # the ± of its seeds or bootstraps
             if kind == "bench":  # speed relative to the fastest model
                 fastest = max(x["img_per_s"] for x in rows)
-                bars.setdefault(f"speed rel. x{r['batch']}", {})[name] = r["img_per_s"] / fastest
-    if not bars:
-        raise UsageError(f"error: no results (*.json from probe/agree/robustness/bench) in {out}; run those first")
-    models = list(dict.fromkeys(m for g in bars.values() for m in g))
-    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-               "#17becf", "#000000", "#aec7e8"]
-    lines = [(metric, m, vals[m]) for metric, vals in bars.items() for m in models if m in vals]
-    img = Image.new("RGB", (800, 16 * len(lines) + 24), "white")
-    d, x0, w = ImageDraw.Draw(img), 440, 340  # a metric and a model name left of x0, then w px of bar for 1.0
-    for t in range(5):  # axis 0..1
-        d.line([(x0 + t * w // 4, 0), (x0 + t * w // 4, img.height - 18)], fill="#dddddd")
-        d.text((x0 + t * w // 4 - 10, img.height - 14), f"{t / 4:.2f}", fill="black")
-    for i, (metric, m, v) in enumerate(lines):  # a model has one colour in every metric
-        d.text((6, 3 + 16 * i), metric[:30], fill="black")
-        d.text((200, 3 + 16 * i), m[-38:], fill="black")
-        v = 0 if math.isnan(v) else min(max(v, 0), 1)
-        d.rectangle([x0, 3 + 16 * i, x0 + int(v * w), 14 + 16 * i], fill=colours[models.index(m) % len(colours)])
-    with atomic_open(out / "report.png", "wb") as fh:
-        img.save(fh, format="PNG")
+                bars.setdefault(f"speed rel. x{r['batch']}", {})[name] = (r["img_per_s"] / fastest, math.nan)
+    if not bars and not a.run:
+        raise UsageError(f"error: no results (*.json from probe/agree/robustness/bench) in {out} and no --run; run "
+                         "those first, or give --run RUN to draw a run's curves")
+    import matplotlib  # only here: the one command that draws
+    matplotlib.use("Agg")  # files, no display
+    import matplotlib.pyplot as plt
+    out.mkdir(parents=True, exist_ok=True)
+    if bars:  # one group of bars per metric, a colour per model (in the legend), the results' ± as error bars
+        models, (fig, ax) = list(dict.fromkeys(m for g in bars.values() for m in g)), plt.subplots(figsize=(9, 4.2))
+        for i, m in enumerate(models):
+            v, e = zip(*[bars[k].get(m, (math.nan, math.nan)) for k in bars])
+            ax.bar(np.arange(len(bars)) + (i - (len(models) - 1) / 2) * 0.8 / len(models), v, 0.8 / len(models),
+                   yerr=e, capsize=3, label=m.removeprefix("local-dir:").removesuffix("/student")[-32:])  # fits
+        ax.set_xticks(range(len(bars)), [k.replace(" ", "\n", 1) for k in bars], fontsize=8)
+        ax.set(ylim=(0, 1.05), ylabel="score (speed: relative to the fastest)")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
+    for name, fig in (("curves", a.run and draw_curves(plt, a.run)), ("report", bars and fig)):
+        if fig:
+            fig.tight_layout()
+            with atomic_open(out / f"{name}.png", "wb") as fh:
+                fig.savefig(fh, format="png", dpi=80)
+            md += [f"![{name}]({name}.png)", ""]
     with atomic_open(out / "report.md") as fh:
-        fh.write("\n".join(md + ["![metrics](report.png)", ""]))
-    print(f"wrote {out / 'report.md'} and {out / 'report.png'} ({len(bars)} metrics, {len(models)} models)")
+        fh.write("\n".join(md))
+    print(f"wrote {out / 'report.md'}" + f", {out}/curves.png" * bool(a.run) + f", {out}/report.png" * bool(bars))
 
 # ----------------------------------------------------------------------------- command line
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except where there is none to show (required, empty, per-model lists)."""
-    def _get_help_string(self, action):
-        empty = action.required or action.default in (None, "", [], argparse.SUPPRESS)
-        return action.help if empty else super()._get_help_string(action)
-
 def parser():
     whole0, whole1 = number(int), number(int, 1)  # g2l's range types: 0 or more, 1 or more
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -559,7 +593,8 @@ def parser():
                                 ("workers", 2, "DataLoader processes"), ("batches", 20, "timed batches per pipeline")):
         bd.add_argument(f"--{flag}", type=whole0 if flag in ("load-size", "workers") else whole1, default=default,
                         help=text)
-    cmd("report", [out], "report.md + report.png from the results in --out")
+    rep = cmd("report", [out], "report.md + report.png (results in --out as bars) + curves.png (--run's metrics)")
+    rep.add_argument("--run", default="", help="a g2l run folder: its metrics.jsonl drawn as curves (default: none)")
     return p
 
 def main(argv=None):

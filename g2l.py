@@ -5,14 +5,14 @@ projection head maps the student's global feature into the teacher's space, and 
 log-sum of |BN(student) - BN(teacher)|^4 (Miles & Mikolajczyk, AAAI 2024). g2l adds an optional
 local loss on patch tokens (RADIO / GPFM style: 0.9 cosine + 0.1 smooth-L1).
 
-    python g2l.py             # demo: bundled CC0 tiles, small ViTs, 122 s on 2 idle cores of an AMD EPYC machine
+    python g2l.py    # demo (CC0 tiles, small ViTs): 122 s on 2 idle cores of an AMD EPYC machine with HF_HUB_OFFLINE=1
     python g2l.py --demo --steps 5                   # the demo's settings, any option changed
     python g2l.py --teacher h-optimus-0 --student uni --data tiles/ --out runs/luad
     python g2l.py --teacher h-optimus-0 --student hibou-l --w-local 0 --data tiles/   # the paper's pair and loss
     torchrun --standalone --nproc_per_node=8 g2l.py --teacher h-optimus-0 --student uni --data tiles/
     python g2l.py --teacher h-optimus-0 --teacher-weights h0.safetensors \\
         --student vit_large_patch16_224 --data tiles/                  # offline weights
-    python g2l.py --synthetic --steps 20 ...         # step speed without I/O (loader speed: eval.py bench-data)
+    python g2l.py --synthetic --steps 20 --student uni   # step speed without I/O (loader speed: eval.py bench-data)
 
 The student lands in OUT/student/ as a timm local-dir:
     timm.create_model("local-dir:runs/NAME/student", pretrained=True)
@@ -39,9 +39,8 @@ except RuntimeError as e:  # a torchvision built for another torch: "operator to
         raise
     from importlib.metadata import version
     raise SystemExit(f"error: torch {version('torch')} and torchvision {version('torchvision')} do not match "
-                     f"({' '.join(str(e).split())[-60:]}); reinstall both from one index: pip install "
-                     "--force-reinstall torch torchvision (CPU: --index-url https://download.pytorch.org/whl/cpu)") \
-        from None
+                     f"({' '.join(str(e).split())[-60:]}); install the tested pair from PyPI (no extra index): "
+                     "pip install --force-reinstall torch==2.14.1 torchvision==0.29.1 (README: Set-up)") from None
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 def rank_world():
@@ -71,7 +70,7 @@ class Config:
     student_weights: str = ""           # local weights for the student's architecture ("random": random init)
     teacher_kwargs: str = ""            # JSON architecture kwargs, e.g. '{"depth": 2}'
     student_kwargs: str = ""            # JSON architecture kwargs for the student
-    data: list = dataclasses.field(default_factory=lambda: ["tiles"])  # tile folders (recursive; parent folder = slide)
+    data: list = dataclasses.field(default_factory=lambda: ["tiles"])  # folders (recursive) or CSVs with a path column
     val_data: list = dataclasses.field(default_factory=list)  # validation tile folders (default: held-out slides)
     val_frac: float = 0.05              # held-out fraction of the tiles when --data has only one slide
     max_val: int = 512                  # validation tiles used at each evaluation
@@ -109,7 +108,7 @@ class Config:
     resume: str = ""                    # auto (OUT/ckpt.pt) or a path to a ckpt.pt
     overwrite: bool = False             # start over in an --out that holds a run (ckpt.pt or student/)
     early_stop: bool = False            # G2L: stop when loss > mean of last 100 steps more than 10 times in a row
-    max_bad_frac: float = 0.01          # stop when more than this fraction of tiles cannot be read
+    max_bad_frac: float = 0.01          # stop when over this fraction of the tiles drawn, and over 10, are unreadable
     synthetic: bool = False             # random tensors instead of tiles: measures the step alone
     demo: bool = False                  # start from the demo's settings (what `python g2l.py` alone runs)
 
@@ -138,8 +137,9 @@ def parse_args(argv=None):
     """The command line is the Config: same names (dashes for underscores), its comments are the --help."""
     argv = sys.argv[1:] if argv is None else argv
     helps = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))
-    fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    epilog = (f"--data: folders, searched recursively for {'/'.join(e[1:] for e in IMG_EXTS)} (a tile's parent folder "
+              f"is its slide), or CSVs with a path column (relative to the CSV).\npresets: {', '.join(PRESETS)}")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, epilog=epilog)
     for f in dataclasses.fields(Config):
         choices = get_args(f.type) or None  # a Literal field: its values
         name, kw = "--" + f.name.replace("_", "-"), dict(help=helps.get(f.name, " "), choices=choices)
@@ -301,16 +301,20 @@ def split_data(cfg):
             k = int(np.searchsorted(np.cumsum(counts[slides]), cfg.max_val)) + 1  # slides whose tiles reach max_val
             k = min(max(k, 2 if len(slides) >= 10 else 1), len(slides) - 1)  # and at least one slide to train on
             held = np.isin(tiles.slide, slides[:k])
+        few = "; too few to report agreement on (< 32): none reported"  # the CKA of 2 tiles is 1, of 6 near it
         if 0 < held.sum() <= len(tiles) / 4:
-            print0(f"validation: held out {k} of {len(slides)} slides ({int(held.sum())} tiles, not trained on)")
+            print0(f"validation: held out {k} of {len(slides)} slides ({int(held.sum())} tiles, not trained on)"
+                   + few * bool(held.sum() < 32))
         else:  # one slide, or a few big folders (e.g. PCam's class folders 0/ 1/): hold out tiles, and say so
             why = "only one slide in --data" if len(slides) < 2 else \
                 f"held-out folders would take {int(held.sum())} of {len(tiles)} tiles from training"
-            print0(f"note: {why}; holding out {cfg.val_frac:.0%} of its tiles for validation (tiles of one slide may "
-                   "then be on both sides; --val-data avoids that)")
+            n = max(1, round(cfg.val_frac * len(tiles)))
+            print0(f"note: {why}; holding out {n} tiles (--val-frac) for validation (tiles of one slide may then be on "
+                   "both sides; --val-data avoids that)" + few * (n < 32))
             held = np.zeros(len(tiles), bool)
-            held[rng.choice(len(tiles), max(1, round(cfg.val_frac * len(tiles))), replace=False)] = True
-        tiles, val = tiles.subset(~held), tiles.subset(held)
+            held[rng.choice(len(tiles), n, replace=False)] = True
+        # too few: held out all the same, so that the training tiles never depend on the rule
+        tiles, val = tiles.subset(~held), tiles.subset(held & (held.sum() >= 32))
     return tiles, val.subset(np.sort(rng.choice(len(val), min(cfg.max_val, len(val)), replace=False)))
 
 def check_readable(tiles, flag, tries=50):
@@ -527,10 +531,11 @@ def resolve(name):
             raise UsageError(f"error: {where} {'has no config.json' if Path(where).exists() else 'does not exist'} "
                              "(a local-dir, a g2l run folder or its student/ needs config.json + model.safetensors)")
         cfg = json.loads(conf.read_text())
-        pc = cfg.get("pretrained_cfg", cfg)
+        pc, g = cfg.get("pretrained_cfg", cfg), cfg.get("g2l", {})  # g: a g2l export's own record, honest in results
         return dict(load=name, pretrained=True, arch=cfg["architecture"], kwargs=cfg.get("model_args", {}),
-                    embed=cfg.get("g2l", {}).get("embed", "pool"), mean=pc.get("mean"), std=pc.get("std"),
-                    size=pc.get("input_size", [3, 0, 0])[-1])
+                    embed=g.get("embed", "pool"), mean=pc.get("mean"), std=pc.get("std"),
+                    size=pc.get("input_size", [3, 0, 0])[-1], source=g and f"g2l student of {g.get('teacher')} "
+                    f"(from {g.get('start', 'an unrecorded start')}), {name}")
     if name in PRESETS:
         return dict(PRESETS[name])
     if "/" in name and not name.startswith("hf-hub:"):  # a path, not a name
@@ -598,7 +603,7 @@ def load_model(name, weights="", kwargs="", img_size=0, device="cpu", meta=False
     if weights:
         load_weights(model, weights, name)
     pc, pe = model.pretrained_cfg, getattr(model, "patch_embed", None)
-    spec = Spec(arch=pc.get("architecture") or info["arch"], kwargs=kw, source=source,
+    spec = Spec(arch=pc.get("architecture") or info["arch"], kwargs=kw, source=info.get("source") or source,
                 mean=tuple(info.get("mean") or pc.get("mean", IMAGENET["mean"])),
                 std=tuple(info.get("std") or pc.get("std", IMAGENET["std"])),
                 # the size it was built for: a kwargs img_size beats the pretrained config (DINOv2's is 518 px)
@@ -857,7 +862,7 @@ def extract_features(loader, encoders, device, amp, desc=None):
     the float [0,1] batch on the device), and per tile how many unreadable tiles TileDataset skipped to reach it."""
     outs, skipped = [[] for _ in encoders], []
     with torch.no_grad():
-        for x, k in tqdm(loader, total=len(loader), desc=desc, disable=desc is None, dynamic_ncols=True):
+        for x, k in tqdm(loader, total=len(loader), desc=desc, disable=desc is None, **BAR):
             x = x.to(device, non_blocking=True).float() / 255  # CUDA: no stream sync per batch
             with amp():
                 for out, fn in zip(outs, encoders):
@@ -881,13 +886,14 @@ def train_loop(cfg, tr, batches, val, metrics, stop):
     tiles_per_step = cfg.batch_size * world * cfg.grad_accum  # all ranks' tiles
     n_bad = seen = 0  # unreadable tiles and tiles drawn, this session
     bad_steps = above = 0  # non-finite steps in a row; steps in a row above the running mean (--early-stop)
-    recent, last = deque(maxlen=100), {}  # the last 100 losses; the last metrics row
+    recent, last, start = deque(maxlen=100), {}, at.step  # the last 100 losses; the last metrics row; resumed at
     if val is not None and at.step == 0:
         at.first = evaluate(cfg, tr, val)
         print0(f"step {at.step:06d} | val cos {at.first['val_cos']:.4f} (raw {at.first['val_cos_raw']:.4f}) | "
                f"cka {at.first['val_cka']:.4f}")
     speed = Speed(cfg, tr, tiles_per_step)
-    with tqdm(total=cfg.steps, initial=at.step, disable=rank != 0, desc="distil", dynamic_ncols=True) as bar:
+    # not on a terminal (disable=None) the log lines alone say where the run is: no bar redrawn after each of them
+    with tqdm(total=cfg.steps, initial=at.step, disable=rank != 0 or None, desc="distil", **BAR) as bar:
         while at.step < cfg.steps:
             terms, gnorm, skipped = distil_step(cfg, tr, at.step, batches)
             at.samples, seen, n_bad = at.samples + tiles_per_step, seen + tiles_per_step, n_bad + skipped
@@ -913,7 +919,8 @@ def train_loop(cfg, tr, batches, val, metrics, stop):
                 if bad > cfg.max_bad_frac * seen and bad > 10:
                     return f"stopped: {bad} of {seen} tiles were unreadable (over --max-bad-frac); " \
                         "see the warnings", 1, last
-                last = dict(step=at.step, **log_row(cfg, at.step, terms, gnorm, speed.measure(), bad))
+                last = dict(step=at.step, **log_row(cfg, at.step, terms, gnorm, speed.measure(), bad)) | (
+                    {"resumed_from": start} if start and not last else {})  # the curves mark a resume
                 last.update(evaluate(cfg, tr, val) if evaluating else {})
                 at.first.setdefault("loss", last["loss"])
                 log(last, metrics)
@@ -947,17 +954,15 @@ def log(row, metrics):
 def summary(cfg, reason, first, last, out):
     parts = [f"{k.replace('_', ' ')} {first[k]:.4f} -> {last[k]:.4f}" for k in ("loss", "val_cos", "val_cka")
              if k in first and k in last]
-    print0(" | ".join([reason, *parts, f"{last.get('img_per_s', 0):.1f} img/s", f"mfu {pct(last.get('mfu'))}"]))
+    print0(" | ".join([reason, *parts, f"{last.get('img_per_s', 0):.1f} img/s", f"mfu {pct(last.get('mfu'))}",
+                       f"bad tiles {last.get('bad_tiles', 0)}"]))
     if not cfg.synthetic:
         # the demo's hint must work as printed, offline: the student on the 200 labelled PCam tiles bundled in examples/
         labels = os.path.relpath(Path(__file__).resolve().parent / "examples" / "pcam" / "labels.csv")
-        # eval.py takes each option once per --model: the teacher's as it ran here, the student's from its folder
-        opts = [(f, v, e) for f, v, e in (("--model-weights", cfg.teacher_weights, "''"), ("--img-size", cfg.img_size,
-                0), ("--model-kwargs", cfg.teacher_kwargs, "''")) if v]
-        teacher = "".join(f" {f} {shlex.quote(str(v))}" for f, v, _ in opts)
+        # eval.py runs the teacher with this run's size, kwargs and weights (from OUT/config.json)
         evaluate = (f"python eval.py probe --model {out} --data {labels} --out {out / 'eval'}" if cfg.demo else
-                    f"python eval.py probe --model {shlex.quote(cfg.teacher)}{teacher} --model {out}"
-                    + "".join(f" {f} {e}" for f, _, e in opts) + " --data LABELS.csv  (a CSV: path,label)")
+                    f"python eval.py probe --model {shlex.quote(cfg.teacher)} --model {shlex.quote(str(out))} "
+                    "--data LABELS.csv  # LABELS.csv: yours, with columns path,label")
         print0(f"student: {out / 'student'}  ->  timm.create_model('local-dir:{out / 'student'}', pretrained=True)\n"
                f"evaluate: {evaluate}\n"
                f"a real run: python g2l.py --teacher h-optimus-0 --student uni --data tiles/ --out runs/NAME")
@@ -1016,6 +1021,11 @@ def set_up(cfg):
     return device
 
 # ============================================================================= plumbing: skip on a first read
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # the docstring as written, and a default only where there is one to show
+        none = action.default in (None, "", []) or "default:" in (action.help or "")
+        return action.help if none else super()._get_help_string(action)
+
 # ----------------------------------------------------------------------------- tile listing at scale
 MANIFEST = "tiles.csv"  # prep_tiles.py lists every tile it wrote here: a folder with one is read, never walked
 
@@ -1038,8 +1048,8 @@ def concat_tiles(parts):
 
 def walk_images(folder):
     """([(folder, image name)], [(folder, mtime_ns)] of every folder entered), relative to `folder`. Follows
-    symlinks but enters each real folder once (no loops, no tile counted twice); skips .hidden entries and the
-    masks/ folder at the top (prep_tiles.py's QC pictures)."""
+    symlinks but enters each real folder once (no loops, no tile counted twice); skips .hidden entries and, wherever
+    they are, prep_tiles.py's QC pictures: a masks/ folder beside its slides.csv or tiles.csv."""
     pairs, stamps, seen = [], [], set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         st = os.stat(top)
@@ -1048,7 +1058,7 @@ def walk_images(folder):
             continue
         seen.add((st.st_dev, st.st_ino))
         rel = os.path.relpath(top, folder) if top != folder else ""
-        dirs[:] = [d for d in dirs if not d.startswith(".") and (rel or d != "masks")]
+        dirs[:] = [d for d in dirs if d[0] != "." and (d != "masks" or {MANIFEST, "slides.csv"}.isdisjoint(files))]
         stamps.append((rel, st.st_mtime_ns))
         pairs += [(rel, n) for n in files if not n.startswith(".") and n.lower().endswith(IMG_EXTS)]
     return pairs, stamps
@@ -1270,7 +1280,7 @@ def start_run_folder(cfg, spec_t, spec_s, n_train, n_val, step):
                 teacher_source=spec_t.source, student_source=spec_s.source, n_train=n_train, n_val=n_val)
     with atomic_open(out / f"config.json{new}") as f:
         f.write(json.dumps(conf, indent=2))
-    print0(json.dumps(conf))
+    print0(f"config: {out / 'config.json'} | {n_train} train, {n_val} validation tiles | {cfg.steps} steps")
     return open_metrics(out / f"metrics.jsonl{new}", step)
 
 def timm_args(model, spec):
@@ -1301,7 +1311,7 @@ def export(cfg, state):
                     model_args={**args, **({"img_size": size} if spec.patch else {})},
                     pretrained_cfg=dict(mean=list(spec.mean), std=list(spec.std), num_classes=0,
                                         input_size=[3, size, size], crop_pct=1.0, interpolation="bilinear"),
-                    g2l=dict(embed=spec.embed, teacher=cfg.teacher, student=cfg.student,
+                    g2l=dict(embed=spec.embed, teacher=cfg.teacher, student=cfg.student, start=spec.source,
                              licence="a distilled student inherits its teacher's licence terms"))
         link = out / "student"  # a link to student.a or student.b: one rename switches it, where a folder takes two
         try:
@@ -1344,6 +1354,9 @@ def write_status(out, end):
     held = (out / "config.json.new").exists()  # an --overwrite run before its first checkpoint: the old run's stays
     with atomic_open(out / f"status.json{'.new' * held}") as f:
         f.write(json.dumps(dict(reason=reason, step=end["at"].step, exit_status=code, continue_with=again), indent=2))
+
+# a bar that is not on a terminal (a log file, a pipe) redraws at most every 30 s, not ten times a second
+BAR = dict(dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
 
 def quiet_worker(_):
     """DataLoader workers ignore SIGINT/SIGTERM: a scheduler signals the whole process group, and the main process,

@@ -32,6 +32,7 @@ MIN_COMPONENT_UM2 = 10_000   # drop specks under 0.01 mm² (dust, debris)
 QC_MAX_PX = 2048             # longest side of the saved QC picture
 CACHE_MB = 256               # tile cache per open slide (OpenSlide's 32 MB drops JPEG rows the next reads need)
 CHUNK = 128                  # tiles per worker job: every worker takes a share of a large slide's tiles
+BAR = dict(mininterval=0.1 if sys.stderr.isatty() else 30)  # not a terminal (a log): a redraw every 30 s at most
 
 # ----------------------------------------------------------- resolution: from the slide's own mpp, never from "level N"
 def slide_mpp(slide, override=None):
@@ -178,7 +179,8 @@ def plan_slide(path, out, slide_id, mpp=0.5, tile_size=224, overlap=0, mpp_toler
         tiles = [t for t, f in zip(grid, tissue_fraction(mask, grid, fp0, dims)) if f >= min_tissue]
         if max_tiles and len(tiles) > max_tiles:  # seeded per slide: the same sample whatever the worker order
             tiles = sorted(random.Random(f"{seed}:{slide_id}").sample(tiles, max_tiles), key=lambda t: t[::-1])
-        tmp.mkdir(parents=True)
+        if tiles:  # a slide without tissue gets no folder: its row and QC picture say so
+            tmp.mkdir(parents=True)
         (out / "masks").mkdir(exist_ok=True)
         save_qc(thumb, mask, tiles, fp0, dims, out / "masks" / f"{slide_id}.png")
     empty = (f"no tile has >= {min_tissue:.0%} tissue (see masks/{slide_id}.png); lower --min-tissue if the stain is "
@@ -192,7 +194,7 @@ def plan_slide(path, out, slide_id, mpp=0.5, tile_size=224, overlap=0, mpp_toler
 def cut_tiles(tiles, path, out, slide_id, level, read_px, tile_size, resize, fmt="jpg", quality=90, progress=False):
     """Read and save tiles (a slide's, or one worker's share) into the slide's temp folder, one read_region a tile."""
     with openslide.OpenSlide(str(path)) as slide, \
-            tqdm(tiles, desc=slide_id[:20], unit="tile", leave=False, disable=not progress) as bar:
+            tqdm(tiles, desc=slide_id[:20], unit="tile", leave=False, disable=not progress, **BAR) as bar:
         with contextlib.suppress(AttributeError, openslide.OpenSlideError):  # OpenSlide < 4.0 keeps its own cache
             slide.set_cache(openslide.OpenSlideCache(CACHE_MB << 20))  # 6-12% more tiles/s cutting a 40x slide
         for x, y in bar:
@@ -212,14 +214,15 @@ def error_line(e):
 
 # ----------------------------------------------------------------------------------- many slides -> tiles/ + slides.csv
 def find_slides(inputs):
-    """[(slide_id, path)] from files and folders (recursive). A DICOM slide is a folder of .dcm files: one per
-    folder, named after the folder (OpenSlide opens the whole series from any of its files)."""
+    """[(slide_id, path)] from files and folders (recursive). A DICOM slide is a series of .dcm files: one per folder
+    (OpenSlide opens the whole series from any of its files), named after the folder if the series is alone there."""
     found, dicom_dirs = [], set()
     for p in map(Path, inputs):
         for f in [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.suffix.lower() in SLIDE_EXTS):
             if f.suffix.lower() == ".dcm" and p.is_dir():
-                if f.parent not in dicom_dirs:
-                    dicom_dirs.add(f.parent), found.append((f.parent.name, f))
+                if f.parent not in dicom_dirs:  # named after its folder when that holds this series alone
+                    alone = all(g.suffix.lower() == ".dcm" for g in f.parent.iterdir() if g.is_file())
+                    dicom_dirs.add(f.parent), found.append((f.parent.name if alone else f.stem, f))
             elif f.is_file():
                 found.append((f.stem, f))
     return found
@@ -265,10 +268,12 @@ def run_slides(todo, out, workers, plan_opts, cut_opts, record):
                         chunks.extend((sid, tiles[i:i + n]) for i in range(0, len(tiles), n))
                     if sid in running.values() or any(c[0] == sid for c in chunks):
                         continue  # more of its tiles to cut
-                    shutil.rmtree(out / sid, ignore_errors=True)  # only with --overwrite (else finished = skipped)
-                    os.replace(out / f".tmp_{sid}", out / sid)  # a slide folder appears only when complete
-                except Exception as e:  # the slide failed (any stage), or its worker died
+                    if s["row"]["n_tiles"]:
+                        shutil.rmtree(out / sid, ignore_errors=True)  # only with --overwrite (else finished = skipped)
+                        os.replace(out / f".tmp_{sid}", out / sid)  # a slide folder appears only when complete
+                except Exception as e:  # the slide failed (any stage), or its worker died: nothing of it is kept
                     shutil.rmtree(out / f".tmp_{sid}", ignore_errors=True)
+                    (out / "masks" / f"{sid}.png").unlink(missing_ok=True)
                     s["row"] |= dict(status="failed", error=error_line(e), n_tiles=0)
                     chunks = deque(c for c in chunks if c[0] != sid)
                 del slides[sid]
@@ -344,6 +349,8 @@ def parse_args(argv):
         ap.error("--workers must be >= 1, and --min-tissue in [0, 1]")
     if missing := [p for p in a.inputs if not Path(p).exists()]:
         ap.error(f"input not found: {', '.join(missing)}")
+    if other := [p for p in a.inputs if Path(p).is_file() and Path(p).suffix.lower() not in SLIDE_EXTS]:
+        ap.error(f"{other[0]} is not a slide file (not {' '.join(sorted(SLIDE_EXTS))}); name slides or their folders")
     if not (slides := find_slides(a.inputs)):
         ap.error(f"no slides found in {' '.join(a.inputs)} (looked for {' '.join(sorted(SLIDE_EXTS))}); point at the "
                  "slide files or the folder holding them")
@@ -386,7 +393,7 @@ def main(argv=None):
     (out / "tiles.csv").unlink(missing_ok=True)  # rewritten at the end: never stale while tiles change
     t0, default = time.time(), signal.signal(signal.SIGTERM, interrupt)
     try:
-        with tqdm(total=len(todo), desc="slides", unit="slide") as bar:
+        with tqdm(total=len(todo), desc="slides", unit="slide", **BAR) as bar:
             run_slides(todo, out, a.workers, plan_opts, cut_opts, record)
     except KeyboardInterrupt as e:  # Ctrl-C, or a scheduler's SIGTERM through interrupt()
         n = e.args[0] if e.args else signal.SIGINT

@@ -443,8 +443,10 @@ def test_corrupt_tile_is_skipped_and_counted(tmp_path, tiles, capsys):
             "--out", str(tmp_path / "r")]
     last = g2l.main(argv)
     assert last["step"] == 9 and last["bad_tiles"] == 1  # 81 tiles in 9 batches of 9: every tile once
-    out = capsys.readouterr().out
-    assert f"skipping unreadable tile {bad}" in out
+    out, err = capsys.readouterr()
+    assert max(map(len, out.splitlines())) < 250 and "config: " in out, out  # the config in config.json, not the log
+    assert "distil" not in err, err  # not a terminal: plain log lines, no progress bar redrawn after each
+    assert f"skipping unreadable tile {bad}" in out and re.search(r"^done \|.*\| bad tiles 1$", out, re.M), out
 
 def test_balanced_sampling_draws_slides_equally():
     paths = [f"/t/big/{i}.jpg" for i in range(90)] + [f"/t/small/{i}.jpg" for i in range(10)]
@@ -484,9 +486,20 @@ def test_find_images_enters_each_real_folder_once(tmp_path):
     (tmp_path / "c").symlink_to(tmp_path / "b")     # a second name for slide b
     (tmp_path / "masks").mkdir()
     (tmp_path / "masks" / "a.png").touch()           # prep_tiles.py's QC pictures are not tiles
+    (tmp_path / "slides.csv").touch()                # (known by what prep_tiles writes beside them)
     found = image_paths([str(tmp_path)])
     assert len(found) == 6 and len(set(map(os.path.realpath, found))) == 6
     assert {Path(p).parent.name for p in found} <= {"a", "b", "c"}
+
+def test_qc_pictures_are_skipped_wherever_prep_tiles_wrote_them(tmp_path):
+    for cut, csv_name in (tmp_path / "cut1", "slides.csv"), (tmp_path / "deeper" / "cut2", "tiles.csv"):
+        touch_tiles(cut, [cut.name + "_slide"], 2)
+        touch_tiles(cut, ["masks"], 1)  # masks/<slide>.png in prep_tiles' output
+        (cut / csv_name).touch()
+    touch_tiles(tmp_path / "mine", ["masks"], 3)  # a slide of one's own called masks, with no prep_tiles files beside
+    found = sorted(os.path.relpath(p, tmp_path).rsplit("_x", 1)[0] for p in image_paths([str(tmp_path)]))
+    assert found == ["cut1/cut1_slide/cut1_slide"] * 2 + ["deeper/cut2/cut2_slide/cut2_slide"] * 2 + \
+        ["mine/masks/masks"] * 3, found
 
 def test_a_manifest_is_read_and_a_folder_without_one_is_walked_each_time(tmp_path, monkeypatch):
     data = tmp_path / "tiles"
@@ -530,7 +543,10 @@ def test_validation_holds_out_whole_slides_sized_to_max_val(tmp_path, capsys):
     # a few big folders (PCam's class folders 0/ 1/): holding one out would drop half the data and a whole class
     touch_tiles(tmp_path / "pcam", ["0", "1"], 40)
     train, val = g2l.split_data(g2l.Config(data=[str(tmp_path / "pcam")], max_val=64, val_frac=0.1))
-    assert len(train) == 72 and len(val) == 8 and "would take 40 of 80 tiles" in capsys.readouterr().out
+    out = capsys.readouterr().out  # 8 tiles held out: too few to mean anything, so no figures (and not trained on)
+    assert len(train) == 72 and len(val) == 0 and "would take 40 of 80 tiles" in out and "too few" in out
+    train, val = g2l.split_data(g2l.Config(data=[str(tmp_path / "pcam")], max_val=64, val_frac=0.4))
+    assert len(train) == 48 and len(val) == 32 and "too few" not in capsys.readouterr().out
     assert {Path(train.path(i)).parent.name for i in range(len(train))} == {"0", "1"}
 
 def test_16_bit_png_tile_keeps_its_values(tmp_path):
@@ -1124,8 +1140,9 @@ def test_a_rerun_never_replaces_a_run_unless_asked_and_then_only_at_its_first_ch
                                                                                           monkeypatch):
     run(tmp_path, tiles, steps=2)
     out, said = tmp_path / "run", capsys.readouterr().out
-    assert "--model vit_small_patch14_dinov2 --model-weights" not in said  # the evaluate hint: the teacher as it ran
-    assert re.search(r"--img-size 28 --model-kwargs '\{.*\}' --model \S+ --img-size 0 --model-kwargs ''", said), said
+    hint = [l for l in said.splitlines() if l.startswith("evaluate: ")][-1][len("evaluate: "):]
+    argv = shlex.split(hint, comments=True)  # pasted into a shell as printed; eval.py reads the teacher's settings
+    assert argv[2:] == ["probe", "--model", TINY_T[1], "--model", str(out), "--data", "LABELS.csv"], hint
     mode, umask = lambda p: (out / p).stat().st_mode & 0o777, os.umask(0)
     os.umask(umask)
     assert mode("student/model.safetensors") == mode("config.json") == 0o666 & ~umask
@@ -1171,8 +1188,14 @@ def test_help_states_the_exit_status_and_the_readmes_demo_time(capsys):
         g2l.parse_args(["--help"])
     said = " ".join(capsys.readouterr().out.split())
     assert "Exit status: 0 done, 1 a failure, 2 an argument error, 128+n" in said
-    demo_time = re.search(r"\d+ s on 2 idle cores of an AMD EPYC machine", said)  # one figure, --help = README
-    assert demo_time and demo_time.group() in " ".join((ROOT / "README.md").read_text().split())
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    demo_time = re.search(r"\d+ s on 2 idle cores of an AMD EPYC machine with HF_HUB_OFFLINE=1", said)
+    assert demo_time and demo_time.group().replace("HF_HUB_OFFLINE=1", "`HF_HUB_OFFLINE=1`") in readme, said
+    assert "(default: )" not in said and "(default: [])" not in said, said  # --help = README: lists and defaults
+    presets = ", ".join(f"`{p}`" for p in g2l.PRESETS)
+    assert ", ".join(g2l.PRESETS) in said and presets.replace("`, `", "`,`") in readme.replace("`, `", "`,`"), said
+    data = re.search(r"--data DATA \[DATA \.\.\.\] (.*?) \(default", said).group(1)
+    assert "CSV" in data and "path column" in data and "/".join(e[1:] for e in g2l.IMG_EXTS) in readme, data
 
 def test_a_mismatched_torchvision_is_one_line_not_a_traceback(tmp_path):
     import subprocess, sys
@@ -1184,6 +1207,8 @@ def test_a_mismatched_torchvision_is_one_line_not_a_traceback(tmp_path):
                            env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=120)
         assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
         assert re.match(r"error: torch \S+ and torchvision \S+ do not match .*pip install", r.stderr), r.stderr
+        fix = re.search(r"pip install [^;)]*\d", r.stderr).group()  # the README's fix, with the tested versions
+        assert fix in (ROOT / "README.md").read_text() and "index-url" not in fix, fix
 
 def pipe_run(tmp_path, tiles, steps, shell=""):
     import subprocess, sys
@@ -1962,7 +1987,28 @@ def test_broken_slides_fail_alone_and_exit_nonzero(tmp_path, capsys):
     err = capsys.readouterr().err
     assert all(str(p) in err for p in bad)
     assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())  # nothing half-written left behind
-    assert not (tmp_path / "unreadable").exists()
+    assert not (tmp_path / "unreadable").exists() and sorted(os.listdir(tmp_path / "masks")) == [f"{CMU.stem}.png"]
+
+def test_a_slide_failing_halfway_leaves_nothing_of_it(tmp_path, monkeypatch):
+    real = prep_tiles.cut_tiles
+    def cut_then_fail(tiles, *a, **k):  # one tile written, then a read fails
+        real(tiles[:1], *a, **k)
+        raise openslide.OpenSlideError("read failed halfway")
+    monkeypatch.setattr(prep_tiles, "cut_tiles", cut_then_fail)
+    assert prep_tiles.main([str(CMU), "--out", str(tmp_path), "--mpp", "1.0"]) == 1
+    assert rows(tmp_path)[CMU.stem]["status"] == "failed" and not os.listdir(tmp_path / "masks")
+    assert sorted(os.listdir(tmp_path)) == ["masks", "prep_tiles.json", "slides.csv", "tiles.csv"]
+
+def test_g2l_trains_on_every_format_prep_tiles_writes(tmp_path):
+    fmts = [a.choices for a in prep_tiles.parse_args([str(CMU)])[0]._actions if a.dest == "format"][0]
+    for fmt in fmts:  # 16 tiles each, then one short run on both outputs
+        args = [str(CMU), "--out", str(tmp_path / fmt), "--mpp", "2.0", "--tile-size", "32", "--max-tiles", "16"]
+        assert prep_tiles.main([*args, "--format", fmt]) == 0 and len(rows(tmp_path / fmt)) == 1
+        assert {p.suffix for p in (tmp_path / fmt / CMU.stem).iterdir()} == {f".{fmt}"}
+    last = g2l.main([*TINY_T, *TINY_S, "--data", *[str(tmp_path / f) for f in fmts], "--img-size", "28",
+                     "--batch-size", "8", "--steps", "2", "--workers", "0", "--out", str(tmp_path / "run")])
+    conf = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert conf["n_train"] == 16 * len(fmts) - 2 and last["bad_tiles"] == 0, conf  # 2 held out (--val-frac 0.05)
 
 def test_resume_skips_finished_slides_and_overwrite_redoes_them(tmp_path):
     args = [str(CMU), "--out", str(tmp_path), "--mpp", "1.0"]
@@ -2034,7 +2080,8 @@ def test_argument_errors_stop_before_any_work(tmp_path, capsys):
     cases = [([str(CMU), "--overlap", "224"], "--overlap"),
              ([str(tmp_path / "empty")], "no slides found"),
              ([str(tmp_path / "x"), str(tmp_path / "y")], "duplicate"),
-             ([str(CMU), "--mpp-override", "352.8"], "implausible")]
+             ([str(CMU), "--mpp-override", "352.8"], "implausible"),
+             ([str(SYN / "boxes.png")], "not a slide file")]  # named on the command line: refused, not a failed row
     for argv, msg in cases:
         with pytest.raises(SystemExit) as e:
             prep_tiles.main(argv + ["--out", str(out)])
@@ -2050,7 +2097,11 @@ def test_mpp_header_wins_over_override_and_upsampling_is_refused(tmp_path):
 def test_find_slides_and_dicom(tmp_path):
     ids = [sid for sid, _ in prep_tiles.find_slides([str(SYN)])]
     # boxes_0.dcm + boxes_1.dcm are one DICOM slide, named after their folder; boxes.png is not a slide
-    assert sorted(ids) == ["boxes", "openslide", "small", "unopenable", "unreadable"]
+    assert sorted(ids) == ["boxes", "boxes_0", "small", "unopenable", "unreadable"]  # named after the slide
+    (tmp_path / "series").mkdir()  # a DICOM series' own folder (only .dcm files): named after the folder
+    [shutil.copy(SYN / f"boxes_{i}.dcm", tmp_path / "series") for i in (0, 1)]
+    assert [sid for sid, _ in prep_tiles.find_slides([str(tmp_path)])] == ["series"]
+    shutil.rmtree(tmp_path / "series")
     # 16x16 at 0.499 µm/px with 8-px tiles -> 2 x 2 tiles
     args = [str(SYN / "boxes_0.dcm"), "--out", str(tmp_path), "--tile-size", "8", "--min-tissue", "0"]
     assert prep_tiles.main(args) == 0 and rows(tmp_path)["boxes_0"]["n_tiles"] == "4"
@@ -2058,6 +2109,7 @@ def test_find_slides_and_dicom(tmp_path):
     out = tmp_path / "b"  # other settings: another --out (one folder, one set of settings)
     assert prep_tiles.main([str(SYN / "small.svs"), "--out", str(out)]) == 0  # no_tissue is not a failure
     assert "smaller than one 224-px tile" in rows(out)["small"]["error"]
+    assert rows(out)["small"]["status"] == "no_tissue" and not (out / "small").exists()  # no empty folder
 
 def test_tissue_mask_on_a_drawn_slide():
     # white background, a pink 60x60 "tissue" square, a 10x10 pink speck (100 px < 625 px = 0.01 mm² at
@@ -2338,6 +2390,29 @@ def test_agree_self_is_one_other_lower_and_heads(pcam, tmp_path):
     fresh = ev.features(m, rows, eval_args("probe", "--data", csv_path, "--batch-size", 64, "--out", tmp_path / "b"))
     assert torch.equal(fresh, ev.features(m, rows, a))
 
+def test_eval_keeps_a_runs_settings_and_an_honest_source(pcam, tmp_path, capsys):
+    csv_path, _ = pcam  # a g2l run folder: a random-init student distilled at 32 px from a teacher run at 42 px
+    student, spec = g2l.load_model("vit_tiny_patch16_224", kwargs=KW_S, img_size=32)
+    cfg = g2l.Config(teacher="vit_small_patch14_dinov2", student="vit_tiny_patch16_224", img_size=28,
+                     student_img_size=32, out=str(tmp_path / "run"))
+    g2l.export(cfg, dict(student=g2l.Student(cfg, student, spec, dataclasses.replace(spec, width=64, patch=14))))
+    (tmp_path / "run" / "config.json").write_text(json.dumps(dict(
+        teacher="vit_small_patch14_dinov2", teacher_kwargs=KW_T, teacher_weights="", img_size=42, student_img_size=32)))
+    common = ["--data", str(csv_path), "--out", str(tmp_path / "a"), "--task", "pcam", "--workers", "0"]
+    ev.main(["agree", "--teacher", "vit_small_patch14_dinov2", "--teacher-kwargs", KW_T, "--student",
+             str(tmp_path / "run"), *common])
+    r, = json.loads((tmp_path / "a" / "agree_pcam.json").read_text())
+    assert r["teacher_img_size"] == 42 and r["student_img_size"] == 32 and "heads_cka" in r, r  # the run's sizes
+    assert r["student_source"].startswith("g2l student of vit_small_patch14_dinov2 (from random init), "), r
+    assert "note" not in capsys.readouterr().out
+    # probe: the run's teacher with the run's kwargs and size; the student at another size than it learnt says so
+    ev.main(["probe", "--model", "vit_small_patch14_dinov2", "--model", str(tmp_path / "run"), "--img-size", "0",
+             "--img-size", "48", "--seeds", "1", "--C", "1.0", *common])
+    t, s = json.loads((tmp_path / "a" / "probe_pcam.json").read_text())
+    assert t["img_size"] == 42 and s["img_size"] == 48 and "(from random init)" in s["source"], (t, s)
+    said = capsys.readouterr().out
+    assert re.search(f"^{tmp_path / 'run'}: .*, 48 px \\(note: its g2l run distilled it at 32 px\\)$", said, re.M), said
+
 def test_imagefolder_data_and_pooling(pcam, tmp_path):
     _, pick = pcam
     root, flat = tmp_path / "folder", tmp_path / "flat"
@@ -2445,7 +2520,7 @@ def test_robustness_command_on_real_tiles(pcam, tmp_path):
     assert [r["k"] for r in res] == [3, 5] and all(0 <= r["ri"] <= 1 and r["dejong"] > 0 for r in res)
 
 # ----------------------------------------------------------------------------- bench and report
-def test_bench_two_tiny_models_sizes_and_speed_ratios(tmp_path):
+def test_bench_two_tiny_models_sizes_and_speed_ratios(tmp_path, capfd):
     small = '{"depth": 1, "embed_dim": 32, "num_heads": 2}'
     big = '{"depth": 6, "embed_dim": 192, "num_heads": 3}'
     script("eval.py", "bench", "--model", "vit_tiny_patch16_224", "--model-kwargs", big, "--model",
@@ -2456,6 +2531,8 @@ def test_bench_two_tiny_models_sizes_and_speed_ratios(tmp_path):
     assert b["img_per_s"] > 0 and b["speedup"] == 1 and s["speedup"] == pytest.approx(s["img_per_s"] / b["img_per_s"])
     assert b["params_m"] > 10 * s["params_m"] and b["gflops"] > 10 * s["gflops"] and s["param_ratio"] > 10
     assert b["peak_mem_gb"] >= 0 and b["batch"] == 8
+    said = capfd.readouterr()  # not a terminal: the results and plain lines, no bar redraws of its short timings
+    assert "bench vit_tiny" not in said.err and "\r" not in said.out + said.err, said.err
 
 def test_bench_data_measures_each_loader_pipeline(tmp_path):
     script("eval.py", "bench-data", "--data", ROOT / "examples" / "tiles", "--img-size", "32", "--batch-size", "4",
@@ -2465,21 +2542,43 @@ def test_bench_data_measures_each_loader_pipeline(tmp_path):
                                                           "device augment, batched"]
     assert all(r["tiles_per_s"] > 0 and r["load_px"] == 32 for r in rows)
 
-def test_report_writes_markdown_and_chart(tmp_path):
+def test_report_draws_bars_with_error_bars_and_a_legend_and_a_runs_curves(tmp_path):
+    import matplotlib.pyplot as plt
     (tmp_path / "probe_crc.json").write_text(json.dumps([
         dict(model="teacher", task="crc", linear_bacc=0.9, linear_bacc_std=0.01, linear_auroc=0.95, knn_bacc=0.85),
-        dict(model="runs/student", task="crc", linear_bacc=0.8, linear_bacc_std=0.02, linear_auroc=0.9, knn_bacc=0.7)]))
+        dict(model="runs/luad", task="crc", linear_bacc=0.8, linear_bacc_std=0.02, linear_auroc=0.9, knn_bacc=0.7)]))
     (tmp_path / "bench.json").write_text(json.dumps([dict(model="teacher", batch=8, img_per_s=2.0),
-                                                     dict(model="runs/student", batch=8, img_per_s=8.0)]))
-    script("eval.py", "report", "--out", tmp_path)
+                                                     dict(model="runs/luad", batch=8, img_per_s=8.0)]))
+    rows = [dict(step=s, loss=10 - s, l_global=9 - s, l_local=1.0, lr=1e-4, grad_norm=1.0, img_per_s=5.0, mfu=None)
+            for s in range(1, 7)]  # a run stopped at step 4 and resumed: its first row after has resumed_from
+    rows[2] |= dict(val_cos=0.1, val_cka=0.5)
+    rows[4] |= dict(resumed_from=4, val_cos=0.2, val_cka=0.6)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plt.close("all")
+    ev.main(["report", "--out", str(tmp_path), "--run", str(tmp_path / "run")])
     md = (tmp_path / "report.md").read_text()
-    assert "## probe_crc" in md and "0.900±0.010" in md and "## bench" in md and "report.png" in md
-    img = np.asarray(Image.open(tmp_path / "report.png").convert("RGB"))
-    blue, orange = np.array([0x1f, 0x77, 0xb4]), np.array([0xff, 0x7f, 0x0e])
-    n_blue, n_orange = [(img == c).all(-1).sum() for c in (blue, orange)]
-    # bar areas follow the values: teacher .25 (speed relative to the fastest) + .9 + .95 + .85,
-    # student 1 + .8 + .9 + .7
-    assert n_blue / n_orange == pytest.approx(2.95 / 3.4, rel=0.03)
+    assert "## probe_crc" in md and "0.900±0.010" in md and "## bench" in md and "(report.png)" in md, md
+    assert "(curves.png)" in md and all(Image.open(tmp_path / f).format == "PNG" for f in ("report.png", "curves.png"))
+    figs = {f.axes[0].get_title() or "bars": f for f in map(plt.figure, plt.get_fignums())}
+    ax = figs.pop("bars").axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["teacher", "runs/luad"]
+    from matplotlib.container import BarContainer
+    groups = [c for c in ax.containers if isinstance(c, BarContainer)]
+    bars = {(c.get_label(), round(p.get_x() + p.get_width() / 2)): p.get_height() for c in groups
+            for p in c.patches}  # x: the metric's group (0: speed, 1: linear_bacc, ...)
+    assert bars[("teacher", 0)] == 0.25 and bars[("runs/luad", 1)] == 0.8
+    caps = [seg for c in groups for seg in c.errorbar.lines[2][0].get_segments() if len(seg)]  # none without a ±
+    assert sorted(round(float(s[1, 1] - s[0, 1]), 4) for s in caps) == [0.02, 0.04]  # the ± of the two bacc bars
+    axes = {a.get_title(): a for a in figs.popitem()[1].axes if a.get_visible()}
+    assert set(axes) == {"loss (total)", "loss term l_global", "loss term l_local", "validation", "learning rate",
+                         "grad norm (before clipping)", "images / s"}, axes
+    val = axes["validation"]
+    assert [l.get_label() for l in val.lines] == ["centred cos", "CKA", "resumed"]
+    assert list(val.lines[1].get_ydata()) == [0.5, 0.6] and list(val.lines[2].get_xdata()) == [4, 4]
+    plt.close("all")
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        ev.main(["report", "--out", str(tmp_path), "--run", str(tmp_path)])
 
 def test_every_eval_option_is_described_with_its_default(capsys):
     for cmd in ("probe", "agree", "robustness", "bench", "report"):
