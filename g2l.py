@@ -301,20 +301,20 @@ def split_data(cfg):
             k = int(np.searchsorted(np.cumsum(counts[slides]), cfg.max_val)) + 1  # slides whose tiles reach max_val
             k = min(max(k, 2 if len(slides) >= 10 else 1), len(slides) - 1)  # and at least one slide to train on
             held = np.isin(tiles.slide, slides[:k])
-        few = "; too few to report agreement on (< 32): none reported"  # the CKA of 2 tiles is 1, of 6 near it
         if 0 < held.sum() <= len(tiles) / 4:
-            print0(f"validation: held out {k} of {len(slides)} slides ({int(held.sum())} tiles, not trained on)"
-                   + few * bool(held.sum() < 32))
+            print0(f"validation: held out {k} of {len(slides)} slides ({int(held.sum())} tiles, not trained on)")
         else:  # one slide, or a few big folders (e.g. PCam's class folders 0/ 1/): hold out tiles, and say so
             why = "only one slide in --data" if len(slides) < 2 else \
                 f"held-out folders would take {int(held.sum())} of {len(tiles)} tiles from training"
             n = max(1, round(cfg.val_frac * len(tiles)))
             print0(f"note: {why}; holding out {n} tiles (--val-frac) for validation (tiles of one slide may then be on "
-                   "both sides; --val-data avoids that)" + few * (n < 32))
+                   "both sides; --val-data avoids that)")
             held = np.zeros(len(tiles), bool)
             held[rng.choice(len(tiles), n, replace=False)] = True
-        # too few: held out all the same, so that the training tiles never depend on the rule
-        tiles, val = tiles.subset(~held), tiles.subset(held & (held.sum() >= 32))
+        tiles, val = tiles.subset(~held), tiles.subset(held)
+    if 0 < len(val) < 32:  # the CKA of 2 tiles is 1: agreement on so few is no result (held out all the same)
+        print0(f"note: {len(val)} validation tiles are too few to report agreement on (< 32): none reported")
+        val = val.subset([])
     return tiles, val.subset(np.sort(rng.choice(len(val), min(cfg.max_val, len(val)), replace=False)))
 
 def check_readable(tiles, flag, tries=50):
@@ -337,9 +337,6 @@ def load_data(cfg):
     tiles, val_tiles = split_data(cfg) if not cfg.synthetic else ([], [])
     check_readable(tiles, "--data")
     check_readable(val_tiles, "--val-data (or the held-out slides)")
-    if 0 < len(val_tiles) < 64:
-        print0(f"warning: only {len(val_tiles)} validation tiles; agreement (val cos, cka) on so few means little "
-               "(give --val-data or more slides)")
     return tiles, val_tiles
 
 def slide_weights(slide):
@@ -545,11 +542,6 @@ def resolve(name):
                          "(timm.list_models()), hf-hub:ORG/NAME, local-dir:PATH or a g2l run folder")
     return dict(load=name, pretrained="." in name or name.startswith("hf-hub:"), arch=name.split("hf-hub:")[-1],
                 kwargs={}, embed="pool")
-
-def offline_help(info):
-    return (f"Offline: set HF_HUB_OFFLINE=1 (cached weights then load at once), or pass local weights for "
-            f"architecture {info['arch']} (g2l.py --teacher-weights/--student-weights FILE, eval.py --model-weights "
-            "FILE) or a local-dir:PATH. Gated model: accept its terms on huggingface.co and run `hf auth login`.")
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
@@ -1029,11 +1021,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 # ----------------------------------------------------------------------------- tile listing at scale
 MANIFEST = "tiles.csv"  # prep_tiles.py lists every tile it wrote here: a folder with one is read, never walked
 
-def find_images(folders):
-    """All images under the folders (recursive), sorted; the parent folder is the slide id."""
-    tiles = index_tiles(folders)
-    return [tiles.path(i) for i in range(len(tiles))]
-
 def group_tiles(pairs):
     """Tiles from (folder, file name) pairs, in their order: one slide per folder."""
     dirs, pairs = {}, list(pairs)
@@ -1047,10 +1034,9 @@ def concat_tiles(parts):
                  np.concatenate([t.names for t in parts]))
 
 def walk_images(folder):
-    """([(folder, image name)], [(folder, mtime_ns)] of every folder entered), relative to `folder`. Follows
-    symlinks but enters each real folder once (no loops, no tile counted twice); skips .hidden entries and, wherever
-    they are, prep_tiles.py's QC pictures: a masks/ folder beside its slides.csv or tiles.csv."""
-    pairs, stamps, seen = [], [], set()
+    """[(folder, image name)] relative to `folder`, entering each real folder once (symlinks followed, no loops); not
+    .hidden entries nor prep_tiles.py's QC pictures (a masks/ beside its slides.csv or tiles.csv), wherever they are."""
+    pairs, seen = [], set()
     for top, dirs, files in os.walk(folder, followlinks=True):
         st = os.stat(top)
         if (st.st_dev, st.st_ino) in seen:
@@ -1059,9 +1045,8 @@ def walk_images(folder):
         seen.add((st.st_dev, st.st_ino))
         rel = os.path.relpath(top, folder) if top != folder else ""
         dirs[:] = [d for d in dirs if d[0] != "." and (d != "masks" or {MANIFEST, "slides.csv"}.isdisjoint(files))]
-        stamps.append((rel, st.st_mtime_ns))
         pairs += [(rel, n) for n in files if not n.startswith(".") and n.lower().endswith(IMG_EXTS)]
-    return pairs, stamps
+    return pairs
 
 def read_manifest(path):
     """(folder, file name) pairs relative to the CSV's folder, from its path column (tiles.csv, a labels CSV)."""
@@ -1080,7 +1065,7 @@ def index_folder(folder):
         raise UsageError(f"error: data folder {folder} does not exist; pass --data with folders of tiles "
                          "(e.g. the --out of prep_tiles.py), or add --demo to use the bundled demo tiles")
     csv_file = folder if os.path.isfile(folder) else os.path.join(folder, MANIFEST)
-    tiles = group_tiles(sorted(read_manifest(csv_file) if os.path.isfile(csv_file) else walk_images(folder)[0]))
+    tiles = group_tiles(sorted(read_manifest(csv_file) if os.path.isfile(csv_file) else walk_images(folder)))
     folder = os.path.dirname(csv_file)  # the tiles' paths are relative to the CSV
     if not len(tiles):
         raise UsageError(f"error: no images ({', '.join(IMG_EXTS)}) under {folder}; "
@@ -1130,6 +1115,11 @@ def load_weights(model, path, name):
     except (RuntimeError, ValueError, KeyError, IndexError) as e:
         raise SystemExit(f"error: weights file {path} does not fit {name} ({one_line(e, 400)}); "
                          "pass the matching architecture/preset or fix --*-kwargs")
+
+def offline_help(info):
+    return (f"Offline: set HF_HUB_OFFLINE=1 (cached weights then load at once), or pass local weights for "
+            f"architecture {info['arch']} (g2l.py --teacher-weights/--student-weights FILE, eval.py --model-weights "
+            "FILE) or a local-dir:PATH. Gated model: accept its terms on huggingface.co and run `hf auth login`.")
 
 def hf_file(where, fname):
     """Path of FILE in a Hugging Face checkpoint (a local folder, or hf-hub:ORG/NAME via the hub cache), or None."""
@@ -1199,14 +1189,13 @@ def resume(cfg, tr):
         if holds_run(cfg.out):  # --overwrite (or the demo): never a silent loss
             print0(f"note: starting over in {cfg.out}: the run there is replaced at the first checkpoint")
         return
-    fix = f"resume from an earlier copy (--resume PATH), or move {path} away to start afresh"
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated, not a zip, unpicklable
-        raise SystemExit(f"error: checkpoint {path} cannot be read ({one_line(e)}); {fix}")
-    if not isinstance(ck, dict) or "student" not in ck:
-        raise SystemExit(f"error: {path} is not a g2l checkpoint (no student state); {fix}")
-    check_same_run(cfg, ck.get("config", {}), path, ck["step"])
+        step = ck["step"]  # KeyError, TypeError: not a g2l checkpoint
+    except Exception as e:  # truncated, not a zip, unpicklable, something else
+        raise SystemExit(f"error: checkpoint {path} cannot be read as a g2l checkpoint ({one_line(e)}); resume from an "
+                         f"earlier copy (--resume PATH), or move {path} away to start afresh")
+    check_same_run(cfg, ck.get("config", {}), path, step)
     try:
         tr.load_state_dict(ck)
     except (KeyError, RuntimeError, ValueError) as e:
@@ -1359,8 +1348,7 @@ def write_status(out, end):
 BAR = dict(dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
 
 def quiet_worker(_):
-    """DataLoader workers ignore SIGINT/SIGTERM: a scheduler signals the whole process group, and the main process,
-    not its workers, decides when to stop (after saving)."""
+    """DataLoader workers ignore SIGINT/SIGTERM sent to the group: the main process stops them after saving."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
