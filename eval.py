@@ -75,8 +75,7 @@ def group_split(rows, idx, seed, frac):
     return [i for i in idx if group(i) not in held], [i for i in idx if group(i) in held]
 
 def split_rows(rows, seed, val=0.15, test=0.25):
-    """train/val/test indices: the data's split column if it has >= 2 values (val is the test set when there is no
-    test split), else a seeded split by slide: no slide is ever in two splits."""
+    """train/val/test indices: the split column if it has >= 2 values (no test split: val is test), else by slide."""
     names = {r.get("split", "").lower() for r in rows}
     if len(names) >= 2:
         if unknown := names - set(SPLITS):
@@ -111,8 +110,7 @@ def model_list(names, weights, kwargs, sizes, flag="--model"):
     return [dict(name=a, weights=b, kwargs=c, size=d) for a, b, c, d in zip(*cols)]
 
 def run_settings(models):
-    """A g2l run folder among the models brings its settings (its config.json): its teacher, when named too, runs at
-    the run's input size with its kwargs and weights, unless given; each records the size the run distilled it at."""
+    """A g2l run folder's config.json gives its teacher, if listed, the run's size, kwargs and weights unless given."""
     for run in models:
         if (Path(run["name"]) / "student").is_dir() and (conf := Path(run["name"]) / "config.json").is_file():
             c = json.loads(conf.read_text())
@@ -167,9 +165,8 @@ def extract(m, paths, a):
     dev = torch.device(a.device)
     amp = lambda: torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda")
     (feats,), skipped = extract_features(dl, [pooled], dev, amp, desc=f"features {m['name']}")
-    if skipped.any():  # TileDataset swaps in the next tile: a wrong label here, so stop instead
-        raise SystemExit(f"error: {paths[int(skipped.nonzero()[0])]} cannot be read; fix it or drop its row "
-                         f"from {a.data}")
+    if len(bad := skipped.nonzero()):  # TileDataset swaps in the next tile: a wrong label here, so stop instead
+        raise SystemExit(f"error: {paths[int(bad[0])]} cannot be read; fix it or drop its row from {a.data}")
     return dict(feats=feats, paths=paths, source=spec.source, size=m["size"] or spec.size)
 
 def load_heads(run):
@@ -231,8 +228,7 @@ def linear_probe(f, y, sp, K, Cs):
 
 def knn(ftr, ytr, fte, K, k=20):
     """Vote shares of the k nearest train samples by cosine, after centring by the train mean and L2-normalising."""
-    mu = ftr.mean(0)
-    a, b = F.normalize(ftr - mu, dim=1), F.normalize(fte - mu, dim=1)
+    a, b = (F.normalize(f - ftr.mean(0), dim=1) for f in (ftr, fte))
     idx = torch.cat([(c @ a.T).topk(min(k, len(a)), dim=1).indices for c in b.split(1024)])
     votes = F.one_hot(ytr[idx], K).sum(1).double()
     return votes / votes.sum(1, keepdim=True)  # argmax: majority vote, ties to the lower class index
@@ -263,12 +259,11 @@ def robustness_index(feats, labels, centres, slides=None, ks=(3, 5, 10, 20), n_b
                      .topk(max(ks), dim=1).indices for s in range(0, len(x), 1024)]).numpy()  # never its own slide
     same_l, same_c = labels[idx] == labels[:, None], centres[idx] == centres[:, None]
     boots = np.random.default_rng(seed).integers(0, len(labels), (n_boot, len(labels)))
-    out = []
+    all_, out = np.arange(len(labels)), []
     for k in ks:
         ss, so, os_ = [(m[:, :k]).sum(1) for m in (same_l & same_c, same_l & ~same_c, ~same_l & same_c)]
         ri = lambda q: so[q].sum(-1) / np.maximum((so + os_)[q].sum(-1), 1)
         dj = lambda q: (ss + so)[q].sum(-1) / np.maximum((ss + os_)[q].sum(-1), 1)
-        all_ = np.arange(len(labels))
         out.append(dict(k=k, ri=float(ri(all_)), ri_std=float(ri(boots).std()),
                         dejong=float(dj(all_)), dejong_std=float(dj(boots).std())))
     return out
@@ -294,8 +289,7 @@ def bench_one(m, a):
     """One model, in a fresh process so that its peak memory is its own; batch sizes ascending: CPU RSS only grows."""
     dev = torch.device(a.device)
     base = 0 if dev.type == "cuda" else peak_memory_gb(dev)  # CPU: this process's baseline RSS before the model
-    weights = "random" if a.random_init else m["weights"]  # random: g2l builds the bare architecture
-    model, spec = open_model(dict(m, size=a.img_size, weights=weights), dev)
+    model, spec = open_model(dict(m, size=a.img_size, weights="random" if a.random_init else m["weights"]), dev)
     describe(m["name"], spec.source, a.img_size)
     bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
     dtype = DTYPES.get(a.dtype, torch.bfloat16 if bf16 else torch.float32)  # auto: as its --help says
@@ -375,8 +369,7 @@ def cmd_probe(a):
                    "linear_auroc", "linear_f1_macro", "knn_bacc", "knn_auroc", "knn_f1_macro", "C"])
 
 def cmd_agree(a):
-    """Teacher vs each student on the same tiles; a g2l run folder is also compared through its heads (its teacher
-    runs with the run's input size and kwargs, from its config.json)."""
+    """Teacher vs each student on the same tiles, and a g2l run's student through its heads, in the teacher's space."""
     rows = read_labelled(a.data, need=("path",))
     t, *students = run_settings(model_list([a.teacher], [a.teacher_weights], [a.teacher_kwargs], [a.teacher_img_size],
                                            "--teacher") + model_list(a.student, a.student_weights, a.student_kwargs,
@@ -389,8 +382,7 @@ def cmd_agree(a):
                  cka=linear_cka(fs, ft))
         if fs.shape[1] == ft.shape[1]:
             r.update(cos_centred=centred_cosine(fs, ft), cos_raw=float(F.cosine_similarity(fs, ft).mean()))
-        # G2L: the student in the teacher's space
-        if (Path(s["name"]) / "heads.safetensors").is_file() and a.pooling == "cls":
+        if (Path(s["name"]) / "heads.safetensors").is_file() and a.pooling == "cls":  # G2L: in the teacher's space
             z = load_heads(s["name"])(fs)
             if z.shape[1] == ft.shape[1]:
                 r.update(heads_cka=linear_cka(z, ft), heads_cos_centred=centred_cosine(z, ft),
@@ -409,9 +401,8 @@ def cmd_robustness(a):
     try:
         check_design(labels, centres, slides, a.ks)  # before any model is built
         for m in run_settings(model_list(a.model, a.model_weights, a.model_kwargs, a.img_size)):
-            ri = robustness_index(features(m, rows, a), labels, centres, slides, a.ks, a.boot)
             res += [dict(model=m["name"], source=m["source"], img_size=m["px"], task=a.task, n=len(rows), **r)
-                    for r in ri]
+                    for r in robustness_index(features(m, rows, a), labels, centres, slides, a.ks, a.boot)]
     except ValueError as e:
         raise UsageError(f"error: {a.data}: {e}")
     save_and_print(a, f"robustness_{a.task}", res, ["model", "task", "n", "k", "ri", "dejong"])
@@ -588,18 +579,17 @@ def parser():
     be.add_argument("--random-init", action="store_true", help="presets' bare architectures, random weights")
     bd = cmd("bench-data", [out, dev], "tile loader throughput: decode only (g2l) vs decode + CPU augmentation")
     bd.add_argument("--data", nargs="+", required=True, help="tile folders (as g2l.py --data)")
-    for flag, default, text in (("img-size", 224, "crop px (g2l.py --img-size)"), ("batch-size", 32, "tiles per batch"),
-                                ("load-size", 0, "tiles decoded at this px; 0 = --img-size"),
-                                ("workers", 2, "DataLoader processes"), ("batches", 20, "timed batches per pipeline")):
-        bd.add_argument(f"--{flag}", type=whole0 if flag in ("load-size", "workers") else whole1, default=default,
-                        help=text)
+    bd.add_argument("--img-size", type=whole1, default=224, help="crop px (g2l.py --img-size)")
+    bd.add_argument("--batch-size", type=whole1, default=32, help="tiles per batch")
+    bd.add_argument("--load-size", type=whole0, default=0, help="tiles decoded at this px; 0 = --img-size")
+    bd.add_argument("--workers", type=whole0, default=2, help="DataLoader processes")
+    bd.add_argument("--batches", type=whole1, default=20, help="timed batches per pipeline")
     rep = cmd("report", [out], "report.md + report.png (results in --out as bars) + curves.png (--run's metrics)")
     rep.add_argument("--run", default="", help="a g2l run folder: its metrics.jsonl drawn as curves (default: none)")
     return p
 
 def main(argv=None):
-    p = parser()
-    a = p.parse_args(argv)
+    a = parser().parse_args(argv)
     check_out(a.out)
     if getattr(a, "task", None) == "":  # the results' name: the data folder's
         a.task = Path(a.data).parent.name if Path(a.data).is_file() else Path(a.data).name
