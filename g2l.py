@@ -312,9 +312,10 @@ def split_data(cfg):
             held = np.zeros(len(tiles), bool)
             held[rng.choice(len(tiles), n, replace=False)] = True
         tiles, val = tiles.subset(~held), tiles.subset(held)
-    if 0 < len(val) < 32:  # the CKA of 2 tiles is 1: agreement on so few is no result (held out all the same)
-        print0(f"note: {len(val)} validation tiles are too few to report agreement on (< 32): none reported")
-        val = val.subset([])
+    if 0 < len(val) < 32:  # the CKA of 2 tiles is 1: held out, so few give no result (and are not trained on)
+        print0(f"note: {len(val)} validation tiles are too few for agreement figures (< 32)" + (
+            ": they mean little" if cfg.val_data else "; none reported"))
+        val = val if cfg.val_data else val.subset([])
     return tiles, val.subset(np.sort(rng.choice(len(val), min(cfg.max_val, len(val)), replace=False)))
 
 def check_readable(tiles, flag, tries=50):
