@@ -5,7 +5,7 @@ projection head maps the student's global feature into the teacher's space, and 
 log-sum of |BN(student) - BN(teacher)|^4 (Miles & Mikolajczyk, AAAI 2024). g2l adds an optional
 local loss on patch tokens (RADIO / GPFM style: 0.9 cosine + 0.1 smooth-L1).
 
-    python g2l.py    # demo (CC0 tiles, small ViTs): 122 s on 2 idle cores of an AMD EPYC machine with HF_HUB_OFFLINE=1
+    python g2l.py    # demo (CC0 tiles, small ViTs): 127 s on 2 idle cores of an AMD EPYC machine with HF_HUB_OFFLINE=1
     python g2l.py --demo --steps 5                   # the demo's settings, any option changed
     python g2l.py --teacher h-optimus-0 --student uni --data tiles/ --out runs/luad
     python g2l.py --teacher h-optimus-0 --student hibou-l --w-local 0 --data tiles/   # the paper's pair and loss
