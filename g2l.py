@@ -525,10 +525,10 @@ def resolve(name):
         return dict(hf, load=name, pretrained=True)  # Hibou, Phikon-v2: a timm ViT, weights converted on load
     if name.startswith("local-dir:"):  # timm's own format, as g2l exports a student
         conf = Path(where) / "config.json"
-        if not conf.is_file():
-            raise UsageError(f"error: {where} {'has no config.json' if Path(where).exists() else 'does not exist'} "
-                             "(a local-dir, a g2l run folder or its student/ needs config.json + model.safetensors)")
-        cfg = json.loads(conf.read_text())
+        cfg = json.loads(conf.read_text()) if conf.is_file() else {}
+        if "architecture" not in cfg:  # no config.json, or a g2l run's own: a run that exported no student/ yet
+            raise UsageError(f"error: {where} {'has no timm config.json' if Path(where).exists() else 'does not exist'}"
+                             " (a local-dir, a g2l run folder or its student/ needs config.json + model.safetensors)")
         pc, g = cfg.get("pretrained_cfg", cfg), cfg.get("g2l", {})  # g: a g2l export's own record, honest in results
         return dict(load=name, pretrained=True, arch=cfg["architecture"], kwargs=cfg.get("model_args", {}),
                     embed=g.get("embed", "pool"), mean=pc.get("mean"), std=pc.get("std"),

@@ -1292,8 +1292,11 @@ def test_model_names_weight_files_and_data_are_argument_errors_before_any_work(t
     real = g2l.index_tiles
     monkeypatch.setattr(g2l, "index_tiles", lambda *a: pytest.fail("the data was indexed before the names"))
     (tmp_path / "empty").mkdir()
+    (tmp_path / "young").mkdir()  # a g2l run folder stopped before its first export: its own config.json, no student/
+    (tmp_path / "young" / "config.json").write_text(json.dumps(dict(teacher="h-optimus-0", student="uni")))
     for argv, message in [(["--student", "vit_tiny_patch16_244"], "unknown model 'vit_tiny_patch16_244'"),
                           (["--student", "runs/nope"], "runs/nope does not exist"),
+                          (["--student", str(tmp_path / "young")], "young has no timm config.json"),
                           (["--teacher", "local-dir:/nowhere"], "/nowhere does not exist"),
                           (["--student-weights", "/nope.pth"], "--student-weights /nope.pth does not exist"),
                           (["--data", str(tmp_path / "empty")], "no images")]:
