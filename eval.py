@@ -39,7 +39,8 @@ def read_labelled(data, need=("path", "label")):
     """Rows (dicts, absolute paths) from a labels CSV or an ImageFolder tree; fails on missing columns or files."""
     p = Path(data)
     if p.is_dir():
-        parts = [(f, Path(f).relative_to(p).parts) for t in [index_tiles([str(p)])] for f in map(t.path, range(len(t)))]
+        tiles = index_tiles([str(p)])
+        parts = [(f, Path(f).relative_to(p).parts) for f in map(tiles.path, range(len(tiles)))]
         has_split = all(len(q) >= 3 and q[0].lower() in SPLITS for _, q in parts)  # root/<split>/<class>/*
         cols = ["path", "label", "split"][:2 + has_split]
         rows = [dict(zip(cols, [f, q[has_split] if len(q) > 1 else "", q[0]])) for f, q in parts]
